@@ -1,6 +1,6 @@
 //! One retry helper with exponential backoff, used by every backend and caller.
 
-use super::{ObjectMeta, PutOutcome, Storage, StorageError, StorageResult};
+use super::{ObjectMeta, PutOutcome, Storage, StorageResult};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +81,7 @@ impl<S: Storage> Storage for RetryingStorage<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::StorageError;
     use std::cell::Cell;
 
     fn transient() -> StorageError {
