@@ -1,4 +1,53 @@
 //! The repository layer of pgvault: a deduplicating, compressed, encrypted,
-//! content-addressed blob store. It knows nothing about PostgreSQL.
+//! content-addressed blob store over a small [`storage::Storage`] trait.
+//! It knows nothing about PostgreSQL.
+//!
+//! Write path: [`archive`] walks/chunks → [`saver::BlobSaver`] dedups, compresses,
+//! encrypts, packs, uploads and indexes → a [`snapshot::Snapshot`] names the result.
+//! Read path: [`restore`] resolves blobs through the [`index::Index`] and reads packs with
+//! coalesced ranged reads. [`gc`] and [`verify`] keep it healthy; [`lock`] keeps
+//! concurrent processes apart.
 
+pub mod archive;
+pub mod chunker;
+pub mod compression;
+pub mod crypto;
+mod error;
+pub mod gc;
+pub mod id;
+pub mod index;
+pub mod keys;
+pub mod lock;
+pub mod pack;
+pub mod parallel;
+pub mod repository;
+pub mod restore;
+pub mod saver;
+pub mod snapshot;
 pub mod storage;
+pub mod verify;
+
+pub use error::{RepoError, Result};
+pub use id::Id;
+pub use repository::{InitOptions, Repository};
+
+use std::sync::Arc;
+use storage::{
+    DynStorage, LocalStorage, Location, RetryPolicy, RetryingStorage, S3Config, S3Storage,
+};
+
+/// Opens the storage backend for a location, wrapped with retries for transient errors.
+pub fn open_storage(location: &Location, s3: Option<S3Config>) -> Result<DynStorage> {
+    Ok(match location {
+        Location::Local(path) => Arc::new(LocalStorage::new(path.clone())),
+        Location::S3 { bucket, prefix } => {
+            let mut config = s3.unwrap_or_default();
+            config.bucket = bucket.clone();
+            config.prefix = prefix.clone();
+            Arc::new(RetryingStorage::new(
+                S3Storage::new(config)?,
+                RetryPolicy::default(),
+            ))
+        }
+    })
+}

@@ -182,10 +182,16 @@ impl Storage for LocalStorage {
                     stack.push(entry.path());
                     continue;
                 }
-                let Ok(rel) = entry.path().strip_prefix(&self.root).map(|p| p.to_path_buf()) else {
+                let Ok(rel) = entry
+                    .path()
+                    .strip_prefix(&self.root)
+                    .map(|p| p.to_path_buf())
+                else {
                     continue;
                 };
-                let key = rel.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
+                let key = rel
+                    .to_string_lossy()
+                    .replace(std::path::MAIN_SEPARATOR, "/");
                 if key.starts_with(prefix) {
                     let size = entry.metadata().map_err(|e| self.map_err(&key, e))?.len();
                     out.push(ObjectMeta { key, size });

@@ -112,7 +112,9 @@ pub(crate) fn check_key(location: &str, key: &str) -> StorageResult<()> {
     let bad = key.is_empty()
         || key.starts_with('/')
         || key.ends_with('/')
-        || key.split('/').any(|part| part.is_empty() || part == "." || part == "..")
+        || key
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
         || key.contains('\\');
     if bad {
         return Err(StorageError::Permanent {
@@ -145,7 +147,9 @@ impl Location {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(format!("repository URL {url:?}: missing bucket name (s3://bucket/prefix)"));
+                return Err(format!(
+                    "repository URL {url:?}: missing bucket name (s3://bucket/prefix)"
+                ));
             }
             return Ok(Location::S3 {
                 bucket: bucket.to_string(),
@@ -162,7 +166,8 @@ impl Location {
         }
         let path = std::path::Path::new(url);
         if path.is_relative() {
-            let cwd = std::env::current_dir().map_err(|e| format!("cannot resolve {url:?}: {e}"))?;
+            let cwd =
+                std::env::current_dir().map_err(|e| format!("cannot resolve {url:?}: {e}"))?;
             return Ok(Location::Local(cwd.join(path)));
         }
         Ok(Location::Local(path.into()))

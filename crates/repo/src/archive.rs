@@ -1,0 +1,280 @@
+//! Storing a directory tree or a stream.
+//!
+//! The calling thread walks the tree, reads and chunks files and hashes chunks (BLAKE3
+//! is several times faster than compression); chunks that are new go through a bounded
+//! channel to `jobs` workers that compress, encrypt and pack them. Memory is bounded by
+//! the channel depth × chunk size plus the open packs, whatever the input size.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use crate::chunker::Chunker;
+use crate::error::{RepoError, Result};
+use crate::id::Id;
+use crate::pack::BlobType;
+use crate::saver::BlobSaver;
+use crate::snapshot::{Node, NodeKind, Summary, Tree};
+
+#[derive(Debug, Clone)]
+pub struct ArchiveOptions {
+    pub jobs: usize,
+    /// Root tree of the previous snapshot of the same data, with that snapshot's start:
+    /// unchanged files (same size and mtime, not modified within a second of that start)
+    /// reuse its content list without being read.
+    pub parent: Option<(Id, DateTime<Utc>)>,
+    /// Read every file even when it looks unchanged.
+    pub read_all: bool,
+}
+
+impl Default for ArchiveOptions {
+    fn default() -> Self {
+        ArchiveOptions {
+            jobs: 2,
+            parent: None,
+            read_all: false,
+        }
+    }
+}
+
+/// Result of archiving: the root tree and what it cost.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    pub tree: Id,
+    pub summary: Summary,
+}
+
+struct Walker<'a, 's> {
+    saver: &'a BlobSaver<'s>,
+    tx: crossbeam_channel::Sender<(Id, Vec<u8>)>,
+    failure: &'a Mutex<Option<RepoError>>,
+    options: &'a ArchiveOptions,
+    summary: Summary,
+}
+
+/// Runs `body` with a pool of workers storing the chunks it sends.
+fn with_workers<T>(
+    saver: &BlobSaver<'_>,
+    options: &ArchiveOptions,
+    body: impl FnOnce(&mut Walker<'_, '_>) -> Result<T>,
+) -> Result<(T, Summary)> {
+    let started = Instant::now();
+    let failure: Mutex<Option<RepoError>> = Mutex::new(None);
+    let jobs = options.jobs.max(1);
+    let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(jobs * 2);
+    let result = std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let rx = rx.clone();
+            let failure = &failure;
+            scope.spawn(move || {
+                for (id, data) in rx {
+                    if let Err(e) = saver.store(BlobType::Data, id, &data) {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let mut walker = Walker {
+            saver,
+            tx,
+            failure: &failure,
+            options,
+            summary: Summary::default(),
+        };
+        let out = body(&mut walker);
+        let summary = walker.summary;
+        drop(walker); // closes the channel so workers finish
+        out.map(|v| (v, summary))
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    let (value, mut summary) = result?;
+    saver.flush()?;
+    summary.save = saver.stats();
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    Ok((value, summary))
+}
+
+impl Walker<'_, '_> {
+    fn check_failure(&self) -> Result<()> {
+        let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn store_chunks<R: Read>(&mut self, chunks: Chunker<R>, path: &Path) -> Result<(Vec<Id>, u64)> {
+        let mut ids = Vec::new();
+        let mut size = 0u64;
+        for chunk in chunks {
+            let chunk = chunk.map_err(|e| RepoError::io(path, e))?;
+            size += chunk.len() as u64;
+            let (id, new) = self.saver.reserve(&chunk);
+            if new {
+                self.check_failure()?;
+                if self.tx.send((id, chunk)).is_err() {
+                    self.check_failure()?;
+                    return Err(RepoError::Invalid("all storage workers stopped".into()));
+                }
+            }
+            ids.push(id);
+        }
+        Ok((ids, size))
+    }
+
+    fn archive_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<Id> {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .map_err(|e| RepoError::io(dir, e))?
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| RepoError::io(dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        let mut tree = Tree::default();
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name().into_string().map_err(|n| {
+                RepoError::Invalid(format!("{}: file name {n:?} is not UTF-8", dir.display()))
+            })?;
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                // Removed between listing and stat (e.g. a dropped table): not an error.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RepoError::io(&path, e)),
+            };
+            let mut node = Node {
+                name: name.clone(),
+                kind: NodeKind::File,
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                size: 0,
+                content: Vec::new(),
+                subtree: None,
+                target: None,
+            };
+            let previous = parent.and_then(|p| p.find(&name));
+            let file_type = meta.file_type();
+            if file_type.is_dir() {
+                let parent_subtree = match previous.and_then(|p| p.subtree) {
+                    Some(id) => Some(Tree::load(self.saver.repository(), &id)?),
+                    None => None,
+                };
+                node.kind = NodeKind::Dir;
+                node.subtree = Some(self.archive_dir(&path, parent_subtree.as_ref())?);
+                self.summary.dirs += 1;
+            } else if file_type.is_symlink() {
+                node.kind = NodeKind::Symlink;
+                let target = fs::read_link(&path).map_err(|e| RepoError::io(&path, e))?;
+                node.target = Some(target.to_string_lossy().into_owned());
+            } else if file_type.is_file() {
+                if let Some(prev) = previous.filter(|p| self.unchanged(p, &node, meta.len())) {
+                    node.size = prev.size;
+                    node.content = prev.content.clone();
+                    self.summary.bytes_unchanged += node.size;
+                } else {
+                    let file = match File::open(&path) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(RepoError::io(&path, e)),
+                    };
+                    // Read no more than the size seen at stat time: data appended later
+                    // belongs to the next snapshot (and to WAL, for PostgreSQL).
+                    let chunker = Chunker::fixed(
+                        file.take(meta.len()),
+                        &self.saver.repository().config().chunker,
+                    );
+                    let (content, size) = self.store_chunks(chunker, &path)?;
+                    node.content = content;
+                    node.size = size;
+                }
+                self.summary.files += 1;
+                self.summary.bytes += node.size;
+            } else {
+                tracing::debug!("skipping special file {}", path.display());
+                continue;
+            }
+            tree.nodes.push(node);
+        }
+        tree.save(self.saver)
+    }
+
+    fn unchanged(&self, previous: &Node, current: &Node, size: u64) -> bool {
+        let Some((_, parent_time)) = self.options.parent else {
+            return false;
+        };
+        let racy_limit = parent_time.timestamp_nanos_opt().unwrap_or(i64::MIN) - 1_000_000_000;
+        !self.options.read_all
+            && previous.kind == NodeKind::File
+            && previous.size == size
+            && previous.mtime_ns == current.mtime_ns
+            && current.mtime_ns < racy_limit
+    }
+}
+
+/// Stores the directory tree under `root` with fixed-size chunks.
+pub fn archive_tree(
+    saver: &BlobSaver<'_>,
+    root: &Path,
+    options: &ArchiveOptions,
+) -> Result<Archived> {
+    let meta = fs::metadata(root).map_err(|e| RepoError::io(root, e))?;
+    if !meta.is_dir() {
+        return Err(RepoError::Invalid(format!(
+            "{} is not a directory",
+            root.display()
+        )));
+    }
+    let parent = match options.parent {
+        Some((id, _)) => Some(Tree::load(saver.repository(), &id)?),
+        None => None,
+    };
+    let (tree, summary) = with_workers(saver, options, |walker| {
+        walker.summary.dirs += 1;
+        walker.archive_dir(root, parent.as_ref())
+    })?;
+    Ok(Archived { tree, summary })
+}
+
+/// Stores a byte stream with content-defined chunks as a tree with one file `name`.
+pub fn archive_stream<R: Read>(
+    saver: &BlobSaver<'_>,
+    reader: R,
+    name: &str,
+    options: &ArchiveOptions,
+) -> Result<Archived> {
+    let (node, summary) = with_workers(saver, options, |walker| {
+        let chunker = Chunker::content_defined(reader, &saver.repository().config().chunker);
+        let (content, size) = walker.store_chunks(chunker, Path::new(name))?;
+        walker.summary.files = 1;
+        walker.summary.bytes = size;
+        Ok(Node {
+            name: name.to_string(),
+            kind: NodeKind::File,
+            mode: 0o100600,
+            uid: 0,
+            gid: 0,
+            mtime_ns: Utc::now().timestamp_nanos_opt().unwrap_or(0),
+            size,
+            content,
+            subtree: None,
+            target: None,
+        })
+    })?;
+    let tree = Tree { nodes: vec![node] }.save(saver)?;
+    saver.flush()?;
+    let mut summary = summary;
+    summary.save = saver.stats();
+    Ok(Archived { tree, summary })
+}

@@ -1,0 +1,541 @@
+//! A repository: storage + config + keys + index, and the operations on objects.
+//!
+//! Object layout (all keys relative to the repository root):
+//! ```text
+//! config              JSON, plaintext: format version, encryption, chunking, pack size
+//! keys/<id>           key files (master key wrapped per passphrase)
+//! data/<hh>/<id>      packs of blobs (<hh> = first two hex digits)
+//! index/<id>          which blobs each pack holds
+//! snapshots/<id>      snapshot descriptions (JSON, compressed, sealed)
+//! locks/<id>          lock objects
+//! ```
+//! Every object except `config` and `locks/` is named by the BLAKE3 of its bytes and never
+//! rewritten.
+
+use std::sync::{RwLock, RwLockReadGuard};
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::ChunkerParams;
+use crate::compression::{decompress, Compression};
+use crate::crypto::{Crypto, Encryption, MasterKey};
+use crate::error::{RepoError, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile};
+use crate::keys::{KdfParams, KeyError, KeyFile};
+use crate::storage::{DynStorage, PutOutcome, StorageError};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RepoConfig {
+    pub version: u32,
+    pub id: Id,
+    pub created: DateTime<Utc>,
+    pub encryption: Encryption,
+    pub compression: String,
+    pub chunker: ChunkerParams,
+    pub pack_size: u32,
+    /// Only for unencrypted repositories, where there is no key file to hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub encryption: Encryption,
+    pub compression: Compression,
+    pub chunker: ChunkerParams,
+    pub pack_size: u32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            encryption: Encryption::Xchacha20Poly1305,
+            compression: Compression::default(),
+            chunker: ChunkerParams::default(),
+            pack_size: DEFAULT_PACK_SIZE,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// Kinds of sealed JSON objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    Snapshot,
+}
+
+impl ObjectKind {
+    pub fn dir(&self) -> &'static str {
+        match self {
+            ObjectKind::Snapshot => "snapshots",
+        }
+    }
+}
+
+pub fn pack_key(id: &Id) -> String {
+    let hex = id.to_hex();
+    format!("data/{}/{}", &hex[..2], hex)
+}
+
+pub fn index_key(id: &Id) -> String {
+    format!("index/{id}")
+}
+
+/// Key of the object that decides whether a repository exists.
+const CONFIG_KEY: &str = "config";
+
+pub struct Repository {
+    storage: DynStorage,
+    config: RepoConfig,
+    crypto: Crypto,
+    key_id: Option<Id>,
+    compression: Compression,
+    index: RwLock<Index>,
+    index_loaded: RwLock<bool>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({})", self.storage.location())
+    }
+}
+
+impl Repository {
+    /// Creates a new repository. With encryption, `passphrase` wraps a fresh master key.
+    pub fn init(
+        storage: DynStorage,
+        options: &InitOptions,
+        passphrase: Option<&str>,
+    ) -> Result<Repository> {
+        let location = storage.location();
+        options.chunker.validate().map_err(RepoError::Invalid)?;
+        if storage.size(CONFIG_KEY)?.is_some() {
+            return Err(RepoError::AlreadyInitialized(location));
+        }
+        let master = MasterKey::generate();
+        let mut key_id = None;
+        let mut config = RepoConfig {
+            version: FORMAT_VERSION,
+            id: Id::random(),
+            created: Utc::now(),
+            encryption: options.encryption,
+            compression: options.compression.to_string(),
+            chunker: options.chunker,
+            pack_size: options.pack_size,
+            id_key: None,
+        };
+        if options.encryption == Encryption::None {
+            config.id_key = Some(hex::encode(master.id_key));
+        } else {
+            let passphrase =
+                passphrase.ok_or_else(|| RepoError::PassphraseRequired(location.clone()))?;
+            if passphrase.is_empty() {
+                return Err(RepoError::Invalid(
+                    "the passphrase is empty; choose a non-empty one".into(),
+                ));
+            }
+            key_id = Some(write_key_file(&storage, &master, passphrase, options.kdf)?);
+        }
+        let bytes =
+            serde_json::to_vec_pretty(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        if storage.put_if_absent(CONFIG_KEY, &bytes)? == PutOutcome::AlreadyExists {
+            if let Some(key) = key_id {
+                storage.delete(&format!("keys/{key}"))?;
+            }
+            return Err(RepoError::AlreadyInitialized(location));
+        }
+        Ok(Repository::assemble(
+            storage,
+            config,
+            master,
+            key_id,
+            options.compression,
+        ))
+    }
+
+    /// Opens an existing repository, unlocking it with `passphrase` when encrypted.
+    pub fn open(storage: DynStorage, passphrase: Option<&str>) -> Result<Repository> {
+        let location = storage.location();
+        let raw = match storage.get(CONFIG_KEY) {
+            Ok(raw) => raw,
+            Err(StorageError::NotFound { .. }) => return Err(RepoError::NotInitialized(location)),
+            Err(e) => return Err(e.into()),
+        };
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: u32,
+        }
+        let corrupt = |detail: String| RepoError::Corrupt {
+            location: location.clone(),
+            object: CONFIG_KEY.into(),
+            detail,
+        };
+        let version: VersionOnly =
+            serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+        if version.version != FORMAT_VERSION {
+            return Err(RepoError::UnsupportedVersion {
+                location,
+                found: version.version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let config: RepoConfig =
+            serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+        config.chunker.validate().map_err(corrupt)?;
+        let compression: Compression = config.compression.parse().map_err(corrupt)?;
+        let keys = storage.list("keys/")?;
+        if config.encryption == Encryption::None {
+            // A key file in an "unencrypted" repository means the config was tampered with.
+            if !keys.is_empty() {
+                return Err(corrupt("says unencrypted but key files exist".into()));
+            }
+            let hex_key = config
+                .id_key
+                .as_deref()
+                .ok_or_else(|| corrupt("missing id-key".into()))?;
+            let mut id_key = [0u8; 32];
+            hex::decode_to_slice(hex_key, &mut id_key).map_err(|e| corrupt(e.to_string()))?;
+            let master = MasterKey {
+                data_key: [0; 32],
+                id_key,
+            };
+            return Ok(Repository::assemble(
+                storage,
+                config,
+                master,
+                None,
+                compression,
+            ));
+        }
+        let passphrase =
+            passphrase.ok_or_else(|| RepoError::PassphraseRequired(location.clone()))?;
+        if keys.is_empty() {
+            return Err(corrupt("encrypted but has no key files".into()));
+        }
+        for meta in keys {
+            let Some(id) = meta
+                .key
+                .strip_prefix("keys/")
+                .and_then(|s| s.parse::<Id>().ok())
+            else {
+                continue;
+            };
+            let key_file = read_key_file(&storage, &id)?;
+            match key_file.unwrap_key(passphrase) {
+                Ok(master) => {
+                    return Ok(Repository::assemble(
+                        storage,
+                        config,
+                        master,
+                        Some(id),
+                        compression,
+                    ));
+                }
+                Err(KeyError::WrongPassphrase) => continue,
+                Err(e) => {
+                    return Err(RepoError::Corrupt {
+                        location,
+                        object: meta.key,
+                        detail: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(RepoError::WrongPassphrase(location))
+    }
+
+    fn assemble(
+        storage: DynStorage,
+        config: RepoConfig,
+        master: MasterKey,
+        key_id: Option<Id>,
+        compression: Compression,
+    ) -> Repository {
+        Repository {
+            crypto: Crypto::new(config.encryption, master),
+            storage,
+            config,
+            key_id,
+            compression,
+            index: RwLock::new(Index::default()),
+            index_loaded: RwLock::new(false),
+        }
+    }
+
+    pub fn storage(&self) -> &DynStorage {
+        &self.storage
+    }
+
+    pub fn location(&self) -> String {
+        self.storage.location()
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Overrides the compression used for new blobs (old blobs keep theirs).
+    pub fn set_compression(&mut self, compression: Compression) {
+        self.compression = compression;
+    }
+
+    /// The key file this session unlocked with (`None` for unencrypted repositories).
+    pub fn key_id(&self) -> Option<Id> {
+        self.key_id
+    }
+
+    pub(crate) fn corrupt(&self, object: impl Into<String>, detail: impl ToString) -> RepoError {
+        RepoError::Corrupt {
+            location: self.location(),
+            object: object.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    // ---- keys ----
+
+    pub fn list_keys(&self) -> Result<Vec<(Id, KeyFile)>> {
+        let mut out = Vec::new();
+        for meta in self.storage.list("keys/")? {
+            if let Some(id) = meta
+                .key
+                .strip_prefix("keys/")
+                .and_then(|s| s.parse::<Id>().ok())
+            {
+                out.push((id, read_key_file(&self.storage, &id)?));
+            }
+        }
+        out.sort_by_key(|(_, k)| k.created);
+        Ok(out)
+    }
+
+    pub fn add_key(&self, passphrase: &str, kdf: KdfParams) -> Result<Id> {
+        if self.config.encryption == Encryption::None {
+            return Err(RepoError::Invalid(
+                "this repository is not encrypted; it has no keys to add".into(),
+            ));
+        }
+        if passphrase.is_empty() {
+            return Err(RepoError::Invalid(
+                "the new passphrase is empty; choose a non-empty one".into(),
+            ));
+        }
+        write_key_file(&self.storage, self.crypto.master_key(), passphrase, kdf)
+    }
+
+    /// Removes a key file; refuses to remove the last one, which would lose the data.
+    pub fn remove_key(&self, id: &Id) -> Result<()> {
+        let keys = self.list_keys()?;
+        if !keys.iter().any(|(k, _)| k == id) {
+            return Err(RepoError::Invalid(format!(
+                "no key {id} in repository {}; `pgvault key list` shows the keys",
+                self.location()
+            )));
+        }
+        if keys.len() == 1 {
+            return Err(RepoError::Invalid(
+                "refusing to remove the only key: the repository could never be opened again; add another key first".into(),
+            ));
+        }
+        self.storage.delete(&format!("keys/{id}"))?;
+        Ok(())
+    }
+
+    // ---- sealed JSON objects ----
+
+    /// Serializes, compresses, seals and stores an object; returns its id.
+    pub fn save_object<T: Serialize>(&self, kind: ObjectKind, value: &T) -> Result<Id> {
+        let json = serde_json::to_vec(value).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        self.save_raw(kind.dir(), &json)
+    }
+
+    fn save_raw(&self, dir: &str, plaintext: &[u8]) -> Result<Id> {
+        let sealed = self.crypto.seal(&Compression::Zstd(3).compress(plaintext));
+        let id = Id::of_bytes(&sealed);
+        self.storage
+            .put_if_absent(&format!("{dir}/{id}"), &sealed)?;
+        Ok(id)
+    }
+
+    fn load_raw(&self, dir: &str, id: &Id) -> Result<Vec<u8>> {
+        let key = format!("{dir}/{id}");
+        let sealed = self.storage.get(&key)?;
+        if Id::of_bytes(&sealed) != *id {
+            return Err(self.corrupt(
+                key,
+                "content does not match its name (truncated or modified)",
+            ));
+        }
+        let compressed = self
+            .crypto
+            .open(&sealed)
+            .map_err(|e| self.corrupt(key.clone(), e))?;
+        decompress(&compressed, 0).map_err(|e| self.corrupt(key, e))
+    }
+
+    pub fn load_object<T: DeserializeOwned>(&self, kind: ObjectKind, id: &Id) -> Result<T> {
+        let raw = self.load_raw(kind.dir(), id)?;
+        serde_json::from_slice(&raw).map_err(|e| self.corrupt(format!("{}/{id}", kind.dir()), e))
+    }
+
+    pub fn list_objects(&self, kind: ObjectKind) -> Result<Vec<Id>> {
+        let prefix = format!("{}/", kind.dir());
+        Ok(self
+            .storage
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|m| m.key.strip_prefix(&prefix).and_then(|s| s.parse().ok()))
+            .collect())
+    }
+
+    /// Resolves a full id or a unique prefix of at least 4 hex digits (or "latest" is
+    /// handled by callers that know the object's time).
+    pub fn resolve_prefix(&self, kind: ObjectKind, prefix: &str) -> Result<Id> {
+        if let Ok(id) = prefix.parse::<Id>() {
+            return Ok(id);
+        }
+        if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(RepoError::Invalid(format!(
+                "{prefix:?} is not an id: give at least 4 hex digits of it"
+            )));
+        }
+        let matches: Vec<Id> = self
+            .list_objects(kind)?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&prefix.to_ascii_lowercase()))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(RepoError::Invalid(format!(
+                "no {} with id {prefix} in {}",
+                kind.dir().trim_end_matches('s'),
+                self.location()
+            ))),
+            _ => Err(RepoError::Invalid(format!(
+                "id prefix {prefix} is ambiguous ({} matches); give more digits",
+                matches.len()
+            ))),
+        }
+    }
+
+    // ---- index ----
+
+    pub fn save_index_file(&self, file: &IndexFile) -> Result<Id> {
+        self.save_raw("index", &file.encode())
+    }
+
+    pub fn load_index_file(&self, id: &Id) -> Result<IndexFile> {
+        let raw = self.load_raw("index", id)?;
+        IndexFile::decode(&raw).map_err(|e| self.corrupt(index_key(id), e))
+    }
+
+    pub fn list_index_files(&self) -> Result<Vec<Id>> {
+        Ok(self
+            .storage
+            .list("index/")?
+            .into_iter()
+            .filter_map(|m| m.key.strip_prefix("index/").and_then(|s| s.parse().ok()))
+            .collect())
+    }
+
+    /// Reads every index object into memory (once per process).
+    pub fn load_index(&self) -> Result<()> {
+        let mut loaded = self.index_loaded.write().unwrap_or_else(|e| e.into_inner());
+        if *loaded {
+            return Ok(());
+        }
+        let ids = self.list_index_files()?;
+        let files = crate::parallel::map(ids, 8, |id| self.load_index_file(&id).map(|f| (id, f)))?;
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for (id, file) in files {
+            index.add_file(id, &file);
+        }
+        *loaded = true;
+        Ok(())
+    }
+
+    /// The in-memory index; call [`Repository::load_index`] first.
+    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn add_to_index(&self, file_id: Id, file: &IndexFile) {
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        index.add_file(file_id, file);
+    }
+
+    /// Forgets the loaded index so the next `load_index` reads storage again.
+    pub fn reset_index(&self) {
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index::default();
+        *self.index_loaded.write().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    // ---- blobs ----
+
+    /// Opens one stored blob: authenticates, decompresses and checks its keyed hash.
+    pub fn open_blob(&self, id: &Id, sealed: &[u8], pack: &Id) -> Result<Vec<u8>> {
+        let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
+        let compressed = self
+            .crypto
+            .open(sealed)
+            .map_err(|e| self.corrupt(object(), e))?;
+        let plain = decompress(&compressed, 0).map_err(|e| self.corrupt(object(), e))?;
+        if self.crypto.blob_id(&plain) != *id {
+            return Err(self.corrupt(object(), "content does not match its id"));
+        }
+        Ok(plain)
+    }
+
+    pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
+        let sealed =
+            self.storage
+                .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?;
+        self.open_blob(id, &sealed, &loc.pack)
+    }
+}
+
+fn write_key_file(
+    storage: &DynStorage,
+    master: &MasterKey,
+    passphrase: &str,
+    kdf: KdfParams,
+) -> Result<Id> {
+    let key_file =
+        KeyFile::wrap(master, passphrase, kdf).map_err(|e| RepoError::Invalid(e.to_string()))?;
+    let bytes =
+        serde_json::to_vec_pretty(&key_file).map_err(|e| RepoError::Invalid(e.to_string()))?;
+    let id = Id::of_bytes(&bytes);
+    storage.put_if_absent(&format!("keys/{id}"), &bytes)?;
+    Ok(id)
+}
+
+fn read_key_file(storage: &DynStorage, id: &Id) -> Result<KeyFile> {
+    let key = format!("keys/{id}");
+    let bytes = storage.get(&key)?;
+    let corrupt = |detail: String| RepoError::Corrupt {
+        location: storage.location(),
+        object: key.clone(),
+        detail,
+    };
+    if Id::of_bytes(&bytes) != *id {
+        return Err(corrupt("content does not match its name".into()));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))
+}
