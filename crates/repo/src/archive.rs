@@ -64,6 +64,7 @@ fn with_workers<T>(
     body: impl FnOnce(&mut Walker<'_, '_>) -> Result<T>,
 ) -> Result<(T, Summary)> {
     let started = Instant::now();
+    saver.repository().load_index()?;
     let failure: Mutex<Option<RepoError>> = Mutex::new(None);
     let jobs = options.jobs.max(1);
     let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(jobs * 2);

@@ -150,26 +150,21 @@ pub fn execute(repo: &Repository, plan: GcPlan, jobs: usize) -> Result<GcResult>
     saver.flush()?;
     result.packs_written = saver.stats().packs_written;
 
-    // (2) one new index covering every pack that stays (including the new ones).
-    let old_files: Vec<Id> = repo.index().files.clone();
+    // (2) one new index covering every pack that stays, read from the index objects
+    // themselves: the in-memory index keeps only the first location of a blob, which
+    // for a repacked blob is the doomed pack.
+    let old_files = repo.list_index_files()?;
     let mut keep: HashMap<Id, Vec<PackEntry>> = HashMap::new();
-    for (id, loc) in repo.index().iter() {
-        if doomed.contains(&loc.pack) {
-            continue;
+    for file_id in &old_files {
+        for (pack, entries) in repo.load_index_file(file_id)?.packs {
+            if !doomed.contains(&pack) {
+                keep.entry(pack).or_insert(entries);
+            }
         }
-        keep.entry(loc.pack).or_default().push(PackEntry {
-            blob_type: loc.blob_type,
-            id,
-            offset: loc.offset,
-            length: loc.length,
-            raw_length: loc.raw_length,
-        });
     }
-    let mut file = IndexFile::default();
-    for (pack, mut entries) in keep {
-        entries.sort_by_key(|e| e.offset);
-        file.packs.push((pack, entries));
-    }
+    let mut file = IndexFile {
+        packs: keep.into_iter().collect(),
+    };
     file.packs.sort_by_key(|(p, _)| *p);
     let new_index = repo.save_index_file(&file)?;
     result.index_files_written = 1;
@@ -185,4 +180,85 @@ pub fn execute(repo: &Repository, plan: GcPlan, jobs: usize) -> Result<GcResult>
     repo.reset_index();
     result.plan = plan;
     Ok(result)
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RebuildResult {
+    pub packs: usize,
+    pub blobs: usize,
+    /// Packs whose header could not be read; they are left in place for inspection.
+    pub unreadable_packs: Vec<String>,
+    pub index_files_replaced: usize,
+}
+
+/// Recreates the index from the pack headers alone (run under the exclusive lock).
+/// Unreadable packs are reported and left out; `verify` names the snapshots they hurt.
+pub fn rebuild_index(repo: &Repository, jobs: usize) -> Result<RebuildResult> {
+    let packs: Vec<(Id, u64)> = repo
+        .storage()
+        .list("data/")?
+        .into_iter()
+        .filter_map(|m| {
+            let id = m.key.rsplit('/').next()?.parse::<Id>().ok()?;
+            Some((id, m.size))
+        })
+        .collect();
+    let headers = crate::parallel::map(packs, jobs, |(pack, size)| {
+        Ok::<_, crate::RepoError>((pack, read_pack_header(repo, &pack, size)))
+    })?;
+    let mut result = RebuildResult::default();
+    let mut file = IndexFile::default();
+    for (pack, header) in headers {
+        match header {
+            Ok(entries) => {
+                result.packs += 1;
+                result.blobs += entries.len();
+                file.packs.push((pack, entries));
+            }
+            Err(e) => result
+                .unreadable_packs
+                .push(format!("{}: {e}", pack_key(&pack))),
+        }
+    }
+    file.packs.sort_by_key(|(p, _)| *p);
+    result.unreadable_packs.sort();
+    let old_files = repo.list_index_files()?;
+    let new_index = repo.save_index_file(&file)?;
+    for old in old_files.iter().filter(|f| **f != new_index) {
+        repo.storage().delete(&format!("index/{old}"))?;
+        result.index_files_replaced += 1;
+    }
+    repo.reset_index();
+    Ok(result)
+}
+
+/// Reads a pack's header with two ranged reads (trailer, then sealed header).
+fn read_pack_header(repo: &Repository, pack: &Id, size: u64) -> Result<Vec<PackEntry>> {
+    let key = pack_key(pack);
+    let corrupt = |detail: String| repo.corrupt(key.clone(), detail);
+    let trailer_len = crate::pack::TRAILER_LEN as u64;
+    if size < trailer_len {
+        return Err(corrupt("shorter than a pack trailer".into()));
+    }
+    let trailer = repo
+        .storage()
+        .get_range(&key, size - trailer_len, trailer_len)?;
+    let header_len =
+        crate::pack::header_length(&trailer).map_err(|e| corrupt(e.to_string()))? as u64;
+    let header_start = size
+        .checked_sub(trailer_len + header_len)
+        .ok_or_else(|| corrupt("header length exceeds the pack".into()))?;
+    let sealed = repo.storage().get_range(&key, header_start, header_len)?;
+    let entries =
+        crate::pack::parse_header(repo.crypto(), &sealed).map_err(|e| corrupt(e.to_string()))?;
+    if let Some(bad) = entries
+        .iter()
+        .find(|e| e.offset as u64 + e.length as u64 > header_start)
+    {
+        return Err(corrupt(format!(
+            "blob {} extends past the blob area",
+            bad.id.short()
+        )));
+    }
+    Ok(entries)
 }

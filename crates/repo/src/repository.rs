@@ -456,6 +456,9 @@ impl Repository {
 
     /// Reads every index object into memory (once per process).
     pub fn load_index(&self) -> Result<()> {
+        if *self.index_loaded.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(());
+        }
         let mut loaded = self.index_loaded.write().unwrap_or_else(|e| e.into_inner());
         if *loaded {
             return Ok(());
@@ -503,6 +506,7 @@ impl Repository {
     }
 
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        self.load_index()?;
         let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
         let sealed =
             self.storage

@@ -26,6 +26,7 @@ pub struct RestoreStats {
 
 /// Writes the content of one file node to `out`, in order.
 pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> Result<u64> {
+    repo.load_index()?;
     let mut written = 0u64;
     let mut i = 0;
     while i < content.len() {
@@ -80,6 +81,7 @@ pub fn restore_tree(
     target: &Path,
     jobs: usize,
 ) -> Result<RestoreStats> {
+    repo.load_index()?;
     match fs::read_dir(target) {
         Ok(mut entries) => {
             if entries.next().is_some() {

@@ -119,6 +119,12 @@ impl Snapshot {
 
     pub fn load(repo: &Repository, id: &Id) -> Result<Snapshot> {
         repo.load_object(ObjectKind::Snapshot, id)
+            .map_err(|e| match e {
+                crate::RepoError::Storage(s) if s.is_not_found() => crate::RepoError::Invalid(
+                    format!("no snapshot with id {id} in {}", repo.location()),
+                ),
+                other => other,
+            })
     }
 
     /// All snapshots, oldest first.

@@ -140,7 +140,7 @@ impl Storage for LocalStorage {
             if offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("range {offset}+{len} beyond object size {size}"),
+                    format!("range {offset}+{len} beyond object size {size}: the object is truncated or not what was expected"),
                 ));
             }
             file.seek(SeekFrom::Start(offset))?;

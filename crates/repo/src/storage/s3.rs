@@ -355,7 +355,7 @@ impl Storage for S3Storage {
         let beyond_end = |size: u64| {
             self.permanent(
                 key,
-                format!("range {offset}+{len} beyond object size {size}"),
+                format!("range {offset}+{len} beyond object size {size}: the object is truncated or not what was expected"),
             )
         };
         if len == 0 {

@@ -88,7 +88,7 @@ pub fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, String)
     Ok((status, body))
 }
 
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 

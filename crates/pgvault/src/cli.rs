@@ -1,0 +1,198 @@
+//! Command-line surface. `../shared/CLI.md` (mirrored in docs/cli.md) is the contract:
+//! add freely, never rename or drop without a changelog entry.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgvault",
+    version,
+    about = "Backup and recovery for PostgreSQL",
+    long_about = "Backup and recovery for PostgreSQL.\n\nSettings come from flags, then PGVAULT_* environment variables, then the config file, then defaults."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// TOML config file [default: /etc/pgvault/pgvault.toml if present]
+    #[arg(long, global = true, env = "PGVAULT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Repository: /path, file:///path or s3://bucket/prefix
+    #[arg(long, global = true, env = "PGVAULT_REPO", value_name = "URL")]
+    pub repo: Option<String>,
+    /// PostgreSQL cluster inside the repository
+    #[arg(long, global = true, env = "PGVAULT_CLUSTER", value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// File whose first line is the repository passphrase (or set PGVAULT_PASSPHRASE)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_PASSPHRASE_FILE",
+        value_name = "FILE"
+    )]
+    pub passphrase_file: Option<PathBuf>,
+    /// Parallelism of the data pipeline [default: number of CPUs]
+    #[arg(long, global = true, env = "PGVAULT_JOBS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: Option<u16>,
+    /// Human-readable text or JSON
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// More detail on stderr (repeat for debug output)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a repository (encrypted unless --encryption none)
+    Init(InitArgs),
+    /// Manage the passphrases that unlock the repository
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Store, list, show, restore and forget snapshots of directories or streams
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Authenticate every object the snapshots need
+    Verify(VerifyArgs),
+    /// Remove unreferenced data and repack half-empty packs
+    Gc(GcArgs),
+    /// Remove stale locks left by crashed processes
+    Unlock(UnlockArgs),
+    /// Recreate the index from the pack headers
+    RebuildIndex,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// xchacha20-poly1305 (default), aes-256-gcm or none
+    #[arg(long, default_value = "xchacha20-poly1305")]
+    pub encryption: String,
+    /// zstd[:LEVEL] (default zstd:3), lz4, gzip[:LEVEL] or none
+    #[arg(long)]
+    pub compression: Option<String>,
+    /// Target pack size in MiB (4-256)
+    #[arg(long, value_name = "MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(4..=256))]
+    pub pack_size: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Add a passphrase (from --new-passphrase-file, a terminal prompt, or one stdin line)
+    Add(NewPassphraseArgs),
+    /// Replace the passphrase used to open the repository
+    Passwd(NewPassphraseArgs),
+    /// List the keys
+    List,
+    /// Remove a key (not the last one, not the one in use)
+    Remove {
+        /// Key id or a unique prefix of it
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct NewPassphraseArgs {
+    #[arg(long, value_name = "FILE")]
+    pub new_passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Store a directory tree (--path) or standard input (--stdin)
+    Create(SnapshotCreateArgs),
+    /// List snapshots, oldest first
+    List,
+    /// Show one snapshot's metadata and files
+    Show {
+        /// Snapshot id, unique prefix, or "latest"
+        id: String,
+    },
+    /// Restore a snapshot into an empty directory or to standard output
+    Restore(SnapshotRestoreArgs),
+    /// Delete snapshots (their data goes at the next gc)
+    Forget {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["path", "stdin"])))]
+pub struct SnapshotCreateArgs {
+    /// Directory to store
+    #[arg(long, value_name = "DIR")]
+    pub path: Option<PathBuf>,
+    /// Store standard input as one file
+    #[arg(long, requires = "name")]
+    pub stdin: bool,
+    /// File name for --stdin data
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub label: Option<String>,
+    /// KEY=VALUE, repeatable
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Read every file even if it looks unchanged since the previous snapshot
+    #[arg(long)]
+    pub read_all: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("destination").required(true).args(["target", "stdout"])))]
+pub struct SnapshotRestoreArgs {
+    /// Snapshot id, unique prefix, or "latest"
+    #[arg(default_value = "latest")]
+    pub id: String,
+    /// Empty or new directory to restore into
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// Write a single-file snapshot (e.g. from --stdin) to standard output
+    #[arg(long)]
+    pub stdout: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only these snapshots (id, prefix or "latest"; repeatable) [default: all]
+    #[arg(long = "snapshot", value_name = "ID")]
+    pub snapshots: Vec<String>,
+    /// Read this share of the packs, e.g. 10% [default: 100%]
+    #[arg(long, value_name = "PERCENT")]
+    pub read_data_subset: Option<String>,
+    /// Check structure and index coverage without reading pack contents
+    #[arg(long, conflicts_with = "read_data_subset")]
+    pub no_read_data: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Print what would be removed and repacked, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// Remove every lock, including those of live processes
+    #[arg(long)]
+    pub all: bool,
+}

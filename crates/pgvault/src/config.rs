@@ -1,0 +1,186 @@
+//! The TOML configuration file (see docs/cli.md). Keys are kebab-case and unknown keys
+//! are an error, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// Used when neither `--config` nor `PGVAULT_CONFIG` names a file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgvault/pgvault.toml";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub repo: Option<RepoSection>,
+    #[serde(default)]
+    pub repos: BTreeMap<String, RepoSection>,
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterSection>,
+    pub daemon: Option<DaemonSection>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RepoSection {
+    pub url: Option<String>,
+    pub passphrase_file: Option<PathBuf>,
+    pub compression: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_path_style: Option<bool>,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key_file: Option<PathBuf>,
+    pub sftp_key: Option<PathBuf>,
+    pub sftp_known_hosts: Option<PathBuf>,
+    pub azure_connection_string_file: Option<PathBuf>,
+}
+
+/// Accepted now so that one config file serves every pgvault version; the PostgreSQL
+/// commands read it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterSection {
+    pub pgdata: Option<PathBuf>,
+    pub pg_conn: Option<String>,
+    pub pg_bin: Option<PathBuf>,
+    #[serde(default)]
+    pub schedule: BTreeMap<String, String>,
+    pub retention: Option<RetentionSection>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetentionSection {
+    pub keep_last: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub recovery_window: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DaemonSection {
+    pub listen: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    /// Loads `explicit` (which must exist), else the default path if present, else nothing.
+    pub fn load(explicit: Option<&Path>) -> Result<ConfigFile> {
+        let path = match explicit {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+            None => return Ok(ConfigFile::default()),
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        ConfigFile::parse(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<ConfigFile> {
+        // toml's messages span several lines with a caret diagram; errors here must be one line.
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let line = 1 + text[..span.start.min(text.len())].matches('\n').count();
+                    anyhow::anyhow!("line {line}: {message}")
+                }
+                None => anyhow::anyhow!(message),
+            }
+        })
+    }
+
+    /// The repository section in use. Several `[repos.NAME]` tables are for multi-repository
+    /// operation, which this version does not do yet.
+    pub fn repo_section(&self) -> Result<RepoSection> {
+        match (&self.repo, self.repos.len()) {
+            (Some(repo), 0) => Ok(repo.clone()),
+            (None, 0) => Ok(RepoSection::default()),
+            (None, 1) => Ok(self.repos.values().next().cloned().unwrap_or_default()),
+            (Some(_), _) => bail!("config has both [repo] and [repos.*]; keep one of them"),
+            (None, n) => bail!(
+                "config names {n} repositories in [repos.*]; this version uses one: keep a single [repo] table"
+            ),
+        }
+    }
+}
+
+/// Reads a secret from a file: the first line, without its line ending.
+pub fn read_secret_file(path: &Path, what: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} file {}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").to_string();
+    if secret.is_empty() {
+        bail!(
+            "{what} file {} is empty; put the {what} on its first line",
+            path.display()
+        );
+    }
+    Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let text = r#"
+[repo]
+url = "s3://backups/pg"
+passphrase-file = "/etc/pgvault/passphrase"
+compression = "zstd:3"
+s3-endpoint = "https://s3.example.net"
+s3-region = "eu-central-1"
+s3-path-style = true
+s3-access-key-id = "AKIA..."
+s3-secret-access-key-file = "/etc/pgvault/s3-secret"
+sftp-key = "/etc/pgvault/id_ed25519"
+sftp-known-hosts = "/etc/pgvault/known_hosts"
+azure-connection-string-file = "..."
+
+[clusters.main]
+pgdata = "/var/lib/postgresql/17/main"
+pg-conn = "host=/var/run/postgresql user=postgres"
+pg-bin = "/usr/lib/postgresql/17/bin"
+
+[clusters.main.schedule]
+backup = "0 2 * * *"
+dump = "@every 1h"
+
+[clusters.main.retention]
+keep-last = 7
+keep-daily = 14
+recovery-window = "14d"
+
+[daemon]
+listen = "127.0.0.1:9187"
+token-file = "/etc/pgvault/token"
+"#;
+        let config = ConfigFile::parse(text).expect("parses");
+        let repo = config.repo_section().expect("one repo");
+        assert_eq!(repo.url.as_deref(), Some("s3://backups/pg"));
+        assert_eq!(repo.s3_path_style, Some(true));
+        assert_eq!(
+            config.clusters["main"]
+                .retention
+                .as_ref()
+                .and_then(|r| r.keep_last),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_on_one_line() {
+        let err = ConfigFile::parse("[repo]\nurl = \"/x\"\ncompresion = \"lz4\"\n")
+            .expect_err("typo must fail");
+        let message = format!("{err:#}");
+        assert!(message.contains("line 3"), "{message}");
+        assert!(message.contains("compresion"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+}

@@ -1,0 +1,188 @@
+//! Resolved settings (flag > environment > config file > default) and the
+//! repository-opening steps every command shares.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use repo::compression::Compression;
+use repo::lock::{LockKind, RepoLock};
+use repo::storage::{DynStorage, Location, S3Config};
+use repo::{RepoError, Repository};
+
+use crate::cli::{GlobalArgs, OutputFormat};
+use crate::config::{read_secret_file, ConfigFile, RepoSection};
+
+/// Where the repository passphrase comes from, in precedence order.
+#[derive(Debug, Clone)]
+enum PassphraseSource {
+    File(PathBuf),
+    Env(String),
+    None,
+}
+
+#[derive(Debug)]
+pub struct Context {
+    pub repo_url: Option<String>,
+    pub jobs: usize,
+    pub output: OutputFormat,
+    /// Compression for new data when the config overrides the repository default.
+    pub compression: Option<Compression>,
+    repo_section: RepoSection,
+    passphrase: PassphraseSource,
+    /// The command line, recorded in lock objects so a blocked operator sees who holds it.
+    pub command_line: String,
+}
+
+impl Context {
+    pub fn new(global: &GlobalArgs) -> Result<Context> {
+        let config = ConfigFile::load(global.config.as_deref())?;
+        let section = config.repo_section()?;
+        let passphrase = if let Some(path) = &global.passphrase_file {
+            PassphraseSource::File(path.clone())
+        } else if let Some(value) = std::env::var("PGVAULT_PASSPHRASE")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            PassphraseSource::Env(value)
+        } else if let Some(path) = &section.passphrase_file {
+            PassphraseSource::File(path.clone())
+        } else {
+            PassphraseSource::None
+        };
+        let compression = match std::env::var("PGVAULT_COMPRESSION")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| section.compression.clone())
+        {
+            Some(text) => Some(
+                text.parse::<Compression>()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            None => None,
+        };
+        let jobs = match global.jobs {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+        Ok(Context {
+            repo_url: global.repo.clone().or_else(|| section.url.clone()),
+            jobs,
+            output: global.output,
+            compression,
+            repo_section: section,
+            passphrase,
+            command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        })
+    }
+
+    pub fn json(&self) -> bool {
+        self.output == OutputFormat::Json
+    }
+
+    pub fn location(&self) -> Result<Location> {
+        let url = self.repo_url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no repository given: pass --repo URL, set PGVAULT_REPO, or set url in the [repo] section of the config file"
+            )
+        })?;
+        Location::parse(url).map_err(|e| anyhow::anyhow!(e))
+    }
+
+    fn s3_config(&self) -> Result<S3Config> {
+        let s = &self.repo_section;
+        let secret = match &s.s3_secret_access_key_file {
+            Some(path) => Some(read_secret_file(path, "S3 secret access key")?),
+            None => None,
+        };
+        if s.s3_access_key_id.is_some() != secret.is_some() {
+            bail!("config sets only one of s3-access-key-id and s3-secret-access-key-file; set both, or neither to use AWS_* variables");
+        }
+        Ok(S3Config {
+            endpoint: s.s3_endpoint.clone(),
+            region: s.s3_region.clone(),
+            path_style: s.s3_path_style.unwrap_or(true),
+            access_key_id: s.s3_access_key_id.clone(),
+            secret_access_key: secret,
+            ..S3Config::default()
+        })
+    }
+
+    pub fn storage(&self) -> Result<DynStorage> {
+        let location = self.location()?;
+        let s3 = match location {
+            Location::S3 { .. } => Some(self.s3_config()?),
+            _ => None,
+        };
+        Ok(repo::open_storage(&location, s3)?)
+    }
+
+    /// The passphrase from file or environment, if one was configured.
+    pub fn configured_passphrase(&self) -> Result<Option<String>> {
+        match &self.passphrase {
+            PassphraseSource::File(path) => read_secret_file(path, "passphrase").map(Some),
+            PassphraseSource::Env(value) => Ok(Some(value.clone())),
+            PassphraseSource::None => Ok(None),
+        }
+    }
+
+    /// Opens the repository, prompting for the passphrase on a terminal if none is configured.
+    pub fn open(&self) -> Result<Repository> {
+        let storage = self.storage()?;
+        let passphrase = self.configured_passphrase()?;
+        let mut repo = match Repository::open(storage.clone(), passphrase.as_deref()) {
+            Err(RepoError::PassphraseRequired(_))
+                if passphrase.is_none() && std::io::stdin().is_terminal() =>
+            {
+                let typed = rpassword::prompt_password(format!(
+                    "passphrase for repository {}: ",
+                    storage.location()
+                ))
+                .context("cannot read the passphrase from the terminal")?;
+                Repository::open(storage, Some(&typed))?
+            }
+            other => other?,
+        };
+        if let Some(compression) = self.compression {
+            repo.set_compression(compression);
+        }
+        Ok(repo)
+    }
+
+    pub fn lock(&self, repo: &Repository, kind: LockKind) -> Result<RepoLock> {
+        Ok(RepoLock::acquire(
+            repo.storage().clone(),
+            kind,
+            &self.command_line,
+        )?)
+    }
+}
+
+/// A new passphrase: from `file`, else typed twice on a terminal, else one line of stdin.
+pub fn read_new_passphrase(file: Option<&std::path::Path>) -> Result<String> {
+    if let Some(path) = file {
+        return read_secret_file(path, "new passphrase");
+    }
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("new passphrase: ")
+            .context("cannot read the passphrase from the terminal")?;
+        let second = rpassword::prompt_password("repeat new passphrase: ")
+            .context("cannot read the passphrase from the terminal")?;
+        if first != second {
+            bail!("the two passphrases differ; nothing was changed");
+        }
+        if first.is_empty() {
+            bail!("the passphrase is empty; nothing was changed");
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the new passphrase from standard input")?;
+    let line = line.trim_end_matches(['\n', '\r']).to_string();
+    if line.is_empty() {
+        bail!("no new passphrase: give --new-passphrase-file FILE, type it on a terminal, or pipe one line to stdin");
+    }
+    Ok(line)
+}

@@ -1,0 +1,59 @@
+//! The `pgvault` command line: argument parsing, settings and the verbs. Errors end as
+//! one `error: …` line on stderr and exit 1; usage errors exit 2 (clap's convention).
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod context;
+pub mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command};
+use context::Context;
+
+/// Runs the command line of this process.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the context chain on one line.
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = match (cli.global.quiet, cli.global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = EnvFilter::try_from_env("PGVAULT_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let ctx = Context::new(&cli.global)?;
+    match &cli.command {
+        Command::Init(args) => commands::admin::init(&ctx, args),
+        Command::Key(command) => commands::admin::key(&ctx, command),
+        Command::Snapshot(command) => commands::snapshot::run(&ctx, command),
+        Command::Verify(args) => commands::admin::verify_command(&ctx, args),
+        Command::Gc(args) => commands::admin::gc_command(&ctx, args),
+        Command::Unlock(args) => commands::admin::unlock(&ctx, args),
+        Command::RebuildIndex => commands::admin::rebuild_index(&ctx),
+    }
+}
