@@ -46,6 +46,8 @@ impl Default for ArchiveOptions {
 #[derive(Debug, Clone)]
 pub struct Archived {
     pub tree: Id,
+    /// Owner, mode and mtime of the archived directory itself (trees only).
+    pub root: Option<Node>,
     pub summary: Summary,
 }
 
@@ -245,7 +247,23 @@ pub fn archive_tree(
         walker.summary.dirs += 1;
         walker.archive_dir(root, parent.as_ref())
     })?;
-    Ok(Archived { tree, summary })
+    let root_node = Node {
+        name: String::new(),
+        kind: NodeKind::Dir,
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        size: 0,
+        content: Vec::new(),
+        subtree: Some(tree),
+        target: None,
+    };
+    Ok(Archived {
+        tree,
+        root: Some(root_node),
+        summary,
+    })
 }
 
 /// Stores a byte stream with content-defined chunks as a tree with one file `name`.
@@ -277,5 +295,9 @@ pub fn archive_stream<R: Read>(
     saver.flush()?;
     let mut summary = summary;
     summary.save = saver.stats();
-    Ok(Archived { tree, summary })
+    Ok(Archived {
+        tree,
+        root: None,
+        summary,
+    })
 }

@@ -156,6 +156,13 @@ fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
     apply_metadata(path, &file.node)
 }
 
+/// Gives a restored directory the owner, mode and mtime its snapshot recorded for the
+/// source directory (e.g. PostgreSQL insists on owning a 0700 data directory).
+pub fn apply_root_metadata(target: &Path, root: &Node) -> Result<()> {
+    apply_metadata(target, root)?;
+    sync_dir(target)
+}
+
 fn apply_metadata(path: &Path, node: &Node) -> Result<()> {
     set_owner(path, node, false);
     fs::set_permissions(path, fs::Permissions::from_mode(node.mode & 0o7777))

@@ -102,6 +102,9 @@ pub struct Snapshot {
     #[serde(default)]
     pub paths: Vec<String>,
     pub tree: Id,
+    /// Metadata of the snapshotted directory itself (owner, mode, mtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<Node>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Id>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

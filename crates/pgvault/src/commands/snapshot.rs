@@ -9,7 +9,7 @@ use chrono::Utc;
 use repo::archive::{archive_stream, archive_tree, ArchiveOptions, Archived};
 use repo::lock::LockKind;
 use repo::repository::ObjectKind;
-use repo::restore::{restore_tree, write_content};
+use repo::restore::{apply_root_metadata, restore_tree, write_content};
 use repo::saver::BlobSaver;
 use repo::snapshot::{NodeKind, Snapshot, Tree, SNAPSHOT_VERSION};
 use serde_json::json;
@@ -83,6 +83,7 @@ fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
         label: args.label.clone(),
         paths,
         tree: archived.tree,
+        root: archived.root,
         parent,
         tags,
         summary: archived.summary,
@@ -218,6 +219,9 @@ fn restore(ctx: &Context, args: &SnapshotRestoreArgs) -> Result<()> {
         .as_ref()
         .context("--target or --stdout is required")?;
     let stats = restore_tree(&repo, &snapshot.tree, target, ctx.jobs)?;
+    if let Some(root) = &snapshot.root {
+        apply_root_metadata(target, root)?;
+    }
     if ctx.json() {
         return print_json(&json!({"id": id, "target": target, "files": stats.files,
                                   "dirs": stats.dirs, "size_bytes": stats.bytes}));
