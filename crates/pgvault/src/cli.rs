@@ -91,6 +91,9 @@ pub struct InitArgs {
     #[arg(long, value_name = "MIB", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(4..=256))]
     pub pack_size: u32,
+    /// Chunk size in KiB for files (a multiple of the 8 KiB page; see docs/benchmarks.md)
+    #[arg(long, value_name = "KIB")]
+    pub fixed_chunk_size: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

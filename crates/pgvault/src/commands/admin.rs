@@ -35,12 +35,15 @@ pub fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
             "an encrypted repository needs a passphrase: give --passphrase-file FILE or PGVAULT_PASSPHRASE (or --encryption none)"
         ),
     };
-    let options = InitOptions {
+    let mut options = InitOptions {
         encryption,
         compression,
         pack_size: args.pack_size << 20,
         ..InitOptions::default()
     };
+    if let Some(kib) = args.fixed_chunk_size {
+        options.chunker.fixed_size = kib.saturating_mul(1024);
+    }
     let repo = Repository::init(storage, &options, passphrase.as_deref())?;
     let config = repo.config();
     if ctx.json() {
