@@ -176,7 +176,7 @@ pub struct SnapshotRestoreArgs {
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// Only these snapshots (id, prefix or "latest"; repeatable) [default: all]
-    #[arg(long = "snapshot", value_name = "ID")]
+    #[arg(long = "snapshot", visible_alias = "backup", value_name = "ID")]
     pub snapshots: Vec<String>,
     /// Read this share of the packs, e.g. 10% [default: 100%]
     #[arg(long, value_name = "PERCENT")]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod context;
 pub mod output;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -23,11 +24,25 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` joins the context chain on one line.
-            let message = format!("{e:#}").replace('\n', " ");
+            let mut message = format!("{e:#}").replace('\n', " ");
+            if is_unreachable(&e) {
+                message.push_str(
+                    " (retries exhausted: check that the storage endpoint is reachable and try again)",
+                );
+            }
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<repo::RepoError>(), Some(repo::RepoError::Storage(s)) if s.is_retryable())
+            || cause
+                .downcast_ref::<repo::storage::StorageError>()
+                .is_some_and(|s| s.is_retryable())
+    })
 }
 
 fn init_logging(cli: &Cli) {
@@ -41,6 +56,7 @@ fn init_logging(cli: &Cli) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }

@@ -794,6 +794,22 @@ fn a_full_disk_fails_cleanly_and_keeps_what_was_stored() {
 }
 
 #[test]
+fn unreachable_storage_fails_after_retries_with_a_hint() {
+    let s = Scratch::new();
+    let port = common::free_port();
+    let out = s
+        .cmd(&["snapshot", "list", "--repo", "s3://bucket/prefix"])
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .expect("run");
+    let err = fails(out, &["snapshot", "list"]);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("storage endpoint is reachable"), "{err}");
+}
+
+#[test]
 fn s3_repository_round_trip() {
     let Some(moto) = common::moto() else {
         eprintln!("SKIP s3_repository_round_trip: no moto server");
