@@ -53,7 +53,7 @@ fn store_stream(repo: &std::path::Path, total: u64) -> (u64, serde_json::Value) 
     let mut stdin = child.stdin.take().expect("stdin");
     let mut block = Vec::with_capacity(1 << 20);
     for i in 0..(1 << 20) / 64 {
-        write!(block, "{:063}\n", i * 7919 % 1_000_003).expect("format");
+        writeln!(block, "{:063}", i * 7919 % 1_000_003).expect("format");
     }
     let mut counter = 0u64;
     let mut sent = 0u64;
