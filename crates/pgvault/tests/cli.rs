@@ -456,7 +456,7 @@ fn a_live_lock_blocks_gc_and_a_dead_one_does_not() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn writer");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while files_under(&s.path("repo/locks")).is_empty() {
         assert!(std::time::Instant::now() < deadline, "writer never locked");
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -477,6 +477,35 @@ fn a_live_lock_blocks_gc_and_a_dead_one_does_not() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(files_under(&s.path("repo/locks")).is_empty());
+
+    // A writer whose lock was removed under it (`unlock --all`) commits nothing.
+    let mut writer = s
+        .cmd(&["snapshot", "create", "--stdin", "--name", "orphan"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn writer");
+    while files_under(&s.path("repo/locks")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "writer never locked");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.ok(&["unlock", "--all"]);
+    writer
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"some data")
+        .expect("feed");
+    let err = fails(
+        writer.wait_with_output().expect("writer"),
+        &["snapshot", "create"],
+    );
+    assert!(err.contains("lost the lock"), "{err}");
+    assert_eq!(
+        s.json(&["snapshot", "list"]).as_array().map(Vec::len),
+        Some(1)
+    );
 
     // A lock left by a process that no longer exists does not block anyone.
     let mut dead = Command::new("true").spawn().expect("spawn true");

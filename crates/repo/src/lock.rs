@@ -175,6 +175,23 @@ impl RepoLock {
     }
 }
 
+impl RepoLock {
+    /// Fails if this lock's object is gone — removed by `unlock --all` or by an exclusive
+    /// locker that judged it stale (e.g. after this process was suspended for a long
+    /// time). Writers call it before committing, so that they never publish a snapshot
+    /// whose new data a gc may already have deleted.
+    pub fn ensure_held(&self) -> Result<()> {
+        let key = self.key.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match self.storage.size(&key)? {
+            Some(_) => Ok(()),
+            None => Err(RepoError::Invalid(format!(
+                "lost the lock on {} (another process removed {key} as stale); nothing was committed: run the command again",
+                self.storage.location()
+            ))),
+        }
+    }
+}
+
 fn heartbeat_loop(
     storage: DynStorage,
     key: Arc<Mutex<String>>,

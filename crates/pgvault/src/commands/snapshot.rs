@@ -40,7 +40,7 @@ fn parse_tags(raw: &[String]) -> Result<BTreeMap<String, String>> {
 fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
     let tags = parse_tags(&args.tags)?;
     let repo = ctx.open()?;
-    let _lock = ctx.lock(&repo, LockKind::Shared)?;
+    let lock = ctx.lock(&repo, LockKind::Shared)?;
     let started = Utc::now();
     let saver = BlobSaver::new(&repo);
     let (kind, paths, archived, parent): (&str, Vec<String>, Archived, _) = if args.stdin {
@@ -89,6 +89,7 @@ fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
         summary: archived.summary,
         meta: serde_json::Value::Null,
     };
+    lock.ensure_held()?;
     let id = snapshot.save(&repo)?;
     let s = &snapshot.summary;
     if ctx.json() {
