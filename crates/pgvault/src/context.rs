@@ -130,7 +130,10 @@ impl Context {
     pub fn open(&self) -> Result<Repository> {
         let storage = self.storage()?;
         let passphrase = self.configured_passphrase()?;
-        let mut repo = match Repository::open(storage.clone(), passphrase.as_deref()) {
+        let cache = key_cache_dir();
+        let opened =
+            Repository::open_with_key_cache(storage.clone(), passphrase.as_deref(), cache.as_deref());
+        let mut repo = match opened {
             Err(RepoError::PassphraseRequired(_))
                 if passphrase.is_none() && std::io::stdin().is_terminal() =>
             {
@@ -156,6 +159,26 @@ impl Context {
             &self.command_line,
         )?)
     }
+}
+
+/// Where unlocked keys are cached for non-interactive runs (`PGVAULT_KEY_CACHE=off`
+/// disables it): `$PGVAULT_KEY_CACHE`, else `$XDG_CACHE_HOME/pgvault/keys`, else
+/// `~/.cache/pgvault/keys`.
+fn key_cache_dir() -> Option<PathBuf> {
+    match std::env::var("PGVAULT_KEY_CACHE") {
+        Ok(v) if v == "off" || v == "0" || v == "false" => return None,
+        Ok(v) if !v.is_empty() => return Some(PathBuf::from(v)),
+        _ => {}
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("pgvault").join("keys"))
 }
 
 /// A new passphrase: from `file`, else typed twice on a terminal, else one line of stdin.

@@ -12,6 +12,7 @@ pub mod archive;
 pub mod chunker;
 pub mod compression;
 pub mod crypto;
+mod files;
 mod error;
 pub mod gc;
 pub mod id;
@@ -28,6 +29,7 @@ pub mod storage;
 pub mod verify;
 
 pub use error::{RepoError, Result};
+pub use files::{StoreOutcome, StoredFile};
 pub use id::Id;
 pub use repository::{InitOptions, Repository};
 

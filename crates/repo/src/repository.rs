@@ -7,14 +7,16 @@
 //! data/<hh>/<id>      packs of blobs (<hh> = first two hex digits)
 //! index/<id>          which blobs each pack holds
 //! snapshots/<id>      snapshot descriptions (JSON, compressed, sealed)
+//! files/<name>        named files (see `files`): WAL segments, registrations
 //! locks/<id>          lock objects
 //! ```
-//! Every object except `config` and `locks/` is named by the BLAKE3 of its bytes and never
-//! rewritten.
+//! Every object except `config`, `files/` and `locks/` is named by the BLAKE3 of its bytes;
+//! no object is ever rewritten.
 
 use std::sync::{RwLock, RwLockReadGuard};
 
 use chrono::{DateTime, Utc};
+use zeroize::Zeroize;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -163,6 +165,18 @@ impl Repository {
 
     /// Opens an existing repository, unlocking it with `passphrase` when encrypted.
     pub fn open(storage: DynStorage, passphrase: Option<&str>) -> Result<Repository> {
+        Repository::open_with_key_cache(storage, passphrase, None)
+    }
+
+    /// Like [`open`](Self::open), but first tries a local cache of the unlocked master key
+    /// in `key_cache` and fills it after a successful unlock. Argon2id costs a quarter
+    /// second by design; commands run once per WAL segment cannot pay that each time.
+    /// The cache is only as secret as the passphrase file next to it (see `KeyCache`).
+    pub fn open_with_key_cache(
+        storage: DynStorage,
+        passphrase: Option<&str>,
+        key_cache: Option<&std::path::Path>,
+    ) -> Result<Repository> {
         let location = storage.location();
         let raw = match storage.get(CONFIG_KEY) {
             Ok(raw) => raw,
@@ -220,6 +234,22 @@ impl Repository {
         if keys.is_empty() {
             return Err(corrupt("encrypted but has no key files".into()));
         }
+        let cache = key_cache.map(|dir| KeyCache::new(dir, &config.id, passphrase));
+        if let Some((key_id, master)) = cache.as_ref().and_then(KeyCache::load) {
+            // A removed key must stop working: only trust the cache while its key file exists.
+            if keys.iter().any(|m| m.key == format!("keys/{key_id}")) {
+                return Ok(Repository::assemble(
+                    storage,
+                    config,
+                    master,
+                    Some(key_id),
+                    compression,
+                ));
+            }
+            if let Some(cache) = &cache {
+                cache.remove();
+            }
+        }
         for meta in keys {
             let Some(id) = meta
                 .key
@@ -231,6 +261,9 @@ impl Repository {
             let key_file = read_key_file(&storage, &id)?;
             match key_file.unwrap_key(passphrase) {
                 Ok(master) => {
+                    if let Some(cache) = &cache {
+                        cache.store(&id, &master);
+                    }
                     return Ok(Repository::assemble(
                         storage,
                         config,
@@ -542,4 +575,82 @@ fn read_key_file(storage: &DynStorage, id: &Id) -> Result<KeyFile> {
         return Err(corrupt("content does not match its name".into()));
     }
     serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))
+}
+
+/// A local file holding the unlocked master key, sealed with a key derived (BLAKE3) from
+/// the repository id and the passphrase, and named by another such derivation. Whoever
+/// can read it can also read the passphrase file it stands in for; it only saves the
+/// Argon2id cost. Failures to read or write it are never errors: it is an optimisation.
+struct KeyCache {
+    path: std::path::PathBuf,
+    key: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedKey {
+    key_id: Id,
+    master: MasterKey,
+}
+
+impl KeyCache {
+    fn new(dir: &std::path::Path, repo_id: &Id, passphrase: &str) -> KeyCache {
+        let mut material = repo_id.0.to_vec();
+        material.extend_from_slice(passphrase.as_bytes());
+        let name = blake3::derive_key("pgvault key cache name v1", &material);
+        let key = blake3::derive_key("pgvault key cache key v1", &material);
+        material.zeroize();
+        KeyCache {
+            path: dir.join(hex::encode(&name[..16])),
+            key,
+        }
+    }
+
+    fn load(&self) -> Option<(Id, MasterKey)> {
+        let sealed = std::fs::read(&self.path).ok()?;
+        let mut plain =
+            crate::crypto::open_with(Encryption::Xchacha20Poly1305, &self.key, &sealed).ok()?;
+        let cached: Option<CachedKey> = serde_json::from_slice(&plain).ok();
+        plain.zeroize();
+        cached.map(|c| (c.key_id, c.master))
+    }
+
+    fn store(&self, key_id: &Id, master: &MasterKey) {
+        let result = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            let mut plain = serde_json::to_vec(&CachedKey {
+                key_id: *key_id,
+                master: master.clone(),
+            })?;
+            let sealed = crate::crypto::seal_with(Encryption::Xchacha20Poly1305, &self.key, &plain);
+            plain.zeroize();
+            let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&sealed)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = result {
+            tracing::debug!("cannot write key cache {}: {e}", self.path.display());
+        }
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for KeyCache {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
 }
