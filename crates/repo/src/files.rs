@@ -23,11 +23,19 @@ const FILES_DIR: &str = "files/";
 /// What storing a named file did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreOutcome {
-    Created { content_id: Id, stored_bytes: u64 },
+    Created {
+        content_id: Id,
+        stored_bytes: u64,
+    },
     /// The name exists with the same content: nothing written (an idempotent retry).
-    AlreadyStored { content_id: Id },
+    AlreadyStored {
+        content_id: Id,
+    },
     /// The name exists with different content: nothing written.
-    Conflict { existing: Id, new: Id },
+    Conflict {
+        existing: Id,
+        new: Id,
+    },
 }
 
 /// A named file read back and authenticated.
@@ -89,7 +97,10 @@ impl Repository {
         let key = object_key(name);
         let sealed = self.storage().get(&key)?;
         let corrupt = |detail: String| self.corrupt(key.clone(), detail);
-        let plain = self.crypto().open(&sealed).map_err(|e| corrupt(e.to_string()))?;
+        let plain = self
+            .crypto()
+            .open(&sealed)
+            .map_err(|e| corrupt(e.to_string()))?;
         drop(sealed);
         let rest = plain
             .strip_prefix(FILE_MAGIC)
@@ -176,8 +187,13 @@ mod tests {
                 StoreOutcome::AlreadyStored { content_id }
             );
             let other = repo.store_file("wal/a/000001", b"other").expect("conflict");
-            assert!(matches!(other, StoreOutcome::Conflict { existing, .. } if existing == content_id));
-            let back = repo.find_file("wal/a/000001").expect("find").expect("exists");
+            assert!(
+                matches!(other, StoreOutcome::Conflict { existing, .. } if existing == content_id)
+            );
+            let back = repo
+                .find_file("wal/a/000001")
+                .expect("find")
+                .expect("exists");
             assert_eq!(back.data, data);
             assert!(repo.find_file("wal/a/000002").expect("find").is_none());
             let listed = repo.list_files("wal/a/").expect("list");

@@ -16,9 +16,9 @@
 use std::sync::{RwLock, RwLockReadGuard};
 
 use chrono::{DateTime, Utc};
-use zeroize::Zeroize;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::chunker::ChunkerParams;
 use crate::compression::{decompress, Compression};
@@ -629,7 +629,9 @@ impl KeyCache {
             })?;
             let sealed = crate::crypto::seal_with(Encryption::Xchacha20Poly1305, &self.key, &plain);
             plain.zeroize();
-            let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
+            let tmp = self
+                .path
+                .with_extension(format!("tmp-{}", std::process::id()));
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
