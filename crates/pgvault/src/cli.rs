@@ -38,6 +38,9 @@ pub struct GlobalArgs {
         value_name = "FILE"
     )]
     pub passphrase_file: Option<PathBuf>,
+    /// libpq conninfo or URL of the cluster (else the PG* variables)
+    #[arg(long, global = true, value_name = "CONNINFO")]
+    pub pg_conn: Option<String>,
     /// Parallelism of the data pipeline [default: number of CPUs]
     #[arg(long, global = true, env = "PGVAULT_JOBS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -77,6 +80,55 @@ pub enum Command {
     Unlock(UnlockArgs),
     /// Recreate the index from the pack headers
     RebuildIndex,
+    /// Register the cluster in the repository and print (or --apply) archive settings
+    Setup(SetupArgs),
+    /// Prove that WAL archiving works: switch a segment and wait for it in the repository
+    Check(CheckArgs),
+    /// Archive one WAL file: archive_command = 'pgvault … archive-push %p'
+    ArchivePush(ArchivePushArgs),
+    /// Fetch one WAL file: restore_command = 'pgvault … archive-get %f "%p"' (exit 1 if absent)
+    ArchiveGet(ArchiveGetArgs),
+    #[command(hide = true)]
+    ArchivePushWorker {
+        /// The cluster's pg_wal directory
+        pg_wal: PathBuf,
+    },
+    #[command(hide = true)]
+    ArchiveGetWorker,
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Set archive_mode, archive_command (ALTER SYSTEM) and reload
+    #[arg(long)]
+    pub apply: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// How long to wait for the switched segment to arrive
+    #[arg(long, default_value = "60s")]
+    pub timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ArchivePushArgs {
+    /// The WAL file (%p)
+    pub path: PathBuf,
+    /// Answer from the background worker that pushes ready segments in parallel
+    #[arg(long = "async")]
+    pub r#async: bool,
+    /// Push synchronously even if archive-async is set in the config
+    #[arg(long, conflicts_with = "async")]
+    pub no_async: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ArchiveGetArgs {
+    /// File name PostgreSQL asks for (%f)
+    pub wal_name: String,
+    /// Where to write it (%p)
+    pub destination: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -45,6 +45,19 @@ pub struct ClusterSection {
     pub pgdata: Option<PathBuf>,
     pub pg_conn: Option<String>,
     pub pg_bin: Option<PathBuf>,
+    /// archive-push returns once a background worker made the segment durable; the
+    /// worker pushes every `.ready` segment in parallel.
+    pub archive_async: Option<bool>,
+    /// With async archiving: when more WAL than this waits (e.g. "4GiB") because the
+    /// repository is unreachable, drop it with a warning instead of filling pg_wal.
+    /// Unset: never drop (PostgreSQL keeps the WAL until it is archived).
+    pub archive_push_queue_max: Option<String>,
+    /// How long archive-push waits for the async worker, e.g. "60s".
+    pub archive_timeout: Option<String>,
+    /// Local directory for the async queue and prefetched WAL (default /var/spool/pgvault).
+    pub spool_path: Option<PathBuf>,
+    /// Segments archive-get fetches ahead during recovery (default 16; 0 disables).
+    pub archive_get_prefetch: Option<u32>,
     #[serde(default)]
     pub schedule: BTreeMap<String, String>,
     pub retention: Option<RetentionSection>,

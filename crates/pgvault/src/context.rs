@@ -11,7 +11,7 @@ use repo::storage::{DynStorage, Location, S3Config};
 use repo::{RepoError, Repository};
 
 use crate::cli::{GlobalArgs, OutputFormat};
-use crate::config::{read_secret_file, ConfigFile, RepoSection};
+use crate::config::{read_secret_file, ClusterSection, ConfigFile, RepoSection};
 
 /// Where the repository passphrase comes from, in precedence order.
 #[derive(Debug, Clone)]
@@ -32,6 +32,14 @@ pub struct Context {
     passphrase: PassphraseSource,
     /// The command line, recorded in lock objects so a blocked operator sees who holds it.
     pub command_line: String,
+    /// The PostgreSQL cluster this run is about (`--cluster`, default `main`).
+    pub cluster: String,
+    pub cluster_section: ClusterSection,
+    /// How this process was configured, to start background workers the same way.
+    pub config_path: Option<PathBuf>,
+    pub passphrase_file: Option<PathBuf>,
+    /// `--pg-conn` / config `pg-conn`; `None` leaves everything to the PG* variables.
+    pub pg_conn: Option<String>,
 }
 
 impl Context {
@@ -61,6 +69,15 @@ impl Context {
             ),
             None => None,
         };
+        let cluster = global.cluster.clone().unwrap_or_else(|| "main".to_string());
+        if cluster.is_empty()
+            || !cluster
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("cluster name {cluster:?}: use letters, digits, '-' and '_'");
+        }
+        let cluster_section = config.clusters.get(&cluster).cloned().unwrap_or_default();
         let jobs = match global.jobs {
             Some(n) => usize::from(n),
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -71,8 +88,23 @@ impl Context {
             output: global.output,
             compression,
             repo_section: section,
+            passphrase_file: match &passphrase {
+                PassphraseSource::File(path) => Some(path.clone()),
+                _ => None,
+            },
             passphrase,
             command_line: std::env::args().collect::<Vec<_>>().join(" "),
+            pg_conn: global
+                .pg_conn
+                .clone()
+                .or_else(|| cluster_section.pg_conn.clone()),
+            cluster,
+            cluster_section,
+            config_path: global.config.clone().or_else(|| {
+                std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH)
+                    .exists()
+                    .then(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH))
+            }),
         })
     }
 
@@ -131,8 +163,11 @@ impl Context {
         let storage = self.storage()?;
         let passphrase = self.configured_passphrase()?;
         let cache = key_cache_dir();
-        let opened =
-            Repository::open_with_key_cache(storage.clone(), passphrase.as_deref(), cache.as_deref());
+        let opened = Repository::open_with_key_cache(
+            storage.clone(),
+            passphrase.as_deref(),
+            cache.as_deref(),
+        );
         let mut repo = match opened {
             Err(RepoError::PassphraseRequired(_))
                 if passphrase.is_none() && std::io::stdin().is_terminal() =>
@@ -150,6 +185,28 @@ impl Context {
             repo.set_compression(compression);
         }
         Ok(repo)
+    }
+
+    /// Global options that make a child `pgvault` process see the same settings.
+    pub fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(config) = &self.config_path {
+            args.push("--config".into());
+            args.push(config.into());
+        }
+        if let Some(url) = &self.repo_url {
+            args.push("--repo".into());
+            args.push(url.into());
+        }
+        if let Some(file) = &self.passphrase_file {
+            args.push("--passphrase-file".into());
+            args.push(file.into());
+        }
+        args.push("--cluster".into());
+        args.push(self.cluster.clone().into());
+        args.push("--jobs".into());
+        args.push(self.jobs.to_string().into());
+        args
     }
 
     pub fn lock(&self, repo: &Repository, kind: LockKind) -> Result<RepoLock> {

@@ -21,7 +21,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // `{:#}` joins the context chain on one line.
             let mut message = format!("{e:#}").replace('\n', " ");
@@ -61,15 +61,26 @@ fn init_logging(cli: &Cli) {
         .init();
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let ctx = Context::new(&cli.global)?;
     match &cli.command {
-        Command::Init(args) => commands::admin::init(&ctx, args),
-        Command::Key(command) => commands::admin::key(&ctx, command),
-        Command::Snapshot(command) => commands::snapshot::run(&ctx, command),
-        Command::Verify(args) => commands::admin::verify_command(&ctx, args),
-        Command::Gc(args) => commands::admin::gc_command(&ctx, args),
-        Command::Unlock(args) => commands::admin::unlock(&ctx, args),
-        Command::RebuildIndex => commands::admin::rebuild_index(&ctx),
+        Command::Init(args) => commands::admin::init(&ctx, args)?,
+        Command::Key(command) => commands::admin::key(&ctx, command)?,
+        Command::Snapshot(command) => commands::snapshot::run(&ctx, command)?,
+        Command::Verify(args) => commands::admin::verify_command(&ctx, args)?,
+        Command::Gc(args) => commands::admin::gc_command(&ctx, args)?,
+        Command::Unlock(args) => commands::admin::unlock(&ctx, args)?,
+        Command::RebuildIndex => commands::admin::rebuild_index(&ctx)?,
+        Command::Setup(args) => commands::setup::setup(&ctx, args)?,
+        Command::Check(args) => commands::setup::check(&ctx, args)?,
+        Command::ArchivePush(args) => commands::push::archive_push(&ctx, args)?,
+        Command::ArchiveGet(args) => match commands::get::archive_get(&ctx, args)? {
+            commands::get::Fetched::Written => {}
+            // Quietly: PostgreSQL asks for files that do not exist as part of recovery.
+            commands::get::Fetched::Missing => return Ok(ExitCode::from(1)),
+        },
+        Command::ArchivePushWorker { pg_wal } => commands::push::push_worker(&ctx, pg_wal)?,
+        Command::ArchiveGetWorker => commands::get::get_worker(&ctx)?,
     }
+    Ok(ExitCode::SUCCESS)
 }

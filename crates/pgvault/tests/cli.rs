@@ -6,9 +6,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-#[path = "../../repo/tests/common/mod.rs"]
-mod common;
-
 const PASSPHRASE: &str = "correct horse battery staple";
 
 /// A scratch directory with a passphrase file and a repository location inside it.
@@ -750,7 +747,7 @@ impl Drop for SmallDisk {
 fn a_full_disk_fails_cleanly_and_keeps_what_was_stored() {
     let disk = match SmallDisk::mount("8m") {
         Ok(disk) => disk,
-        Err(reason) if common::in_ci() => {
+        Err(reason) if testkit::in_ci() => {
             panic!("full-disk test needs tmpfs under CI=true: {reason}")
         }
         Err(reason) => {
@@ -825,7 +822,7 @@ fn a_full_disk_fails_cleanly_and_keeps_what_was_stored() {
 #[test]
 fn unreachable_storage_fails_after_retries_with_a_hint() {
     let s = Scratch::new();
-    let port = common::free_port();
+    let port = testkit::free_port();
     let out = s
         .cmd(&["snapshot", "list", "--repo", "s3://bucket/prefix"])
         .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
@@ -840,14 +837,14 @@ fn unreachable_storage_fails_after_retries_with_a_hint() {
 
 #[test]
 fn s3_repository_round_trip() {
-    let Some(moto) = common::moto() else {
+    let Some(moto) = testkit::s3::moto() else {
         eprintln!("SKIP s3_repository_round_trip: no moto server");
         return;
     };
     let bucket = "pgvault-cli";
     moto.create_bucket(bucket).expect("bucket");
     let s = Scratch::new();
-    let url = format!("s3://{bucket}/{}", common::unique("cli"));
+    let url = format!("s3://{bucket}/{}", testkit::unique("cli"));
     let with_s3 = |args: &[&str]| {
         let mut cmd = s.cmd(args);
         cmd.env("PGVAULT_REPO", &url)

@@ -96,8 +96,10 @@ fn memory_does_not_grow_with_stream_size() {
     eprintln!("max RSS: 512 MiB stream {small_rss} MiB, 4 GiB stream {big_rss} MiB");
     assert_eq!(small["size_bytes"], 512u64 << 20);
     assert_eq!(big["size_bytes"], 4u64 << 30);
+    // The stream's first 512 MiB repeat the small one's (same stamps); the rest is new and
+    // cut into chunks of at most 4 MiB, so at least 3.5 GiB / 4 MiB = 896 new blobs.
     assert!(
-        big["new_blobs"].as_u64().expect("new_blobs") > 1000,
+        big["new_blobs"].as_u64().expect("new_blobs") >= 896,
         "{big}"
     );
     assert!(

@@ -5,8 +5,6 @@
 //! and `S3Storage` (against a moto server this binary starts, one prefix per test).
 //! Without moto the S3 tests print a skip reason, except under `CI=true` where they fail.
 
-mod common;
-
 use repo::storage::{
     retry, LocalStorage, PutOutcome, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
     StorageError,
@@ -358,7 +356,7 @@ fn local_backend() -> Option<(Box<dyn Storage>, Guard)> {
 
 const BUCKET: &str = "pgvault-conformance";
 
-fn s3_config(moto: &common::Moto, bucket: &str, prefix: &str) -> S3Config {
+fn s3_config(moto: &testkit::s3::Moto, bucket: &str, prefix: &str) -> S3Config {
     S3Config {
         bucket: bucket.to_string(),
         prefix: prefix.to_string(),
@@ -372,9 +370,9 @@ fn s3_config(moto: &common::Moto, bucket: &str, prefix: &str) -> S3Config {
 }
 
 /// The moto server with the shared bucket created.
-fn moto_with_bucket() -> Option<&'static common::Moto> {
+fn moto_with_bucket() -> Option<&'static testkit::s3::Moto> {
     static BUCKET_READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let moto = common::moto()?;
+    let moto = testkit::s3::moto()?;
     if let Err(e) = BUCKET_READY.get_or_init(|| moto.create_bucket(BUCKET)) {
         panic!("{e}");
     }
@@ -383,7 +381,7 @@ fn moto_with_bucket() -> Option<&'static common::Moto> {
 
 fn s3_backend() -> Option<(Box<dyn Storage>, Guard)> {
     let moto = moto_with_bucket()?;
-    let prefix = format!("conformance/{}", common::unique("t"));
+    let prefix = format!("conformance/{}", testkit::unique("t"));
     let storage = expect_ok(
         "S3Storage::new",
         S3Storage::new(s3_config(moto, BUCKET, &prefix)),
@@ -468,8 +466,10 @@ fn local_list_skips_temporary_files() {
 
 #[test]
 fn s3_bucket_root_and_nested_prefix() {
-    let Some(moto) = common::moto() else { return };
-    let bucket = common::unique("root").to_lowercase();
+    let Some(moto) = testkit::s3::moto() else {
+        return;
+    };
+    let bucket = testkit::unique("root").to_lowercase();
     expect_ok_str(moto.create_bucket(&bucket));
 
     let root = expect_ok("root", S3Storage::new(s3_config(moto, &bucket, "")));
@@ -531,7 +531,7 @@ fn s3_bucket_root_and_nested_prefix() {
 
 #[test]
 fn s3_unreachable_endpoint_fails_fast() {
-    let port = common::free_port(); // nothing listens there once the probe socket is closed
+    let port = testkit::free_port(); // nothing listens there once the probe socket is closed
     let config = S3Config {
         bucket: "unreachable".to_string(),
         prefix: "p".to_string(),
@@ -588,8 +588,10 @@ fn s3_unreachable_endpoint_fails_fast() {
 
 #[test]
 fn s3_missing_bucket_is_a_clear_permanent_error() {
-    let Some(moto) = common::moto() else { return };
-    let bucket = common::unique("absent").to_lowercase();
+    let Some(moto) = testkit::s3::moto() else {
+        return;
+    };
+    let bucket = testkit::unique("absent").to_lowercase();
     let storage = expect_ok("new", S3Storage::new(s3_config(moto, &bucket, "repo")));
     let put = storage.put_if_absent("k", b"v");
     let list = storage.list("");

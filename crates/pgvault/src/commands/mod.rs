@@ -1,4 +1,8 @@
 //! One module per group of verbs; each takes the resolved [`crate::context::Context`].
 
 pub mod admin;
+pub mod archive;
+pub mod get;
+pub mod push;
+pub mod setup;
 pub mod snapshot;

@@ -1,12 +1,12 @@
-//! Test helpers: a moto S3 server shared by one test binary.
-#![allow(dead_code)]
+//! A moto S3 server shared by one test binary.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::{free_port, in_ci};
 
 /// Runs moto's server in-process with a watchdog thread that exits once the parent (this test
 /// binary) is gone: a `static` is never dropped, so `Drop` alone would leak the server.
@@ -51,12 +51,6 @@ impl Drop for Moto {
     }
 }
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
-}
-
 /// Minimal HTTP/1.1 client: returns the status code and the body.
 pub fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -86,10 +80,6 @@ pub fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, String)
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
-}
-
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 fn moto_installed() -> Result<(), String> {
@@ -155,14 +145,4 @@ pub fn moto() -> Option<&'static Moto> {
             None
         }
     }
-}
-
-/// A name unique within this test binary run, usable as a bucket or prefix component.
-pub fn unique(tag: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
 }

@@ -1,0 +1,709 @@
+//! WAL archiving end to end: a real PostgreSQL archives through `pgvault archive-push`,
+//! and a second server recovers purely through `pgvault archive-get` — on a local
+//! repository and on the loopback S3 server. Plus the faults: wrong cluster, damaged and
+//! missing segments, conflicting content, unreachable storage, kill -9, races, a deleted
+//! spool.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::pg::{Cluster, ClusterOptions};
+
+const PASSPHRASE: &str = "wal test passphrase";
+
+/// A repository plus a config file with everything PostgreSQL's archiver needs to reach
+/// it (the archiver does not see this process's environment).
+struct Setup {
+    dir: tempfile::TempDir,
+    repo_url: String,
+    s3_endpoint: Option<String>,
+}
+
+impl Setup {
+    fn local() -> Setup {
+        let dir = shared_tempdir();
+        let repo_url = dir.path().join("repo").display().to_string();
+        Setup::new(dir, repo_url, None)
+    }
+
+    fn s3() -> Option<Setup> {
+        let moto = testkit::s3::moto()?;
+        moto.create_bucket("pgvault-wal").expect("bucket");
+        let url = format!("s3://pgvault-wal/{}", testkit::unique("wal"));
+        Some(Setup::new(shared_tempdir(), url, Some(moto.endpoint())))
+    }
+
+    fn new(dir: tempfile::TempDir, repo_url: String, s3_endpoint: Option<String>) -> Setup {
+        fs::write(dir.path().join("passphrase"), format!("{PASSPHRASE}\n")).expect("write");
+        fs::write(dir.path().join("s3-secret"), "test\n").expect("write");
+        fs::create_dir_all(dir.path().join("spool")).expect("mkdir");
+        let setup = Setup {
+            dir,
+            repo_url,
+            s3_endpoint,
+        };
+        setup.write_config(false);
+        setup.ok(&["init"]);
+        setup.give_to_postgres();
+        setup
+    }
+
+    fn write_config(&self, asynchronous: bool) {
+        self.write_config_with(asynchronous, "");
+    }
+
+    /// The config with `extra` lines added to the cluster section.
+    fn write_config_with(&self, asynchronous: bool, extra: &str) {
+        let mut text = format!(
+            "[repo]\nurl = \"{}\"\npassphrase-file = \"{}\"\n",
+            self.repo_url,
+            self.path("passphrase").display()
+        );
+        if let Some(endpoint) = &self.s3_endpoint {
+            text.push_str(&format!(
+                "s3-endpoint = \"{endpoint}\"\ns3-region = \"us-east-1\"\ns3-access-key-id = \"test\"\ns3-secret-access-key-file = \"{}\"\n",
+                self.path("s3-secret").display()
+            ));
+        }
+        text.push_str(&format!(
+            "\n[clusters.main]\nspool-path = \"{}\"\narchive-async = {asynchronous}\narchive-timeout = \"20s\"\n{extra}",
+            self.path("spool").display()
+        ));
+        fs::write(self.path("pgvault.toml"), text).expect("config");
+        self.give_to_postgres();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgvault"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("PGVAULT_") || key.starts_with("AWS_") || key.starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.arg("--config")
+            .arg(self.path("pgvault.toml"))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run pgvault")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "pgvault {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "pgvault {args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        errors[0].to_string()
+    }
+
+    /// The archiver runs as `postgres`: it must read the passphrase and write the
+    /// repository, key cache and spool.
+    fn give_to_postgres(&self) {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(self.dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success());
+    }
+
+    /// `setup --apply` against `cluster`, then `check`.
+    fn setup_cluster(&self, cluster: &Cluster) {
+        self.ok(&["setup", "--apply", "--pg-conn", &cluster.conninfo()]);
+        self.give_to_postgres();
+    }
+}
+
+/// A temporary directory the postgres user can traverse.
+fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("pgvault-wal-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+fn archiving_cluster() -> Option<Cluster> {
+    let options = ClusterOptions {
+        major: 15,
+        settings: vec![
+            ("wal_level".into(), "replica".into()),
+            ("archive_mode".into(), "on".into()),
+            ("archive_command".into(), "".into()),
+        ],
+        ..ClusterOptions::default()
+    };
+    match Cluster::start(options) {
+        Ok(cluster) => Some(cluster),
+        Err(reason) => {
+            testkit::pg::skip_or_panic(&reason);
+            None
+        }
+    }
+}
+
+/// Switches WAL `n` times with some pgbench work in between; returns the last switched file.
+fn make_wal(cluster: &Cluster, n: usize) -> String {
+    let pgbench = cluster.bin().tool("pgbench");
+    let port = cluster.port().to_string();
+    let out = cluster.run_as_postgres(
+        &pgbench,
+        &[
+            "-q",
+            "-i",
+            "-s",
+            "2",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = String::new();
+    for _ in 0..n {
+        let out = cluster.run_as_postgres(
+            &pgbench,
+            &[
+                "-n",
+                "-t",
+                "200",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "postgres",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    }
+    last
+}
+
+fn wait_archived(cluster: &Cluster, segment: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let archived = cluster.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if archived.as_str() >= segment {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segment} not archived; pg_stat_archiver: {}",
+            cluster.psql("SELECT * FROM pg_stat_archiver")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every archived segment in pg_wal comes back bit-identical through archive-get.
+fn compare_archived_segments(setup: &Setup, cluster: &Cluster) -> usize {
+    let status = cluster.pgdata().join("pg_wal/archive_status");
+    let mut compared = 0;
+    for entry in fs::read_dir(&status).expect("archive_status") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let Some(segment) = name.strip_suffix(".done") else {
+            continue;
+        };
+        let source = cluster.pgdata().join("pg_wal").join(segment);
+        let Ok(original) = fs::read(&source) else {
+            continue; // recycled since
+        };
+        let fetched = setup.path(&format!("fetched-{segment}"));
+        setup.ok(&["archive-get", segment, &fetched.display().to_string()]);
+        assert!(
+            fs::read(&fetched).expect("fetched") == original,
+            "{segment} differs"
+        );
+        compared += 1;
+    }
+    compared
+}
+
+fn end_to_end(setup: &Setup, asynchronous: bool) {
+    let Some(mut primary) = archiving_cluster() else {
+        return;
+    };
+    setup.write_config(asynchronous);
+    setup.setup_cluster(&primary);
+    let command = primary.psql("SHOW archive_command");
+    assert!(command.contains("--config"), "{command}");
+    let check = setup.ok(&["check", "--pg-conn", &primary.conninfo()]);
+    assert!(check.contains("WAL archiving works"), "{check}");
+
+    // A base backup without WAL, so that recovery must use restore_command.
+    let backup = primary.dir().join("base");
+    let out = primary.run_as_postgres(
+        &primary.bin().tool("pg_basebackup"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port().to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            &backup.display().to_string(),
+            "-X",
+            "none",
+            "-c",
+            "fast",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let last = make_wal(&primary, 6);
+    let expected =
+        primary.psql("SELECT sum(abalance)::text || '/' || count(*) FROM pgbench_accounts");
+    let history_rows = primary.psql("SELECT count(*) FROM pgbench_history");
+    // The last transaction must be in an archived segment.
+    let last = {
+        let after = primary.psql("SELECT pg_walfile_name(pg_switch_wal())");
+        if after > last {
+            after
+        } else {
+            last
+        }
+    };
+    wait_archived(&primary, &last);
+    let compared = compare_archived_segments(setup, &primary);
+    assert!(compared >= 5, "only {compared} segments compared");
+
+    // A missing segment: exit 1 and nothing on stderr, so PostgreSQL falls back quietly.
+    let out = setup.run(&["archive-get", "00000001000000FF000000FE", "/tmp/never"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Recovery purely from the archive.
+    let restore_command = primary
+        .psql("SHOW archive_command")
+        .replace("archive-push %p", "archive-get %f \"%p\"");
+    let mut replica = Cluster::from_backup(
+        &primary,
+        &backup,
+        &[
+            ("restore_command", restore_command.as_str()),
+            ("recovery_target_action", "promote"),
+            ("archive_mode", "off"),
+        ],
+    )
+    .expect("replica");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while replica.psql("SELECT pg_is_in_recovery()") == "t" {
+        assert!(Instant::now() < deadline, "recovery did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        replica.psql("SELECT sum(abalance)::text || '/' || count(*) FROM pgbench_accounts"),
+        expected
+    );
+    assert_eq!(
+        replica.psql("SELECT count(*) FROM pgbench_history"),
+        history_rows
+    );
+    // The promotion wrote a history file for timeline 2; it is archived and served.
+    replica.stop();
+    primary.stop();
+}
+
+#[test]
+fn archive_and_recover_through_a_local_repository() {
+    end_to_end(&Setup::local(), false);
+}
+
+#[test]
+fn archive_and_recover_asynchronously() {
+    end_to_end(&Setup::local(), true);
+}
+
+#[test]
+fn archive_and_recover_through_s3() {
+    let Some(setup) = Setup::s3() else {
+        eprintln!("SKIP archive_and_recover_through_s3: no moto server");
+        return;
+    };
+    end_to_end(&setup, false);
+}
+
+/// A finished segment copied out of a running cluster, with its name.
+fn sample_segment(cluster: &Cluster) -> (String, Vec<u8>) {
+    let name = make_wal(cluster, 1);
+    let data = fs::read(cluster.pgdata().join("pg_wal").join(&name)).expect("segment");
+    (name, data)
+}
+
+#[test]
+fn bad_segments_and_wrong_clusters_are_refused() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let (name, data) = sample_segment(&cluster);
+    let work = setup.path("work");
+    fs::create_dir_all(&work).expect("mkdir");
+
+    // Truncated.
+    let truncated = work.join(&name);
+    fs::write(&truncated, &data[..data.len() / 2]).expect("write");
+    let err = setup.fails(&["archive-push", &truncated.display().to_string()]);
+    assert!(err.contains(&name) && err.contains("bytes"), "{err}");
+
+    // Missing.
+    let err = setup.fails(&[
+        "archive-push",
+        &work.join("000000010000000000000099").display().to_string(),
+    ]);
+    assert!(err.contains("cannot read"), "{err}");
+
+    // Not a WAL file name.
+    fs::write(work.join("notes.txt"), "x").expect("write");
+    let err = setup.fails(&[
+        "archive-push",
+        &work.join("notes.txt").display().to_string(),
+    ]);
+    assert!(err.contains("not a WAL"), "{err}");
+
+    // A segment of another cluster: different system identifier.
+    let Some(other) = archiving_cluster() else {
+        return;
+    };
+    let (other_name, other_data) = sample_segment(&other);
+    let foreign = work.join(&other_name);
+    fs::write(&foreign, &other_data).expect("write");
+    let err = setup.fails(&["archive-push", &foreign.display().to_string()]);
+    assert!(err.contains("system identifier"), "{err}");
+
+    // The same segment twice is fine; different content under its name fails loudly.
+    let good = work.join(&name);
+    fs::write(&good, &data).expect("write");
+    setup.ok(&["archive-push", &good.display().to_string()]);
+    setup.ok(&["archive-push", &good.display().to_string()]);
+    let mut altered = data.clone();
+    let last = altered.len() - 100;
+    altered[last] ^= 0xff;
+    fs::write(&good, &altered).expect("write");
+    let err = setup.fails(&["archive-push", &good.display().to_string()]);
+    assert!(
+        err.contains("different content") && err.matches("checksum").count() >= 2,
+        "{err}"
+    );
+
+    // A second cluster cannot register under the same name.
+    let err = setup.fails(&["setup", "--pg-conn", &other.conninfo()]);
+    assert!(err.contains("system identifier"), "{err}");
+}
+
+#[test]
+fn kill_9_and_concurrent_pushes_leave_one_good_copy() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let work = setup.path("work");
+    fs::create_dir_all(&work).expect("mkdir");
+    let mut segments = Vec::new();
+    for _ in 0..4 {
+        let (name, data) = sample_segment(&cluster);
+        fs::write(work.join(&name), &data).expect("write");
+        segments.push((name, data));
+    }
+    // kill -9 at different moments, then retry.
+    for (i, (name, data)) in segments.iter().enumerate() {
+        let path = work.join(name).display().to_string();
+        let mut child = setup.cmd(&["archive-push", &path]).spawn().expect("spawn");
+        std::thread::sleep(Duration::from_millis(5 + 15 * i as u64));
+        let _ = child.kill();
+        let _ = child.wait();
+        setup.ok(&["archive-push", &path]);
+        let fetched = setup.path(&format!("got-{name}"));
+        setup.ok(&["archive-get", name, &fetched.display().to_string()]);
+        assert!(
+            fs::read(&fetched).expect("read") == *data,
+            "{name} differs after kill -9"
+        );
+    }
+    // Two pushes of one segment at once both succeed.
+    let (name, data) = sample_segment(&cluster);
+    let path = work.join(&name);
+    fs::write(&path, &data).expect("write");
+    let path = path.display().to_string();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            setup
+                .cmd(&["archive-push", &path])
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stored: Vec<_> = walk(&setup.path("repo/files/wal"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == name))
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn unreachable_repository_fails_fast_and_acknowledges_nothing() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let (name, data) = sample_segment(&cluster);
+    let work = setup.path("work");
+    fs::create_dir_all(&work).expect("mkdir");
+    fs::write(work.join(&name), &data).expect("write");
+    let started = Instant::now();
+    let out = setup
+        .cmd(&["archive-push", &work.join(&name).display().to_string()])
+        .args(["--repo", "s3://nowhere/x"])
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{}", testkit::free_port()),
+        )
+        .env("AWS_ACCESS_KEY_ID", "x")
+        .env("AWS_SECRET_ACCESS_KEY", "y")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("storage endpoint is reachable"), "{stderr}");
+}
+
+#[test]
+fn async_push_survives_a_deleted_spool() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.write_config(true);
+    setup.setup_cluster(&cluster);
+    let first = make_wal(&cluster, 2);
+    wait_archived(&cluster, &first);
+    fs::remove_dir_all(setup.path("spool/main")).expect("rm spool");
+    let later = make_wal(&cluster, 3);
+    wait_archived(&cluster, &later);
+    assert!(compare_archived_segments(&setup, &cluster) >= 4);
+}
+
+/// `setup --apply` and `check` on every supported major version: the archiver of each
+/// really pushes through pgvault, which validates each version's page magic.
+#[test]
+fn every_supported_major_version_archives() {
+    for &major in testkit::pg::MAJORS {
+        let setup = Setup::local();
+        let options = ClusterOptions {
+            major,
+            settings: vec![
+                ("wal_level".into(), "replica".into()),
+                ("archive_mode".into(), "on".into()),
+            ],
+            ..ClusterOptions::default()
+        };
+        let cluster = match Cluster::start(options) {
+            Ok(cluster) => cluster,
+            Err(reason) => {
+                testkit::pg::skip_or_panic(&reason);
+                continue;
+            }
+        };
+        let out = setup.ok(&["setup", "--apply", "--pg-conn", &cluster.conninfo()]);
+        assert!(out.contains(&format!("PostgreSQL {major}.")), "{out}");
+        setup.give_to_postgres();
+        let check = setup.ok(&["check", "--pg-conn", &cluster.conninfo()]);
+        assert!(
+            check.contains("WAL archiving works"),
+            "PostgreSQL {major}: {check}"
+        );
+        let (name, data) = sample_segment(&cluster);
+        wait_archived(&cluster, &name);
+        let fetched = setup.path("fetched");
+        setup.ok(&["archive-get", &name, &fetched.display().to_string()]);
+        assert!(
+            fs::read(&fetched).expect("fetched") == data,
+            "PostgreSQL {major}: {name} differs"
+        );
+    }
+}
+
+/// Makes the repository unwritable for the archiver (which runs as `postgres`), or
+/// writable again.
+fn repository_writable(setup: &Setup, writable: bool) {
+    let mode = if writable { "u+w" } else { "a-w" };
+    let status = Command::new("chmod")
+        .args(["-R", mode])
+        .arg(setup.path("repo"))
+        .status()
+        .expect("chmod");
+    assert!(status.success());
+}
+
+/// Switches WAL (with a little activity first) until the archiver reports `segment`.
+fn nudge_until_archived(cluster: &Cluster, segment: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let archived = cluster.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if archived.as_str() >= segment {
+            return true;
+        }
+        cluster.psql("CREATE TABLE IF NOT EXISTS nudge(x int); INSERT INTO nudge VALUES (1)");
+        cluster.psql("SELECT pg_switch_wal()");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    false
+}
+
+/// Async archiving against a repository that stops accepting writes: by default the
+/// segments keep failing (PostgreSQL keeps them in pg_wal) and nothing is acknowledged;
+/// with archive-push-queue-max they are dropped with errors once more than that waits.
+#[test]
+fn async_push_keeps_failing_or_drops_beyond_the_queue_max() {
+    for queue_max in [None, Some("40MiB")] {
+        let setup = Setup::local();
+        let Some(cluster) = archiving_cluster() else {
+            return;
+        };
+        let extra = queue_max
+            .map(|max| format!("archive-push-queue-max = \"{max}\"\n"))
+            .unwrap_or_default();
+        setup.write_config_with(true, &extra);
+        setup.setup_cluster(&cluster);
+        let first = make_wal(&cluster, 1);
+        wait_archived(&cluster, &first);
+
+        repository_writable(&setup, false);
+        let blocked = make_wal(&cluster, 4);
+        let reached = nudge_until_archived(&cluster, &blocked, Duration::from_secs(40));
+        let log =
+            fs::read_to_string(setup.path("spool/main/archive-out/worker.log")).unwrap_or_default();
+        match queue_max {
+            None => {
+                assert!(
+                    !reached,
+                    "{blocked} acknowledged although the repository refused it"
+                );
+                let failed: u64 = cluster
+                    .psql("SELECT failed_count FROM pg_stat_archiver")
+                    .parse()
+                    .expect("failed_count");
+                assert!(failed > 0, "the archiver saw no failure");
+                assert!(!log.contains("dropped"), "{log}");
+                assert!(
+                    cluster.pgdata().join("pg_wal").join(&blocked).exists(),
+                    "{blocked} left pg_wal unarchived"
+                );
+            }
+            Some(_) => {
+                assert!(reached, "{blocked} was not dropped; worker log:\n{log}");
+                assert!(log.contains("archive-push-queue-max"), "{log}");
+                let out = setup.run(&["archive-get", &blocked, "/tmp/never"]);
+                assert_eq!(
+                    out.status.code(),
+                    Some(1),
+                    "{blocked} should not be archived"
+                );
+            }
+        }
+
+        // Writable again: archiving resumes without intervention.
+        repository_writable(&setup, true);
+        let later = make_wal(&cluster, 1);
+        assert!(
+            nudge_until_archived(&cluster, &later, Duration::from_secs(90)),
+            "archiving did not resume; pg_stat_archiver: {}",
+            cluster.psql("SELECT * FROM pg_stat_archiver")
+        );
+        let fetched = setup.path("later");
+        setup.ok(&["archive-get", &later, &fetched.display().to_string()]);
+        if queue_max.is_none() {
+            // Nothing was dropped: the blocked segment arrived too.
+            setup.ok(&["archive-get", &blocked, &fetched.display().to_string()]);
+        }
+    }
+}
