@@ -352,7 +352,43 @@ fn end_to_end(setup: &Setup, asynchronous: bool) {
         replica.psql("SELECT count(*) FROM pgbench_history"),
         history_rows
     );
-    // The promotion wrote a history file for timeline 2; it is archived and served.
+    // The promotion started timeline 2: its history file and segments are kept apart from
+    // timeline 1's and served back as archived.
+    let history = replica.pgdata().join("pg_wal/00000002.history");
+    let tl2_segment = replica.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(tl2_segment.starts_with("00000002"), "{tl2_segment}");
+    for file in [history, replica.pgdata().join("pg_wal").join(&tl2_segment)] {
+        setup.ok(&["archive-push", &file.display().to_string()]);
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let fetched = setup.path(&format!("fetched-{name}"));
+        setup.ok(&["archive-get", &name, &fetched.display().to_string()]);
+        assert!(fs::read(&fetched).expect("fetched") == fs::read(&file).expect("source"));
+    }
+    // Timeline 1's segment of the same number is a different file.
+    let tl1_twin = format!("00000001{}", &tl2_segment[8..]);
+    let out = setup.run(&["archive-get", &tl1_twin, "/tmp/never"]);
+    assert!(
+        out.status.code() == Some(1) || out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if setup.s3_endpoint.is_none() {
+        let timelines: Vec<String> = fs::read_dir(setup.path("repo/files/wal/main"))
+            .expect("wal dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            timelines.contains(&"00000001".to_string())
+                && timelines.contains(&"00000002".to_string()),
+            "{timelines:?}"
+        );
+    }
+    // Recovery asked for segment after segment: the prefetcher was engaged.
+    assert!(setup.path("spool/main/archive-in/want").exists());
     replica.stop();
     primary.stop();
 }

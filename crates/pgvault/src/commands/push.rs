@@ -23,7 +23,10 @@ const WORKER_IDLE_EXIT: Duration = Duration::from_secs(10);
 pub fn archive_push(ctx: &Context, args: &ArchivePushArgs) -> Result<()> {
     let path = absolute(&args.path)?;
     let asynchronous = args.r#async || ctx.cluster_section.archive_async.unwrap_or(false);
-    if asynchronous && !args.no_async {
+    // The worker only sees files PostgreSQL marked `.ready`; anything else (a manual
+    // push, a copy outside pg_wal) is pushed right here.
+    let marked_ready = ready_marker(&path).is_some_and(|marker| marker.exists());
+    if asynchronous && !args.no_async && marked_ready {
         return push_async(ctx, &path);
     }
     let started = Instant::now();
@@ -50,6 +53,16 @@ pub fn archive_push(ctx: &Context, args: &ArchivePushArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `pg_wal/archive_status/<name>.ready` for `pg_wal/<name>`.
+fn ready_marker(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    Some(
+        path.parent()?
+            .join("archive_status")
+            .join(format!("{name}.ready")),
+    )
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {
