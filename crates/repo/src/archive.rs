@@ -284,7 +284,10 @@ pub fn archive_stream<R: Read>(
             mode: 0o100600,
             uid: 0,
             gid: 0,
-            mtime_ns: Utc::now().timestamp_nanos_opt().unwrap_or(0),
+            // A stream has no modification time (the snapshot records when it was
+            // taken); a fixed value keeps the tree of identical streams identical, so
+            // storing the same stream again adds no blob at all.
+            mtime_ns: 0,
             size,
             content,
             subtree: None,
