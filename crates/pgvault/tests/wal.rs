@@ -743,3 +743,56 @@ fn async_push_keeps_failing_or_drops_beyond_the_queue_max() {
         }
     }
 }
+
+/// `setup` and `check` name what is wrong: no server, archiving not configured,
+/// archive_mode off, a cluster that was never set up.
+#[test]
+fn setup_and_check_name_what_is_wrong() {
+    let setup = Setup::local();
+    let nowhere = format!(
+        "host=127.0.0.1 port={} user=postgres connect_timeout=3",
+        testkit::free_port()
+    );
+    let err = setup.fails(&["setup", "--pg-conn", &nowhere]);
+    assert!(
+        err.contains("cannot connect to PostgreSQL at host=127.0.0.1"),
+        "{err}"
+    );
+    let err = setup.fails(&["setup", "--pg-conn", "hots=x"]);
+    assert!(err.contains("unknown keyword \"hots\""), "{err}");
+
+    let options = ClusterOptions {
+        settings: vec![("archive_mode".into(), "off".into())],
+        ..ClusterOptions::default()
+    };
+    let cluster = match Cluster::start(options) {
+        Ok(cluster) => cluster,
+        Err(reason) => {
+            testkit::pg::skip_or_panic(&reason);
+            return;
+        }
+    };
+    let err = setup.fails(&["check", "--pg-conn", &cluster.conninfo()]);
+    assert!(
+        err.contains("not set up") && err.contains("pgvault setup"),
+        "{err}"
+    );
+    // Without --apply, setup registers and prints, but changes nothing.
+    let out = setup.ok(&["setup", "--pg-conn", &cluster.conninfo()]);
+    assert!(
+        out.contains("archive_command = '") && out.contains("archive-push %p"),
+        "{out}"
+    );
+    assert!(out.contains("archive_mode is off"), "{out}");
+    let err = setup.fails(&["check", "--pg-conn", &cluster.conninfo()]);
+    assert!(err.contains("archive_mode is off"), "{err}");
+    // --apply sets archive_mode and says a restart is needed; check then wants it.
+    let out = setup.ok(&["setup", "--apply", "--pg-conn", &cluster.conninfo()]);
+    assert!(out.contains("restart PostgreSQL"), "{out}");
+    assert_eq!(
+        cluster.psql(
+            "SELECT setting FROM pg_file_settings WHERE name = 'archive_mode' AND sourcefile LIKE '%postgresql.auto.conf'"
+        ),
+        "on"
+    );
+}
