@@ -730,6 +730,11 @@ fn split_pgpass_line(line: &str) -> Vec<String> {
     fields
 }
 
+/// `text` as an SQL string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// One open session. Queries use the simple protocol and return text, which is all
 /// pgvault needs and works through connection poolers.
 pub struct Connection {

@@ -1,5 +1,10 @@
-//! PostgreSQL knowledge for pgvault: connections, WAL file names and headers, server
-//! versions. Nothing here knows about storage or repositories.
+//! PostgreSQL knowledge for pgvault: connections, WAL file names and headers, data
+//! pages and their checksums, the data directory's backup rules, backup start/stop and
+//! recovery settings per server version. Nothing here knows about storage or repositories.
 
+pub mod backup;
 pub mod conn;
+pub mod page;
+pub mod pgdata;
+pub mod recovery;
 pub mod wal;

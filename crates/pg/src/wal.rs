@@ -179,6 +179,16 @@ impl WalFileName {
         }
     }
 
+    /// The segment holding the WAL that ends at `end` (exclusive), as `pg_walfile_name`
+    /// names it: for a position on a segment boundary, the segment before it.
+    pub fn holding_end_of(end: Lsn, timeline: u32, segment_size: u64) -> WalFileName {
+        WalFileName::segment(
+            timeline,
+            end.0.saturating_sub(1) / segment_size,
+            segment_size,
+        )
+    }
+
     /// The timeline history file of `timeline`.
     pub fn history(timeline: u32) -> WalFileName {
         WalFileName {
@@ -498,6 +508,14 @@ mod tests {
             "000000030000000100000002"
         );
         assert!(WalFileName::history(2).next_segment(SEG).is_none());
+        assert_eq!(
+            WalFileName::holding_end_of(Lsn(3 * SEG), 1, SEG).to_string(),
+            "000000010000000000000002"
+        );
+        assert_eq!(
+            WalFileName::holding_end_of(Lsn(3 * SEG + 1), 1, SEG).to_string(),
+            "000000010000000000000003"
+        );
         assert_eq!(
             name.start_lsn(big),
             Some(Lsn::parse("1/FC000000").expect("lsn"))

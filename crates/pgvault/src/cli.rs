@@ -38,6 +38,9 @@ pub struct GlobalArgs {
         value_name = "FILE"
     )]
     pub passphrase_file: Option<PathBuf>,
+    /// Data directory of the cluster
+    #[arg(long, global = true, env = "PGDATA", value_name = "DIR")]
+    pub pgdata: Option<PathBuf>,
     /// libpq conninfo or URL of the cluster (else the PG* variables)
     #[arg(long, global = true, value_name = "CONNINFO")]
     pub pg_conn: Option<String>,
@@ -88,6 +91,10 @@ pub enum Command {
     ArchivePush(ArchivePushArgs),
     /// Fetch one WAL file: restore_command = 'pgvault … archive-get %f "%p"' (exit 1 if absent)
     ArchiveGet(ArchiveGetArgs),
+    /// Take a physical backup of the cluster (every backup complete, only changes stored)
+    Backup(BackupArgs),
+    /// Restore a physical backup into --pgdata, optionally to a point in time
+    Restore(RestoreArgs),
     #[command(hide = true)]
     ArchivePushWorker {
         /// The cluster's pg_wal directory
@@ -95,6 +102,68 @@ pub enum Command {
     },
     #[command(hide = true)]
     ArchiveGetWorker,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Label stored with the backup (and in backup_label)
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Start with an immediate checkpoint instead of a spread one
+    #[arg(long)]
+    pub fast: bool,
+    /// Read every file, even those unchanged since the previous backup
+    #[arg(long)]
+    pub checksum_all: bool,
+    /// How long to wait for the backup's last WAL segment to reach the repository
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub wal_timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Backup id (or unique prefix) or "latest"; default: the newest that ends before the target
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Recover to this time, e.g. "2026-11-25 01:30:00+00"
+    #[arg(long, group = "recovery_target")]
+    pub target_time: Option<String>,
+    /// Recover to this WAL position, e.g. 0/3000060
+    #[arg(long, group = "recovery_target")]
+    pub target_lsn: Option<String>,
+    /// Recover to this transaction id
+    #[arg(long, group = "recovery_target")]
+    pub target_xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point)
+    #[arg(long, group = "recovery_target")]
+    pub target_name: Option<String>,
+    /// "immediate": stop as soon as the backup is consistent
+    #[arg(long, group = "recovery_target", value_parser = ["immediate"])]
+    pub target: Option<String>,
+    /// Stop just before the target instead of just after it
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// latest, current or a timeline number
+    #[arg(long)]
+    pub target_timeline: Option<String>,
+    /// What the server does at the target: promote, pause (PostgreSQL's default) or shutdown
+    #[arg(long, default_value = "pause")]
+    pub target_action: String,
+    /// Start as a standby (standby.signal)
+    #[arg(long)]
+    pub standby: bool,
+    /// primary_conninfo for --standby
+    #[arg(long, requires = "standby", value_name = "CONNINFO")]
+    pub primary_conn: Option<String>,
+    /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
+    #[arg(long, value_name = "OID_OR_NAME=DIR")]
+    pub tablespace_map: Vec<String>,
+    /// Restore over an existing (stopped) data directory, rewriting only what differs
+    #[arg(long)]
+    pub delta: bool,
+    /// Remove what is in --pgdata (a stopped cluster) before restoring
+    #[arg(long, conflicts_with = "delta")]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -40,6 +40,7 @@ pub struct Context {
     pub passphrase_file: Option<PathBuf>,
     /// `--pg-conn` / config `pg-conn`; `None` leaves everything to the PG* variables.
     pub pg_conn: Option<String>,
+    pub pgdata: Option<PathBuf>,
 }
 
 impl Context {
@@ -94,6 +95,10 @@ impl Context {
             },
             passphrase,
             command_line: std::env::args().collect::<Vec<_>>().join(" "),
+            pgdata: global
+                .pgdata
+                .clone()
+                .or_else(|| cluster_section.pgdata.clone()),
             pg_conn: global
                 .pg_conn
                 .clone()

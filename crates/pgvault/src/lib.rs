@@ -79,6 +79,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             // Quietly: PostgreSQL asks for files that do not exist as part of recovery.
             commands::get::Fetched::Missing => return Ok(ExitCode::from(1)),
         },
+        Command::Backup(args) => commands::backup::backup(&ctx, args)?,
+        Command::Restore(args) => commands::restore::restore(&ctx, args)?,
         Command::ArchivePushWorker { pg_wal } => commands::push::push_worker(&ctx, pg_wal)?,
         Command::ArchiveGetWorker => commands::get::get_worker(&ctx)?,
     }

@@ -9,7 +9,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -21,7 +21,23 @@ use crate::pack::BlobType;
 use crate::saver::BlobSaver;
 use crate::snapshot::{Node, NodeKind, Summary, Tree};
 
-#[derive(Debug, Clone)]
+/// Whether to store a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Include {
+    Yes,
+    No,
+    /// A directory stored empty: it exists after a restore, its contents are skipped.
+    DirectoryOnly,
+}
+
+/// Decides per entry, given its path relative to the archived root.
+pub type Filter = Arc<dyn Fn(&Path, &fs::Metadata) -> Include + Send + Sync>;
+
+/// Sees every chunk read from a file: path relative to the root, offset in the file, and
+/// the bytes, e.g. to verify checksums on the way. Unchanged files are not read.
+pub type Inspector = Arc<dyn Fn(&Path, u64, &[u8]) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct ArchiveOptions {
     pub jobs: usize,
     /// Root tree of the previous snapshot of the same data, with that snapshot's start:
@@ -30,6 +46,20 @@ pub struct ArchiveOptions {
     pub parent: Option<(Id, DateTime<Utc>)>,
     /// Read every file even when it looks unchanged.
     pub read_all: bool,
+    pub filter: Option<Filter>,
+    pub inspector: Option<Inspector>,
+}
+
+impl std::fmt::Debug for ArchiveOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveOptions")
+            .field("jobs", &self.jobs)
+            .field("parent", &self.parent)
+            .field("read_all", &self.read_all)
+            .field("filter", &self.filter.is_some())
+            .field("inspector", &self.inspector.is_some())
+            .finish()
+    }
 }
 
 impl Default for ArchiveOptions {
@@ -38,6 +68,8 @@ impl Default for ArchiveOptions {
             jobs: 2,
             parent: None,
             read_all: false,
+            filter: None,
+            inspector: None,
         }
     }
 }
@@ -118,7 +150,11 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn store_chunks<R: Read>(&mut self, chunks: Chunker<R>, path: &Path) -> Result<(Vec<Id>, u64)> {
+    fn store_chunks(
+        &mut self,
+        chunks: impl Iterator<Item = io::Result<Vec<u8>>>,
+        path: &Path,
+    ) -> Result<(Vec<Id>, u64)> {
         let mut ids = Vec::new();
         let mut size = 0u64;
         for chunk in chunks {
@@ -137,7 +173,27 @@ impl Walker<'_, '_> {
         Ok((ids, size))
     }
 
-    fn archive_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<Id> {
+    /// Like `store_chunks`, showing each chunk to the inspector first.
+    fn store_file_chunks(
+        &mut self,
+        chunks: impl Iterator<Item = io::Result<Vec<u8>>>,
+        path: &Path,
+        relative: &Path,
+    ) -> Result<(Vec<Id>, u64)> {
+        let Some(inspector) = self.options.inspector.clone() else {
+            return self.store_chunks(chunks, path);
+        };
+        let mut offset = 0u64;
+        let inspected = chunks.inspect(move |chunk| {
+            if let Ok(data) = chunk {
+                inspector(relative, offset, data);
+                offset += data.len() as u64;
+            }
+        });
+        self.store_chunks(inspected, path)
+    }
+
+    fn archive_dir(&mut self, dir: &Path, relative: &Path, parent: Option<&Tree>) -> Result<Id> {
         let mut entries: Vec<_> = fs::read_dir(dir)
             .map_err(|e| RepoError::io(dir, e))?
             .collect::<io::Result<Vec<_>>>()
@@ -155,6 +211,14 @@ impl Walker<'_, '_> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(RepoError::io(&path, e)),
             };
+            let relative_path = relative.join(&name);
+            let include = match &self.options.filter {
+                Some(filter) => filter(&relative_path, &meta),
+                None => Include::Yes,
+            };
+            if include == Include::No {
+                continue;
+            }
             let mut node = Node {
                 name: name.clone(),
                 kind: NodeKind::File,
@@ -170,12 +234,16 @@ impl Walker<'_, '_> {
             let previous = parent.and_then(|p| p.find(&name));
             let file_type = meta.file_type();
             if file_type.is_dir() {
-                let parent_subtree = match previous.and_then(|p| p.subtree) {
-                    Some(id) => Some(Tree::load(self.saver.repository(), &id)?),
-                    None => None,
-                };
                 node.kind = NodeKind::Dir;
-                node.subtree = Some(self.archive_dir(&path, parent_subtree.as_ref())?);
+                node.subtree = Some(if include == Include::DirectoryOnly {
+                    Tree::default().save(self.saver)?
+                } else {
+                    let parent_subtree = match previous.and_then(|p| p.subtree) {
+                        Some(id) => Some(Tree::load(self.saver.repository(), &id)?),
+                        None => None,
+                    };
+                    self.archive_dir(&path, &relative_path, parent_subtree.as_ref())?
+                });
                 self.summary.dirs += 1;
             } else if file_type.is_symlink() {
                 node.kind = NodeKind::Symlink;
@@ -198,7 +266,7 @@ impl Walker<'_, '_> {
                         file.take(meta.len()),
                         &self.saver.repository().config().chunker,
                     );
-                    let (content, size) = self.store_chunks(chunker, &path)?;
+                    let (content, size) = self.store_file_chunks(chunker, &path, &relative_path)?;
                     node.content = content;
                     node.size = size;
                 }
@@ -245,7 +313,7 @@ pub fn archive_tree(
     };
     let (tree, summary) = with_workers(saver, options, |walker| {
         walker.summary.dirs += 1;
-        walker.archive_dir(root, parent.as_ref())
+        walker.archive_dir(root, Path::new(""), parent.as_ref())
     })?;
     let root_node = Node {
         name: String::new(),

@@ -130,6 +130,11 @@ impl Repository {
     }
 
     /// Named files under `prefix` (a name prefix, e.g. `wal/main/00000001/`), sorted by name.
+    /// Whether `name` is stored, without reading it.
+    pub fn has_file(&self, name: &str) -> Result<bool> {
+        Ok(self.storage().size(&object_key(name))?.is_some())
+    }
+
     pub fn list_files(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let mut found = self.storage().list(&object_key(prefix))?;
         for meta in &mut found {

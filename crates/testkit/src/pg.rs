@@ -245,6 +245,14 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Starts a server that was stopped with [`Cluster::stop`].
+    pub fn start_again(&mut self) -> Result<(), String> {
+        if self.running {
+            return Ok(());
+        }
+        self.start_server()
+    }
+
     fn start_server(&mut self) -> Result<(), String> {
         let mut last = String::new();
         for _attempt in 0..3 {

@@ -57,7 +57,7 @@ fn registration_name(cluster: &str) -> String {
     format!("clusters/{cluster}")
 }
 
-fn wal_name(cluster: &str, file: &WalFileName) -> String {
+pub fn wal_name(cluster: &str, file: &WalFileName) -> String {
     format!("wal/{cluster}/{:08X}/{file}", file.timeline())
 }
 

@@ -2,7 +2,9 @@
 
 pub mod admin;
 pub mod archive;
+pub mod backup;
 pub mod get;
 pub mod push;
+pub mod restore;
 pub mod setup;
 pub mod snapshot;

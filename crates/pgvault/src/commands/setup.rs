@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
-use pg::conn::{ClusterInfo, ConnectOptions, Connection};
+use pg::conn::{quote_literal, ClusterInfo, ConnectOptions, Connection};
 use pg::wal::WalFileName;
 use serde_json::json;
 
@@ -13,7 +13,7 @@ use crate::cli::{CheckArgs, SetupArgs};
 use crate::context::Context;
 use crate::output::print_json;
 
-fn connect(ctx: &Context) -> Result<(Connection, ClusterInfo)> {
+pub fn connect(ctx: &Context) -> Result<(Connection, ClusterInfo)> {
     let options = ConnectOptions::resolve(ctx.pg_conn.as_deref())?;
     let mut conn = Connection::connect(&options)?;
     let info = ClusterInfo::read(&mut conn)?;
@@ -40,7 +40,7 @@ fn shell_word(word: &str) -> String {
 
 /// The `pgvault …` prefix PostgreSQL should run: this executable with the settings this
 /// run used (config file, repository, passphrase file, cluster).
-fn command_prefix(ctx: &Context) -> Result<String> {
+pub fn command_prefix(ctx: &Context) -> Result<String> {
     let exe = std::env::current_exe().context("cannot find the pgvault executable")?;
     let mut words = vec![shell_word(&exe.display().to_string())];
     let args = ctx.child_args();
@@ -54,10 +54,6 @@ fn command_prefix(ctx: &Context) -> Result<String> {
         words.push(shell_word(&value));
     }
     Ok(words.join(" "))
-}
-
-fn sql_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 pub fn setup(ctx: &Context, args: &SetupArgs) -> Result<()> {
@@ -101,7 +97,7 @@ pub fn setup(ctx: &Context, args: &SetupArgs) -> Result<()> {
     if args.apply && info.archive_command != archive_command {
         conn.execute(&format!(
             "ALTER SYSTEM SET archive_command = {}",
-            sql_literal(&archive_command)
+            quote_literal(&archive_command)
         ))?;
         changed.push("archive_command".to_string());
     }
@@ -136,8 +132,8 @@ pub fn setup(ctx: &Context, args: &SetupArgs) -> Result<()> {
         if info.data_checksums { "on" } else { "off" }
     );
     println!();
-    println!("archive_command = {}", sql_literal(&archive_command));
-    println!("restore_command = {}", sql_literal(&restore_command));
+    println!("archive_command = {}", quote_literal(&archive_command));
+    println!("restore_command = {}", quote_literal(&restore_command));
     for warning in &warnings {
         println!("warning: {warning}");
     }

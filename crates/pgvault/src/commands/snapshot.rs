@@ -70,6 +70,7 @@ fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
             jobs: ctx.jobs,
             parent: parent.as_ref().map(|(_, s)| (s.tree, s.time)),
             read_all: args.read_all,
+            ..ArchiveOptions::default()
         };
         let archived = archive_tree(&saver, &dir, &options)?;
         ("tree", vec![path_text], archived, parent.map(|(id, _)| id))

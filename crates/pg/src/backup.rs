@@ -1,0 +1,123 @@
+//! The non-exclusive backup API, per server version: `pg_backup_start`/`pg_backup_stop`
+//! from 15, `pg_start_backup`/`pg_stop_backup` (non-exclusive form) before. Both calls
+//! must run in one session that stays open for the whole backup.
+
+use crate::conn::{quote_literal, ConnError, Connection};
+use crate::wal::{Lsn, WalFileName};
+
+/// What the start call returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupStart {
+    pub lsn: Lsn,
+    pub timeline: u32,
+    /// The WAL segment the backup starts in.
+    pub segment: WalFileName,
+}
+
+/// What the stop call returned: the files the restored data directory needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupStop {
+    pub lsn: Lsn,
+    /// The segment holding the stop position: recovery needs WAL up to it.
+    pub segment: WalFileName,
+    pub backup_label: String,
+    /// Empty when the cluster has no tablespaces.
+    pub tablespace_map: String,
+}
+
+fn answer(sql: &str, message: impl Into<String>) -> ConnError {
+    ConnError::Answer {
+        sql: sql.to_string(),
+        message: message.into(),
+    }
+}
+
+fn lsn_of(sql: &str, text: Option<String>) -> Result<Lsn, ConnError> {
+    let text = text.ok_or_else(|| answer(sql, "no LSN"))?;
+    Lsn::parse(&text).map_err(|e| answer(sql, e.to_string()))
+}
+
+/// Starts a backup. `fast` asks for an immediate checkpoint instead of a spread one.
+pub fn start(
+    conn: &mut Connection,
+    major: u32,
+    label: &str,
+    fast: bool,
+    segment_size: u64,
+) -> Result<BackupStart, ConnError> {
+    let sql = if major >= 15 {
+        format!(
+            "SELECT pg_backup_start({}, {fast})::text",
+            quote_literal(label)
+        )
+    } else {
+        format!(
+            "SELECT pg_start_backup({}, {fast}, false)::text",
+            quote_literal(label)
+        )
+    };
+    let lsn = lsn_of(&sql, conn.query_one_value(&sql)?)?;
+    // The checkpoint the backup starts from carries the timeline the backup is on.
+    let timeline_sql = "SELECT timeline_id::text FROM pg_control_checkpoint()";
+    let timeline: u32 = conn
+        .query_one_value(timeline_sql)?
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| answer(timeline_sql, "no timeline"))?;
+    Ok(BackupStart {
+        lsn,
+        timeline,
+        segment: WalFileName::segment(timeline, lsn.0 / segment_size, segment_size),
+    })
+}
+
+/// Stops the backup without waiting for archiving (the caller waits for the stop
+/// segment in its repository, with a timeout and a clear error).
+pub fn stop(
+    conn: &mut Connection,
+    major: u32,
+    timeline: u32,
+    segment_size: u64,
+) -> Result<BackupStop, ConnError> {
+    let sql = if major >= 15 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+    };
+    let row = conn
+        .query_rows(sql)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| answer(sql, "no row"))?;
+    let mut fields = row.into_iter();
+    let lsn = lsn_of(sql, fields.next().flatten())?;
+    let backup_label = fields
+        .next()
+        .flatten()
+        .ok_or_else(|| answer(sql, "no backup label"))?;
+    let tablespace_map = fields.next().flatten().unwrap_or_default();
+    Ok(BackupStop {
+        lsn,
+        segment: WalFileName::holding_end_of(lsn, timeline, segment_size),
+        backup_label,
+        tablespace_map,
+    })
+}
+
+/// Tablespaces as `pg_tblspc/<oid>` links: oid and location.
+pub fn tablespaces(conn: &mut Connection) -> Result<Vec<(u32, String)>, ConnError> {
+    let sql = "SELECT oid::text, pg_tablespace_location(oid) FROM pg_tablespace \
+               WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid";
+    conn.query_rows(sql)?
+        .into_iter()
+        .map(|row| {
+            let oid = row
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|o| o.parse().ok())
+                .ok_or_else(|| answer(sql, "bad oid"))?;
+            let location = row.get(1).cloned().flatten().unwrap_or_default();
+            Ok((oid, location))
+        })
+        .collect()
+}

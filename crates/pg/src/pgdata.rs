@@ -1,0 +1,239 @@
+//! The data directory as a backup sees it: what to leave out (the server's own
+//! `basebackup.c` rules) and which files are relation data whose pages carry checksums.
+//!
+//! Paths are relative to the data directory (or to a tablespace's version directory,
+//! e.g. `PG_15_202209061/16384/16385`).
+
+use std::path::{Component, Path};
+
+/// What to do with one directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Include,
+    Exclude,
+    /// Keep the directory (the server needs it to exist), skip what is in it.
+    DirectoryOnly,
+}
+
+/// Directories whose contents the server rebuilds or does not need after a restore.
+const EMPTY_DIRECTORIES: &[&str] = &[
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// Files left out wherever they are.
+const EXCLUDED_ANYWHERE: &[&str] = &["pg_internal.init"];
+
+/// Files left out at the top of the data directory. `backup_label` and
+/// `tablespace_map` come from the backup stop call instead.
+const EXCLUDED_AT_TOP: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "postgresql.auto.conf.tmp",
+    "current_logfiles.tmp",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "tablespace_map.old",
+    "recovery.signal",
+    "standby.signal",
+];
+
+/// Decides for an entry of the data directory. `unlogged` answers whether the relation
+/// whose main fork is at the given path has an init fork (is unlogged); it is only asked
+/// about relation files.
+pub fn decide(relative: &Path, is_dir: bool, unlogged: &dyn Fn(&Path) -> bool) -> Decision {
+    let Some(name) = relative.file_name().and_then(|n| n.to_str()) else {
+        return Decision::Include;
+    };
+    let depth = relative.components().count();
+    if name.starts_with("pgsql_tmp") {
+        return Decision::Exclude;
+    }
+    if is_dir {
+        if depth == 1 && EMPTY_DIRECTORIES.contains(&name) {
+            return Decision::DirectoryOnly;
+        }
+        return Decision::Include;
+    }
+    if EXCLUDED_ANYWHERE.contains(&name) || (depth == 1 && EXCLUDED_AT_TOP.contains(&name)) {
+        return Decision::Exclude;
+    }
+    if let Some(relation) = RelationFile::parse(relative) {
+        if relation.temporary {
+            return Decision::Exclude;
+        }
+        // Unlogged relations are reset from their init fork at startup: keep only it.
+        if relation.fork != Fork::Init {
+            let main = relative.with_file_name(relation.file_node.to_string());
+            if unlogged(&main) {
+                return Decision::Exclude;
+            }
+        }
+    }
+    Decision::Include
+}
+
+/// The default answer for [`decide`]'s `unlogged`: does `<main fork>_init` exist under
+/// `root`?
+pub fn has_init_fork(root: &Path, main_fork: &Path) -> bool {
+    let Some(name) = main_fork.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    root.join(main_fork.with_file_name(format!("{name}_init")))
+        .exists()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fork {
+    Main,
+    FreeSpace,
+    VisibilityMap,
+    Init,
+}
+
+/// A relation data file: `base/<db>/<filenode>[_fork][.segment]`,
+/// `global/<filenode>…`, or `<tablespace version dir>/<db>/<filenode>…`; temporary
+/// relations are `t<backend>_<filenode>…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelationFile {
+    pub file_node: u32,
+    pub fork: Fork,
+    pub segment: u32,
+    pub temporary: bool,
+}
+
+impl RelationFile {
+    pub fn parse(relative: &Path) -> Option<RelationFile> {
+        let parts: Vec<&str> = relative
+            .components()
+            .map(|c| match c {
+                Component::Normal(s) => s.to_str(),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let in_relation_dir = match parts.as_slice() {
+            ["global", _] => true,
+            ["base", db, _] => is_oid(db),
+            [version, db, _] => version.starts_with("PG_") && is_oid(db),
+            _ => false,
+        };
+        if !in_relation_dir {
+            return None;
+        }
+        let name = *parts.last()?;
+        let (name, temporary) = match name.strip_prefix('t') {
+            Some(rest) => (rest.split_once('_')?.1, true),
+            None => (name, false),
+        };
+        let (name, segment) = match name.split_once('.') {
+            Some((base, seg)) => (base, seg.parse().ok()?),
+            None => (name, 0),
+        };
+        let (node, fork) = match name.split_once('_') {
+            Some((node, "fsm")) => (node, Fork::FreeSpace),
+            Some((node, "vm")) => (node, Fork::VisibilityMap),
+            Some((node, "init")) => (node, Fork::Init),
+            Some(_) => return None,
+            None => (name, Fork::Main),
+        };
+        if !is_oid(node) {
+            return None;
+        }
+        Some(RelationFile {
+            file_node: node.parse().ok()?,
+            fork,
+            segment,
+            temporary,
+        })
+    }
+
+    /// The block number of the page at `offset` in this file.
+    pub fn block_at(&self, offset: u64) -> u32 {
+        (u64::from(self.segment) * crate::page::BLOCKS_PER_SEGMENT
+            + offset / crate::page::PAGE_SIZE as u64) as u32
+    }
+}
+
+fn is_oid(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 10 && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn decide_for(path: &str, is_dir: bool) -> Decision {
+        decide(Path::new(path), is_dir, &|main: &Path| {
+            main == Path::new("base/5/16400")
+        })
+    }
+
+    #[test]
+    fn the_servers_exclusions_apply() {
+        assert_eq!(decide_for("pg_wal", true), Decision::DirectoryOnly);
+        assert_eq!(decide_for("pg_replslot", true), Decision::DirectoryOnly);
+        assert_eq!(decide_for("base", true), Decision::Include);
+        assert_eq!(decide_for("base/pgsql_tmp", true), Decision::Exclude);
+        assert_eq!(
+            decide_for("base/5/pgsql_tmp123.0", false),
+            Decision::Exclude
+        );
+        assert_eq!(decide_for("postmaster.pid", false), Decision::Exclude);
+        assert_eq!(decide_for("backup_label", false), Decision::Exclude);
+        assert_eq!(
+            decide_for("global/pg_internal.init", false),
+            Decision::Exclude
+        );
+        assert_eq!(decide_for("PG_VERSION", false), Decision::Include);
+        assert_eq!(decide_for("postgresql.auto.conf", false), Decision::Include);
+        assert_eq!(decide_for("base/5/t3_16384", false), Decision::Exclude);
+        // Unlogged relation 16400: every fork but the init fork goes.
+        assert_eq!(decide_for("base/5/16400", false), Decision::Exclude);
+        assert_eq!(decide_for("base/5/16400.1", false), Decision::Exclude);
+        assert_eq!(decide_for("base/5/16400_fsm", false), Decision::Exclude);
+        assert_eq!(decide_for("base/5/16400_init", false), Decision::Include);
+        assert_eq!(decide_for("base/5/16401", false), Decision::Include);
+        // A nested pg_wal is not the server's.
+        assert_eq!(decide_for("base/pg_wal", true), Decision::Include);
+    }
+
+    #[test]
+    fn relation_files_parse() {
+        let rel = RelationFile::parse(Path::new("base/16384/16385.2")).expect("relation");
+        assert_eq!(rel.file_node, 16385);
+        assert_eq!(rel.segment, 2);
+        assert_eq!(rel.fork, Fork::Main);
+        assert_eq!(rel.block_at(8192 * 3), 2 * 131_072 + 3);
+        let fsm = RelationFile::parse(Path::new("global/1262_fsm")).expect("fsm");
+        assert_eq!(fsm.fork, Fork::FreeSpace);
+        let ts =
+            RelationFile::parse(Path::new("PG_15_202209061/16384/16390_vm")).expect("tablespace");
+        assert_eq!(ts.fork, Fork::VisibilityMap);
+        assert!(
+            RelationFile::parse(Path::new("base/16384/t4_16390"))
+                .expect("temp")
+                .temporary
+        );
+        for other in [
+            "base/16384/PG_VERSION",
+            "global/pg_control",
+            "global/pg_filenode.map",
+            "pg_xact/0000",
+            "base/16384/16385_xyz",
+            "base/abc/16385",
+        ] {
+            assert!(
+                RelationFile::parse(&PathBuf::from(other)).is_none(),
+                "{other}"
+            );
+        }
+    }
+}

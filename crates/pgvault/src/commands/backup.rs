@@ -1,0 +1,484 @@
+//! `backup`: a physical backup through the non-exclusive backup API.
+//!
+//! One session holds the backup open: start → store PGDATA and every tablespace (files
+//! unchanged since the previous backup reuse its content lists without being read;
+//! changed files store only changed chunks; data pages are checksum-verified on the way)
+//! → stop → wait until the stop segment is in the repository → publish the snapshot.
+//! A backup is a snapshot of kind `backup` whose tree holds `pgdata/` and
+//! `tablespaces/<oid>/`, and whose metadata ([`BackupMeta`]) holds what restore needs.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use chrono::{DateTime, Utc};
+use pg::page::{check_page, PageCheck, PAGE_SIZE};
+use pg::pgdata::{decide, has_init_fork, Decision, RelationFile};
+use pg::wal::{Lsn, WalFileName};
+use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
+use repo::lock::LockKind;
+use repo::saver::BlobSaver;
+use repo::snapshot::{Node, NodeKind, Snapshot, Summary, Tree, SNAPSHOT_VERSION};
+use repo::{Id, Repository};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::archive::{load_identity, parse_duration, wal_name};
+use super::setup::connect;
+use crate::cli::BackupArgs;
+use crate::context::Context;
+use crate::output::{bytes, print_json};
+
+pub const BACKUP_KIND: &str = "backup";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub location: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CorruptPage {
+    /// Relative to the data directory, or `pg_tblspc/<oid>/…` for tablespaces.
+    pub file: String,
+    pub block: u32,
+}
+
+/// What a backup snapshot records beyond its tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupMeta {
+    pub cluster: String,
+    pub system_identifier: String,
+    pub pg_version: u32,
+    pub wal_segment_size: u64,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub start_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    pub backup_label: String,
+    pub tablespace_map: String,
+    pub tablespaces: Vec<Tablespace>,
+    pub data_checksums: bool,
+    pub corrupted_pages: Vec<CorruptPage>,
+}
+
+impl BackupMeta {
+    pub fn stop_lsn(&self) -> Result<Lsn> {
+        Lsn::parse(&self.stop_lsn).context("backup metadata has a malformed stop LSN")
+    }
+}
+
+/// All backups of `cluster`, oldest first.
+pub fn list_backups(repo: &Repository, cluster: &str) -> Result<Vec<(Id, Snapshot, BackupMeta)>> {
+    let mut out = Vec::new();
+    for (id, snapshot) in Snapshot::load_all(repo)? {
+        if snapshot.kind != BACKUP_KIND {
+            continue;
+        }
+        let meta: BackupMeta = serde_json::from_value(snapshot.meta.clone())
+            .with_context(|| format!("backup {id} has malformed metadata"))?;
+        if meta.cluster == cluster {
+            out.push((id, snapshot, meta));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks the pages of each chunk of relation files read during the backup.
+struct PageVerifier {
+    root: PathBuf,
+    /// Prefix for reported file names (`""` for PGDATA, `pg_tblspc/<oid>/`).
+    report_prefix: String,
+    backup_start: Lsn,
+    corrupt: Mutex<Vec<CorruptPage>>,
+}
+
+impl PageVerifier {
+    fn inspect(&self, relative: &Path, offset: u64, data: &[u8]) {
+        let Some(relation) = RelationFile::parse(relative) else {
+            return;
+        };
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let Ok(page) = <&[u8; PAGE_SIZE]>::try_from(page) else {
+                continue;
+            };
+            let page_offset = offset + (i * PAGE_SIZE) as u64;
+            let block = relation.block_at(page_offset);
+            if !matches!(
+                check_page(page, block, self.backup_start),
+                PageCheck::Mismatch { .. }
+            ) {
+                continue;
+            }
+            // The server may have been writing this page as we read it: read it again.
+            if self.reread_is_valid(relative, page_offset, block) {
+                continue;
+            }
+            let file = format!("{}{}", self.report_prefix, relative.display());
+            tracing::warn!("checksum mismatch in {file}, block {block}");
+            self.corrupt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(CorruptPage { file, block });
+        }
+    }
+
+    fn reread_is_valid(&self, relative: &Path, offset: u64, block: u32) -> bool {
+        let mut page = [0u8; PAGE_SIZE];
+        let read = fs::File::open(self.root.join(relative))
+            .and_then(|f| f.read_exact_at(&mut page, offset));
+        match read {
+            // Gone or truncated since: dropped or truncated relations are normal.
+            Err(_) => true,
+            Ok(()) => !matches!(
+                check_page(&page, block, self.backup_start),
+                PageCheck::Mismatch { .. }
+            ),
+        }
+    }
+}
+
+/// Archive options for one root (PGDATA or a tablespace directory).
+fn options_for(
+    root: &Path,
+    major: u32,
+    tablespace: bool,
+    verifier: Option<Arc<PageVerifier>>,
+    parent: Option<(Id, DateTime<Utc>)>,
+    jobs: usize,
+    read_all: bool,
+) -> ArchiveOptions {
+    let root_for_filter = root.to_path_buf();
+    let version_prefix = format!("PG_{major}_");
+    let filter = move |relative: &Path, meta: &fs::Metadata| {
+        // A tablespace directory may hold other server versions' directories (after
+        // pg_upgrade): only this version's belongs to the backup.
+        if tablespace && relative.components().count() == 1 {
+            let name = relative.to_string_lossy();
+            if !name.starts_with(&version_prefix) {
+                return Include::No;
+            }
+        }
+        let unlogged = |main: &Path| has_init_fork(&root_for_filter, main);
+        match decide(relative, meta.is_dir(), &unlogged) {
+            Decision::Include => Include::Yes,
+            Decision::Exclude => Include::No,
+            Decision::DirectoryOnly => Include::DirectoryOnly,
+        }
+    };
+    ArchiveOptions {
+        jobs,
+        parent,
+        read_all,
+        filter: Some(Arc::new(filter)),
+        inspector: verifier.map(|v| {
+            Arc::new(move |relative: &Path, offset: u64, data: &[u8]| {
+                v.inspect(relative, offset, data)
+            }) as repo::archive::Inspector
+        }),
+    }
+}
+
+fn add(total: &mut Summary, part: &Summary) {
+    total.files += part.files;
+    total.dirs += part.dirs;
+    total.bytes += part.bytes;
+    total.bytes_unchanged += part.bytes_unchanged;
+}
+
+pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
+    let wal_timeout = parse_duration(&args.wal_timeout, "--wal-timeout")?;
+    let started_at = Instant::now();
+    let (mut conn, info) = connect(ctx)?;
+    let repo = ctx.open()?;
+    let identity = load_identity(&repo, &ctx.cluster)?;
+    if identity.system_identifier != info.system_identifier.to_string() {
+        bail!(
+            "this server (system identifier {}) is not cluster {:?} of repository {} ({}): check --pg-conn and --cluster",
+            info.system_identifier,
+            ctx.cluster,
+            repo.location(),
+            identity.system_identifier
+        );
+    }
+    if info.in_recovery {
+        bail!("backup from a standby is not supported yet: run it against the primary");
+    }
+    if info.archive_mode == "off" || !info.archive_command.contains("archive-push") {
+        bail!(
+            "WAL archiving to pgvault is not configured (archive_mode {}, archive_command {:?}): a backup needs its WAL; run `pgvault setup --apply` and `pgvault check`",
+            info.archive_mode,
+            info.archive_command
+        );
+    }
+    let pgdata = match &ctx.pgdata {
+        Some(dir) => dir.clone(),
+        None => PathBuf::from(&info.data_directory),
+    };
+    let pgdata = fs::canonicalize(&pgdata).with_context(|| {
+        format!(
+            "cannot open the data directory {} (run pgvault on the database host, or pass --pgdata)",
+            pgdata.display()
+        )
+    })?;
+    if !pgdata.join("PG_VERSION").is_file() {
+        bail!(
+            "{} is not a PostgreSQL data directory (no PG_VERSION)",
+            pgdata.display()
+        );
+    }
+    let major = info.major();
+    let lock = ctx.lock(&repo, LockKind::Shared)?;
+    let previous = list_backups(&repo, &ctx.cluster)?.pop();
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("pgvault backup {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")));
+    let tablespaces: Vec<Tablespace> = pg::backup::tablespaces(&mut conn)?
+        .into_iter()
+        .map(|(oid, location)| Tablespace { oid, location })
+        .collect();
+
+    let start_time = Utc::now();
+    let start = pg::backup::start(&mut conn, major, &label, args.fast, info.wal_segment_size)?;
+    tracing::info!(
+        "backup started at {} on timeline {}",
+        start.lsn,
+        start.timeline
+    );
+
+    let saver = BlobSaver::new(&repo);
+    let mut summary = Summary::default();
+    let mut corrupted = Vec::new();
+    let previous_tree = previous.as_ref().map(|(_, s, _)| (s.tree, s.time));
+    let stored = (|| -> Result<Vec<Node>> {
+        let mut top = Vec::new();
+        let parent_of = |name: &str| -> Result<Option<(Id, DateTime<Utc>)>> {
+            let Some((tree, time)) = previous_tree else {
+                return Ok(None);
+            };
+            Ok(find_path(&repo, &tree, name)?
+                .and_then(|node| node.subtree)
+                .map(|id| (id, time)))
+        };
+        let roots: Vec<(String, PathBuf, String, bool)> =
+            std::iter::once(("pgdata".to_string(), pgdata.clone(), String::new(), false))
+                .chain(tablespaces.iter().map(|t| {
+                    (
+                        format!("tablespaces/{}", t.oid),
+                        PathBuf::from(&t.location),
+                        format!("pg_tblspc/{}/", t.oid),
+                        true,
+                    )
+                }))
+                .collect();
+        let mut tablespace_nodes = Vec::new();
+        for (name, root, report_prefix, is_tablespace) in roots {
+            let verifier = info.data_checksums.then(|| {
+                Arc::new(PageVerifier {
+                    root: root.clone(),
+                    report_prefix,
+                    backup_start: start.lsn,
+                    corrupt: Mutex::new(Vec::new()),
+                })
+            });
+            let options = options_for(
+                &root,
+                major,
+                is_tablespace,
+                verifier.clone(),
+                parent_of(&name)?,
+                ctx.jobs,
+                args.checksum_all,
+            );
+            let Archived {
+                root: node,
+                summary: part,
+                ..
+            } = archive_tree(&saver, &root, &options)
+                .with_context(|| format!("backing up {}", root.display()))?;
+            add(&mut summary, &part);
+            if let Some(verifier) = verifier {
+                corrupted.extend(
+                    verifier
+                        .corrupt
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .drain(..),
+                );
+            }
+            let mut node = node.context("archived tree has no root")?;
+            match name.strip_prefix("tablespaces/") {
+                Some(oid) => {
+                    node.name = oid.to_string();
+                    tablespace_nodes.push(node);
+                }
+                None => {
+                    node.name = name;
+                    top.push(node);
+                }
+            }
+        }
+        let tablespaces_tree = Tree {
+            nodes: tablespace_nodes,
+        }
+        .save(&saver)?;
+        top.push(Node {
+            name: "tablespaces".into(),
+            kind: NodeKind::Dir,
+            mode: 0o40700,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            size: 0,
+            content: Vec::new(),
+            subtree: Some(tablespaces_tree),
+            target: None,
+        });
+        Ok(top)
+    })();
+    // Always end the backup on the server, also when storing failed.
+    let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
+    let top = stored?;
+    let stop = stop?;
+    let stop_time = Utc::now();
+    tracing::info!(
+        "backup stopped at {}; waiting for {}",
+        stop.lsn,
+        stop.segment
+    );
+
+    let tree = Tree { nodes: top }.save(&saver)?;
+    saver.flush()?;
+    summary.save = saver.stats();
+    wait_for_wal(&repo, &ctx.cluster, &stop.segment, wal_timeout)?;
+
+    let meta = BackupMeta {
+        cluster: ctx.cluster.clone(),
+        system_identifier: identity.system_identifier.clone(),
+        pg_version: info.server_version_num,
+        wal_segment_size: info.wal_segment_size,
+        timeline: start.timeline,
+        start_lsn: start.lsn.to_string(),
+        stop_lsn: stop.lsn.to_string(),
+        start_wal: start.segment.to_string(),
+        stop_wal: stop.segment.to_string(),
+        start_time,
+        stop_time,
+        backup_label: stop.backup_label,
+        tablespace_map: stop.tablespace_map,
+        tablespaces,
+        data_checksums: info.data_checksums,
+        corrupted_pages: corrupted,
+    };
+    summary.duration_ms = started_at.elapsed().as_millis() as u64;
+    let snapshot = Snapshot {
+        version: SNAPSHOT_VERSION,
+        kind: BACKUP_KIND.into(),
+        time: start_time,
+        end_time: Utc::now(),
+        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+        label: Some(label.clone()),
+        paths: vec![pgdata.display().to_string()],
+        tree,
+        root: None,
+        parent: previous.as_ref().map(|(id, _, _)| *id),
+        tags: [("cluster".to_string(), ctx.cluster.clone())].into(),
+        summary,
+        meta: serde_json::to_value(&meta).context("encode backup metadata")?,
+    };
+    lock.ensure_held()?;
+    let id = snapshot.save(&repo)?;
+    report(ctx, &id, &meta, &summary, &label)
+}
+
+/// Finds `a/b` in a tree, one level per path component.
+fn find_path(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Node>> {
+    let mut current = *tree;
+    let mut found = None;
+    for part in path.split('/') {
+        let Some(node) = Tree::load(repo, &current)?.find(part).cloned() else {
+            return Ok(None);
+        };
+        if let Some(sub) = node.subtree {
+            current = sub;
+        }
+        found = Some(node);
+    }
+    Ok(found)
+}
+
+fn wait_for_wal(
+    repo: &Repository,
+    cluster: &str,
+    segment: &WalFileName,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let name = wal_name(cluster, segment);
+    loop {
+        if repo.has_file(&name)? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the backup's last WAL segment {segment} did not reach the repository within {}: the backup is not usable without it and was not recorded; check archiving with `pgvault check` and pg_stat_archiver",
+                humantime::format_duration(timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn report(ctx: &Context, id: &Id, meta: &BackupMeta, summary: &Summary, label: &str) -> Result<()> {
+    let seconds = (summary.duration_ms as f64 / 1000.0).max(0.001);
+    let read = summary.bytes - summary.bytes_unchanged;
+    if ctx.json() {
+        return print_json(&json!({
+            "id": id,
+            "label": label,
+            "cluster": meta.cluster,
+            "start_lsn": meta.start_lsn,
+            "stop_lsn": meta.stop_lsn,
+            "timeline": meta.timeline,
+            "start_time": meta.start_time,
+            "stop_time": meta.stop_time,
+            "size_bytes": summary.bytes,
+            "read_bytes": read,
+            "new_bytes": summary.save.bytes_new,
+            "stored_bytes": summary.save.bytes_stored,
+            "files": summary.files,
+            "duration_ms": summary.duration_ms,
+            "mb_per_second": read as f64 / 1e6 / seconds,
+            "dedup_ratio": summary.bytes as f64 / summary.save.bytes_stored.max(1) as f64,
+            "corrupted_pages": meta.corrupted_pages,
+        }));
+    }
+    println!("{id}");
+    eprintln!(
+        "backup {} of cluster {}: {} in {} files, {} read, {} new stored; WAL {} … {} (timeline {}), {:.1}s",
+        &id.to_hex()[..12],
+        meta.cluster,
+        bytes(summary.bytes),
+        summary.files,
+        bytes(read),
+        bytes(summary.save.bytes_stored),
+        meta.start_wal,
+        meta.stop_wal,
+        meta.timeline,
+        seconds
+    );
+    for page in &meta.corrupted_pages {
+        eprintln!(
+            "warning: checksum mismatch in {} block {}",
+            page.file, page.block
+        );
+    }
+    Ok(())
+}

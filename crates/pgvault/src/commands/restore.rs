@@ -1,0 +1,338 @@
+//! `restore`: a backup back into a data directory, with recovery settings that replay
+//! WAL through `archive-get` to the chosen target.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use chrono::{DateTime, Utc};
+use pg::recovery::{configuration, rewrite_auto_conf, RecoveryOptions, Target, TargetAction};
+use pg::wal::Lsn;
+use repo::restore::{apply_root_metadata, restore_tree};
+use repo::snapshot::{Snapshot, Tree};
+use repo::{Id, Repository};
+use serde_json::json;
+
+use super::archive::write_atomically;
+use super::backup::{list_backups, BackupMeta};
+use super::setup::command_prefix;
+use crate::cli::RestoreArgs;
+use crate::context::Context;
+use crate::output::{bytes, print_json};
+
+/// PostgreSQL's timestamp input, as far as recovery_target_time needs it: an ISO date
+/// and time with a zone.
+pub fn parse_target_time(text: &str) -> Result<DateTime<Utc>> {
+    let normalized = text.trim().replace('T', " ");
+    for format in [
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%.f %#z",
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+    ] {
+        if let Ok(time) = DateTime::parse_from_str(&normalized, format) {
+            return Ok(time.with_timezone(&Utc));
+        }
+    }
+    if let Some(utc) = normalized.strip_suffix('Z') {
+        if let Ok(time) = DateTime::parse_from_str(&format!("{utc}+00"), "%Y-%m-%d %H:%M:%S%.f%#z")
+        {
+            return Ok(time.with_timezone(&Utc));
+        }
+    }
+    bail!(
+        "--target-time {text:?} is not a time with a zone: write it like \"2026-11-25 01:30:00+00\""
+    )
+}
+
+fn target_of(args: &RestoreArgs) -> Result<Target> {
+    Ok(if let Some(t) = &args.target_time {
+        parse_target_time(t)?;
+        Target::Time(t.clone())
+    } else if let Some(l) = &args.target_lsn {
+        Lsn::parse(l)?;
+        Target::Lsn(l.clone())
+    } else if let Some(x) = &args.target_xid {
+        if x.parse::<u64>().is_err() {
+            bail!("--target-xid {x:?} is not a transaction id (a number)");
+        }
+        Target::Xid(x.clone())
+    } else if let Some(n) = &args.target_name {
+        Target::Name(n.clone())
+    } else if args.target.is_some() {
+        Target::Immediate
+    } else {
+        Target::End
+    })
+}
+
+/// The backup to restore: the one asked for, else the newest one that ends before the
+/// target (for time and LSN targets), else the newest.
+fn choose_backup(
+    repo: &Repository,
+    ctx: &Context,
+    args: &RestoreArgs,
+    target: &Target,
+) -> Result<(Id, Snapshot, BackupMeta)> {
+    let backups = list_backups(repo, &ctx.cluster)?;
+    if backups.is_empty() {
+        bail!(
+            "cluster {:?} has no backups in {}: run `pgvault backup` first",
+            ctx.cluster,
+            repo.location()
+        );
+    }
+    if let Some(spec) = args.backup.as_deref().filter(|s| *s != "latest") {
+        let matching: Vec<_> = backups
+            .into_iter()
+            .filter(|(id, _, _)| id.to_hex().starts_with(spec))
+            .collect();
+        return match matching.len() {
+            1 => Ok(matching.into_iter().next().context("one backup")?),
+            0 => bail!(
+                "no backup of cluster {:?} has an id starting with {spec:?}",
+                ctx.cluster
+            ),
+            n => bail!("{n} backups match {spec:?}: give more digits of the id"),
+        };
+    }
+    let usable: Vec<_> = match target {
+        Target::Time(text) => {
+            let time = parse_target_time(text)?;
+            backups
+                .into_iter()
+                .filter(|(_, _, meta)| meta.stop_time < time)
+                .collect()
+        }
+        Target::Lsn(text) => {
+            let lsn = Lsn::parse(text)?;
+            let mut usable = Vec::new();
+            for backup in backups {
+                if backup.2.stop_lsn()? <= lsn {
+                    usable.push(backup);
+                }
+            }
+            usable
+        }
+        _ => backups,
+    };
+    usable.into_iter().next_back().with_context(|| {
+        format!(
+            "no backup of cluster {:?} ends before the target {target}: choose an earlier target",
+            ctx.cluster
+        )
+    })
+}
+
+fn server_running(pgdata: &Path) -> Option<u32> {
+    let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// Empties `dir` (but keeps it), for --force.
+fn clear_directory(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let meta = fs::symlink_metadata(&path)?;
+        if meta.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        }
+        .with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn is_empty_or_missing(dir: &Path) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    }
+}
+
+/// Writes a file the server will read, owned like the data directory.
+fn write_server_file(pgdata: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let path = pgdata.join(name);
+    write_atomically(&path, data, true)?;
+    let meta = fs::metadata(pgdata)?;
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::os::unix::fs::chown(&path, Some(meta.uid()), Some(meta.gid())).with_context(|| {
+        format!(
+            "cannot give {} to the data directory's owner",
+            path.display()
+        )
+    })
+}
+
+/// `--tablespace-map OID_OR_NAME=DIR` into oid → directory.
+fn tablespace_locations(args: &RestoreArgs, meta: &BackupMeta) -> Result<Vec<(u32, PathBuf)>> {
+    let mut out: Vec<(u32, PathBuf)> = meta
+        .tablespaces
+        .iter()
+        .map(|t| (t.oid, PathBuf::from(&t.location)))
+        .collect();
+    for mapping in &args.tablespace_map {
+        let (key, dir) = mapping
+            .split_once('=')
+            .with_context(|| format!("--tablespace-map {mapping:?}: write OID=DIR"))?;
+        let oid: u32 = key.parse().with_context(|| {
+            format!("--tablespace-map {mapping:?}: {key:?} is not a tablespace oid of this backup")
+        })?;
+        let entry = out.iter_mut().find(|(o, _)| *o == oid).with_context(|| {
+            format!("--tablespace-map: the backup has no tablespace with oid {oid}")
+        })?;
+        entry.1 = PathBuf::from(dir);
+    }
+    Ok(out)
+}
+
+pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
+    let started = Instant::now();
+    let pgdata = ctx
+        .pgdata
+        .clone()
+        .context("restore needs --pgdata DIR (or PGDATA, or pgdata in the cluster's config)")?;
+    if let Some(pid) = server_running(&pgdata) {
+        bail!(
+            "a PostgreSQL server (pid {pid}) is running in {}: stop it before restoring",
+            pgdata.display()
+        );
+    }
+    if !is_empty_or_missing(&pgdata)? {
+        if args.force {
+            clear_directory(&pgdata)?;
+        } else if !args.delta {
+            bail!(
+                "{} is not empty: restore into an empty directory, or pass --delta (rewrite only what differs) or --force (delete its contents first)",
+                pgdata.display()
+            );
+        }
+    }
+    let target = target_of(args)?;
+    let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
+    let repo = ctx.open()?;
+    let (id, snapshot, meta) = choose_backup(&repo, ctx, args, &target)?;
+    let tablespaces = tablespace_locations(args, &meta)?;
+    for (oid, dir) in &tablespaces {
+        if !is_empty_or_missing(dir)? {
+            if args.force || args.delta {
+                clear_directory(dir)?;
+            } else {
+                bail!(
+                    "tablespace {oid} would be restored into {}, which is not empty: empty it or map it elsewhere with --tablespace-map {oid}=DIR",
+                    dir.display()
+                );
+            }
+        }
+    }
+    if args.delta && !is_empty_or_missing(&pgdata)? {
+        clear_directory(&pgdata)?;
+    }
+
+    let top = Tree::load(&repo, &snapshot.tree)?;
+    let pgdata_node = top
+        .find("pgdata")
+        .cloned()
+        .context("backup has no pgdata tree")?;
+    let stats = restore_tree(
+        &repo,
+        &pgdata_node.subtree.context("pgdata is not a directory")?,
+        &pgdata,
+        ctx.jobs,
+    )
+    .with_context(|| format!("restoring into {}", pgdata.display()))?;
+    apply_root_metadata(&pgdata, &pgdata_node)?;
+    let mut total_bytes = stats.bytes;
+    let mut total_files = stats.files;
+    if !tablespaces.is_empty() {
+        let tablespace_tree = top
+            .find("tablespaces")
+            .and_then(|n| n.subtree)
+            .context("backup lists tablespaces but stores none")?;
+        let stored = Tree::load(&repo, &tablespace_tree)?;
+        for (oid, dir) in &tablespaces {
+            let node = stored
+                .find(&oid.to_string())
+                .with_context(|| format!("backup has no data for tablespace {oid}"))?;
+            let stats = restore_tree(
+                &repo,
+                &node.subtree.context("tablespace is not a directory")?,
+                dir,
+                ctx.jobs,
+            )
+            .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))?;
+            apply_root_metadata(dir, node)?;
+            total_bytes += stats.bytes;
+            total_files += stats.files;
+            let link = pgdata.join("pg_tblspc").join(oid.to_string());
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(dir, &link)
+                .with_context(|| format!("cannot link {} to {}", link.display(), dir.display()))?;
+            let owner = fs::metadata(dir)?;
+            std::os::unix::fs::lchown(&link, Some(owner.uid()), Some(owner.gid()))?;
+        }
+    }
+
+    write_server_file(&pgdata, "backup_label", meta.backup_label.as_bytes())?;
+    let restore_command = format!("{} archive-get %f \"%p\"", command_prefix(ctx)?);
+    let options = RecoveryOptions {
+        restore_command,
+        target: target.clone(),
+        exclusive: args.target_exclusive,
+        timeline: args.target_timeline.clone(),
+        action,
+        standby: args.standby,
+        primary_conninfo: args.primary_conn.clone(),
+        primary_slot_name: None,
+    };
+    let (settings, signal) =
+        configuration(meta.pg_version / 10000, &options).map_err(|e| anyhow::anyhow!(e))?;
+    let auto_conf = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap_or_default();
+    write_server_file(
+        &pgdata,
+        "postgresql.auto.conf",
+        rewrite_auto_conf(&auto_conf, &settings).as_bytes(),
+    )?;
+    write_server_file(&pgdata, signal, b"")?;
+
+    let seconds = started.elapsed().as_secs_f64();
+    if ctx.json() {
+        return print_json(&json!({
+            "backup": id,
+            "pgdata": pgdata,
+            "target": target.to_string(),
+            "signal": signal,
+            "files": total_files,
+            "size_bytes": total_bytes,
+            "duration_ms": (seconds * 1000.0) as u64,
+        }));
+    }
+    eprintln!(
+        "restored backup {} ({} in {} files) into {} in {:.1}s; start the server to recover to {target} ({signal})",
+        &id.to_hex()[..12],
+        bytes(total_bytes),
+        total_files,
+        pgdata.display(),
+        seconds
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times_need_a_zone() {
+        let a = parse_target_time("2026-11-25 01:30:00+00").expect("time");
+        let b = parse_target_time("2026-11-25T02:30:00.5+01:00").expect("time");
+        assert_eq!((b - a).num_milliseconds(), 500);
+        assert!(parse_target_time("2026-11-25 01:30:00Z").is_ok());
+        assert!(parse_target_time("2026-11-25 01:30:00").is_err());
+        assert!(parse_target_time("yesterday").is_err());
+    }
+}

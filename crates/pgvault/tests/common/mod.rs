@@ -1,0 +1,240 @@
+//! Shared by the end-to-end test binaries: a repository with a config file that
+//! PostgreSQL's archiver can use, and archiving PostgreSQL clusters.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::pg::{Cluster, ClusterOptions};
+
+pub const PASSPHRASE: &str = "wal test passphrase";
+
+/// A repository plus a config file with everything PostgreSQL's archiver needs to reach
+/// it (the archiver does not see this process's environment).
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub repo_url: String,
+    pub s3_endpoint: Option<String>,
+}
+
+impl Setup {
+    pub fn local() -> Setup {
+        let dir = shared_tempdir();
+        let repo_url = dir.path().join("repo").display().to_string();
+        Setup::new(dir, repo_url, None)
+    }
+
+    pub fn s3() -> Option<Setup> {
+        let moto = testkit::s3::moto()?;
+        moto.create_bucket("pgvault-wal").expect("bucket");
+        let url = format!("s3://pgvault-wal/{}", testkit::unique("wal"));
+        Some(Setup::new(shared_tempdir(), url, Some(moto.endpoint())))
+    }
+
+    pub fn new(dir: tempfile::TempDir, repo_url: String, s3_endpoint: Option<String>) -> Setup {
+        fs::write(dir.path().join("passphrase"), format!("{PASSPHRASE}\n")).expect("write");
+        fs::write(dir.path().join("s3-secret"), "test\n").expect("write");
+        fs::create_dir_all(dir.path().join("spool")).expect("mkdir");
+        let setup = Setup {
+            dir,
+            repo_url,
+            s3_endpoint,
+        };
+        setup.write_config(false);
+        setup.ok(&["init"]);
+        setup.give_to_postgres();
+        setup
+    }
+
+    pub fn write_config(&self, asynchronous: bool) {
+        self.write_config_with(asynchronous, "");
+    }
+
+    /// The config with `extra` lines added to the cluster section.
+    pub fn write_config_with(&self, asynchronous: bool, extra: &str) {
+        let mut text = format!(
+            "[repo]\nurl = \"{}\"\npassphrase-file = \"{}\"\n",
+            self.repo_url,
+            self.path("passphrase").display()
+        );
+        if let Some(endpoint) = &self.s3_endpoint {
+            text.push_str(&format!(
+                "s3-endpoint = \"{endpoint}\"\ns3-region = \"us-east-1\"\ns3-access-key-id = \"test\"\ns3-secret-access-key-file = \"{}\"\n",
+                self.path("s3-secret").display()
+            ));
+        }
+        text.push_str(&format!(
+            "\n[clusters.main]\nspool-path = \"{}\"\narchive-async = {asynchronous}\narchive-timeout = \"20s\"\n{extra}",
+            self.path("spool").display()
+        ));
+        fs::write(self.path("pgvault.toml"), text).expect("config");
+        self.give_to_postgres();
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgvault"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("PGVAULT_") || key.starts_with("AWS_") || key.starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.arg("--config")
+            .arg(self.path("pgvault.toml"))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run pgvault")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "pgvault {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "pgvault {args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        errors[0].to_string()
+    }
+
+    /// The archiver runs as `postgres`: it must read the passphrase and write the
+    /// repository, key cache and spool.
+    pub fn give_to_postgres(&self) {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(self.dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success());
+    }
+
+    /// `setup --apply` against `cluster`, then `check`.
+    pub fn setup_cluster(&self, cluster: &Cluster) {
+        self.ok(&["setup", "--apply", "--pg-conn", &cluster.conninfo()]);
+        self.give_to_postgres();
+    }
+}
+
+/// A temporary directory the postgres user can traverse.
+pub fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("pgvault-wal-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+pub fn archiving_cluster() -> Option<Cluster> {
+    archiving_cluster_of(15)
+}
+
+/// A server of `major` with data checksums, ready for `setup --apply` (archive_mode on,
+/// nothing archived yet).
+pub fn archiving_cluster_of(major: u32) -> Option<Cluster> {
+    let options = ClusterOptions {
+        major,
+        settings: vec![
+            ("wal_level".into(), "replica".into()),
+            ("archive_mode".into(), "on".into()),
+            ("archive_command".into(), "".into()),
+        ],
+        ..ClusterOptions::default()
+    };
+    match Cluster::start(options) {
+        Ok(cluster) => Some(cluster),
+        Err(reason) => {
+            testkit::pg::skip_or_panic(&reason);
+            None
+        }
+    }
+}
+
+/// Switches WAL `n` times with some pgbench work in between; returns the last switched file.
+pub fn make_wal(cluster: &Cluster, n: usize) -> String {
+    let pgbench = cluster.bin().tool("pgbench");
+    let port = cluster.port().to_string();
+    let out = cluster.run_as_postgres(
+        &pgbench,
+        &[
+            "-q",
+            "-i",
+            "-s",
+            "2",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = String::new();
+    for _ in 0..n {
+        let out = cluster.run_as_postgres(
+            &pgbench,
+            &[
+                "-n",
+                "-t",
+                "200",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "postgres",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    }
+    last
+}
+
+pub fn wait_archived(cluster: &Cluster, segment: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let archived = cluster.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if archived.as_str() >= segment {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segment} not archived; pg_stat_archiver: {}",
+            cluster.psql("SELECT * FROM pg_stat_archiver")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
