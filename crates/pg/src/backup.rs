@@ -103,9 +103,16 @@ pub fn stop(
     })
 }
 
-/// Tablespaces as `pg_tblspc/<oid>` links: oid and location.
-pub fn tablespaces(conn: &mut Connection) -> Result<Vec<(u32, String)>, ConnError> {
-    let sql = "SELECT oid::text, pg_tablespace_location(oid) FROM pg_tablespace \
+/// A user tablespace: `pg_tblspc/<oid>` links to `location`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablespaceInfo {
+    pub oid: u32,
+    pub name: String,
+    pub location: String,
+}
+
+pub fn tablespaces(conn: &mut Connection) -> Result<Vec<TablespaceInfo>, ConnError> {
+    let sql = "SELECT oid::text, spcname, pg_tablespace_location(oid) FROM pg_tablespace \
                WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid";
     conn.query_rows(sql)?
         .into_iter()
@@ -116,8 +123,13 @@ pub fn tablespaces(conn: &mut Connection) -> Result<Vec<(u32, String)>, ConnErro
                 .flatten()
                 .and_then(|o| o.parse().ok())
                 .ok_or_else(|| answer(sql, "bad oid"))?;
-            let location = row.get(1).cloned().flatten().unwrap_or_default();
-            Ok((oid, location))
+            let name = row.get(1).cloned().flatten().unwrap_or_default();
+            let location = row.get(2).cloned().flatten().unwrap_or_default();
+            Ok(TablespaceInfo {
+                oid,
+                name,
+                location,
+            })
         })
         .collect()
 }

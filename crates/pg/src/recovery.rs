@@ -144,13 +144,13 @@ pub fn configuration(
 }
 
 /// Rewrites the text of `postgresql.auto.conf`: drops pgvault-managed settings and
-/// appends `settings`.
+/// earlier values of `settings`, then appends `settings`.
 pub fn rewrite_auto_conf(existing: &str, settings: &[(String, String)]) -> String {
     let mut out: String = existing
         .lines()
         .filter(|line| {
             let key = line.split('=').next().unwrap_or("").trim();
-            !MANAGED_SETTINGS.contains(&key)
+            !MANAGED_SETTINGS.contains(&key) && !settings.iter().any(|(k, _)| k == key)
         })
         .map(|line| format!("{line}\n"))
         .collect();

@@ -158,6 +158,10 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
+    /// "off" keeps the restored server from archiving into the repository (a test or
+    /// reporting copy); "preserve" keeps the source's archive settings
+    #[arg(long, default_value = "preserve", value_parser = ["preserve", "off"])]
+    pub archive_mode: String,
     /// Restore over an existing (stopped) data directory, rewriting only what differs
     #[arg(long)]
     pub delta: bool,

@@ -307,3 +307,105 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
     ]);
     assert!(err.contains("ends before the target"), "{err}");
 }
+
+/// A tablespace is backed up and restored to a mapped location; a restore with
+/// `--standby --primary-conn` becomes a streaming replica of the source.
+#[test]
+fn tablespaces_and_standby_restores() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    let location = source.dir().join("tablespace");
+    fs::create_dir(&location).expect("mkdir");
+    std::process::Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&location)
+        .status()
+        .expect("chown");
+    source.psql(&format!(
+        "CREATE TABLESPACE far LOCATION '{}'",
+        location.display()
+    ));
+    source.psql("CREATE TABLE remote TABLESPACE far AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g");
+    source.psql("CREATE TABLE marks (name text)");
+    let expected = source.psql("SELECT count(*) || '/' || sum(g) FROM remote");
+    let report = backup(&setup, &source, &[]);
+    assert_eq!(report["corrupted_pages"], serde_json::json!([]), "{report}");
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+
+    // The original location is in use by the source: map it, by name.
+    let mapped = tempfile::Builder::new()
+        .prefix("pgvault-ts-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let mapping = format!("far={}", mapped.path().join("ts").display());
+    // A check copy: it must not archive its own timeline into the source's archive.
+    let mut restored = restore_and_start(
+        &setup,
+        source.bin(),
+        &[
+            "--target",
+            "immediate",
+            "--tablespace-map",
+            &mapping,
+            "--archive-mode",
+            "off",
+        ],
+    );
+    assert_eq!(restored.psql("SHOW archive_mode"), "off");
+    assert_eq!(
+        restored.psql("SELECT count(*) || '/' || sum(g) FROM remote"),
+        expected
+    );
+    let link = fs::read_link(
+        restored
+            .pgdata()
+            .join("pg_tblspc")
+            .join(restored.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'far'")),
+    )
+    .expect("tablespace link");
+    assert_eq!(link, mapped.path().join("ts"));
+    judge(&mut restored);
+
+    // A standby seeded from the repository that streams from the source.
+    let dir = tempfile::Builder::new()
+        .prefix("pgvault-standby-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let pgdata = dir.path().join("data").display().to_string();
+    let standby_ts = format!("far={}", dir.path().join("ts").display());
+    let primary = format!("host=127.0.0.1 port={} user=postgres", source.port());
+    setup.ok(&[
+        "restore",
+        "--pgdata",
+        &pgdata,
+        "--standby",
+        "--primary-conn",
+        &primary,
+        "--tablespace-map",
+        &standby_ts,
+    ]);
+    assert!(Path::new(&pgdata).join("standby.signal").exists());
+    let standby = Cluster::adopt(source.bin().clone(), dir).expect("start the standby");
+    source.psql("INSERT INTO marks VALUES ('after the backup')");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status =
+            standby.psql("SELECT coalesce((SELECT status FROM pg_stat_wal_receiver), 'none')");
+        let seen = standby.psql("SELECT count(*) FROM marks");
+        if status == "streaming" && seen == "1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "standby not streaming (status {status}, marks {seen}):\n{}",
+            standby.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    source.stop();
+}

@@ -37,6 +37,8 @@ pub const BACKUP_KIND: &str = "backup";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Tablespace {
     pub oid: u32,
+    #[serde(default)]
+    pub name: String,
     pub location: String,
 }
 
@@ -242,7 +244,11 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         .unwrap_or_else(|| format!("pgvault backup {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")));
     let tablespaces: Vec<Tablespace> = pg::backup::tablespaces(&mut conn)?
         .into_iter()
-        .map(|(oid, location)| Tablespace { oid, location })
+        .map(|t| Tablespace {
+            oid: t.oid,
+            name: t.name,
+            location: t.location,
+        })
         .collect();
 
     let start_time = Utc::now();

@@ -179,12 +179,25 @@ fn tablespace_locations(args: &RestoreArgs, meta: &BackupMeta) -> Result<Vec<(u3
         let (key, dir) = mapping
             .split_once('=')
             .with_context(|| format!("--tablespace-map {mapping:?}: write OID=DIR"))?;
-        let oid: u32 = key.parse().with_context(|| {
-            format!("--tablespace-map {mapping:?}: {key:?} is not a tablespace oid of this backup")
-        })?;
-        let entry = out.iter_mut().find(|(o, _)| *o == oid).with_context(|| {
-            format!("--tablespace-map: the backup has no tablespace with oid {oid}")
-        })?;
+        let oid = meta
+            .tablespaces
+            .iter()
+            .find(|t| t.name == key || t.oid.to_string() == key)
+            .map(|t| t.oid)
+            .with_context(|| {
+                format!(
+                    "--tablespace-map {mapping:?}: the backup has no tablespace {key:?} (it has {})",
+                    meta.tablespaces
+                        .iter()
+                        .map(|t| format!("{} (oid {})", t.name, t.oid))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        let entry = out
+            .iter_mut()
+            .find(|(o, _)| *o == oid)
+            .context("tablespace listed twice")?;
         entry.1 = PathBuf::from(dir);
     }
     Ok(out)
@@ -289,8 +302,11 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         primary_conninfo: args.primary_conn.clone(),
         primary_slot_name: None,
     };
-    let (settings, signal) =
+    let (mut settings, signal) =
         configuration(meta.pg_version / 10000, &options).map_err(|e| anyhow::anyhow!(e))?;
+    if args.archive_mode == "off" {
+        settings.push(("archive_mode".into(), "off".into()));
+    }
     let auto_conf = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap_or_default();
     write_server_file(
         &pgdata,
