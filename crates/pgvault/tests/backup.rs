@@ -409,3 +409,85 @@ fn tablespaces_and_standby_restores() {
     assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
     source.stop();
 }
+
+/// A restored server that ran on, had files deleted, damaged and added, is brought back
+/// to the backup by `restore --delta`, which rewrites only what differs.
+#[test]
+fn delta_restore_rewrites_only_what_differs() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    pgbench(&source, &["-q", "-i", "-s", "2"]);
+    source.psql("CREATE TABLE marks (name text)");
+    backup(&setup, &source, &[]);
+    let expected = state(&source);
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+    source.stop();
+
+    let args = ["--target", "immediate", "--archive-mode", "off"];
+    let mut restored = restore_and_start(&setup, source.bin(), &args);
+    assert_eq!(state(&restored), expected);
+    pgbench(&restored, &["-n", "-t", "200"]);
+    restored.psql("INSERT INTO marks VALUES ('diverged')");
+    let accounts = restored.psql("SELECT pg_relation_filepath('pgbench_accounts')");
+    let branches = restored.psql("SELECT pg_relation_filepath('pgbench_branches')");
+    restored.stop();
+    let pgdata = restored.pgdata();
+    fs::remove_file(pgdata.join(&accounts)).expect("remove a relation file");
+    let mut damaged = fs::read(pgdata.join(&branches)).expect("read");
+    damaged[100] ^= 0xff;
+    fs::write(pgdata.join(&branches), damaged).expect("damage a relation file");
+    fs::write(pgdata.join("base").join("stray"), "not from the backup").expect("write");
+    let files_in_backup = walk_files(&pgdata).len();
+
+    let dir = pgdata.display().to_string();
+    let mut delta = vec![
+        "restore",
+        "--pgdata",
+        &dir,
+        "--delta",
+        "--output",
+        "json",
+        "--target-action",
+        "promote",
+    ];
+    delta.extend_from_slice(&args);
+    let report: serde_json::Value = serde_json::from_str(&setup.ok(&delta)).expect("restore JSON");
+    let kept = report["delta"]["files_kept"].as_u64().expect("kept");
+    let rewritten = report["delta"]["files_rewritten"]
+        .as_u64()
+        .expect("rewritten");
+    assert!(kept > 0 && rewritten > 0, "{report}");
+    assert!(
+        rewritten * 4 < kept && (rewritten as usize) < files_in_backup,
+        "most files match and are not rewritten: {report}"
+    );
+    assert!(
+        report["delta"]["removed"].as_u64().expect("removed") >= 1,
+        "{report}"
+    );
+    assert!(!pgdata.join("base").join("stray").exists());
+
+    restored
+        .start_again()
+        .expect("start after the delta restore");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&restored), expected, "back at the backup");
+    judge(&mut restored);
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

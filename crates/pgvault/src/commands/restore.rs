@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::recovery::{configuration, rewrite_auto_conf, RecoveryOptions, Target, TargetAction};
 use pg::wal::Lsn;
-use repo::restore::{apply_root_metadata, restore_tree};
+use repo::restore::{apply_root_metadata, restore_tree, restore_tree_delta, DeltaStats};
 use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
@@ -231,8 +231,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let (id, snapshot, meta) = choose_backup(&repo, ctx, args, &target)?;
     let tablespaces = tablespace_locations(args, &meta)?;
     for (oid, dir) in &tablespaces {
-        if !is_empty_or_missing(dir)? {
-            if args.force || args.delta {
+        if !is_empty_or_missing(dir)? && !args.delta {
+            if args.force {
                 clear_directory(dir)?;
             } else {
                 bail!(
@@ -242,25 +242,25 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             }
         }
     }
-    if args.delta && !is_empty_or_missing(&pgdata)? {
-        clear_directory(&pgdata)?;
-    }
 
     let top = Tree::load(&repo, &snapshot.tree)?;
     let pgdata_node = top
         .find("pgdata")
         .cloned()
         .context("backup has no pgdata tree")?;
-    let stats = restore_tree(
-        &repo,
-        &pgdata_node.subtree.context("pgdata is not a directory")?,
-        &pgdata,
-        ctx.jobs,
-    )
-    .with_context(|| format!("restoring into {}", pgdata.display()))?;
+    let pgdata_tree = pgdata_node.subtree.context("pgdata is not a directory")?;
+    let mut kept = DeltaStats::default();
+    let (mut total_files, mut total_bytes) = if args.delta {
+        let stats = restore_tree_delta(&repo, &pgdata_tree, &pgdata, ctx.jobs)
+            .with_context(|| format!("delta restore into {}", pgdata.display()))?;
+        kept.add(&stats);
+        (stats.files_written, stats.bytes_written)
+    } else {
+        let stats = restore_tree(&repo, &pgdata_tree, &pgdata, ctx.jobs)
+            .with_context(|| format!("restoring into {}", pgdata.display()))?;
+        (stats.files, stats.bytes)
+    };
     apply_root_metadata(&pgdata, &pgdata_node)?;
-    let mut total_bytes = stats.bytes;
-    let mut total_files = stats.files;
     if !tablespaces.is_empty() {
         let tablespace_tree = top
             .find("tablespaces")
@@ -271,16 +271,20 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             let node = stored
                 .find(&oid.to_string())
                 .with_context(|| format!("backup has no data for tablespace {oid}"))?;
-            let stats = restore_tree(
-                &repo,
-                &node.subtree.context("tablespace is not a directory")?,
-                dir,
-                ctx.jobs,
-            )
-            .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))?;
+            let subtree = node.subtree.context("tablespace is not a directory")?;
+            let context = || format!("restoring tablespace {oid} into {}", dir.display());
+            let (files, bytes) = if args.delta {
+                let stats =
+                    restore_tree_delta(&repo, &subtree, dir, ctx.jobs).with_context(context)?;
+                kept.add(&stats);
+                (stats.files_written, stats.bytes_written)
+            } else {
+                let stats = restore_tree(&repo, &subtree, dir, ctx.jobs).with_context(context)?;
+                (stats.files, stats.bytes)
+            };
             apply_root_metadata(dir, node)?;
-            total_bytes += stats.bytes;
-            total_files += stats.files;
+            total_bytes += bytes;
+            total_files += files;
             let link = pgdata.join("pg_tblspc").join(oid.to_string());
             let _ = fs::remove_file(&link);
             std::os::unix::fs::symlink(dir, &link)
@@ -324,8 +328,19 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             "signal": signal,
             "files": total_files,
             "size_bytes": total_bytes,
+            "delta": args.delta.then(|| json!({
+                "files_kept": kept.files_kept,
+                "files_rewritten": kept.files_written,
+                "removed": kept.removed,
+            })),
             "duration_ms": (seconds * 1000.0) as u64,
         }));
+    }
+    if args.delta {
+        eprintln!(
+            "delta: {} files already matched the backup, {} rewritten, {} entries removed",
+            kept.files_kept, kept.files_written, kept.removed
+        );
     }
     eprintln!(
         "restored backup {} ({} in {} files) into {} in {:.1}s; start the server to recover to {target} ({signal})",
