@@ -95,6 +95,10 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a physical backup into --pgdata, optionally to a point in time
     Restore(RestoreArgs),
+    /// Clusters, backups, WAL archive, recoverable window, repository totals
+    Info,
+    /// Apply retention: remove backups no rule keeps, then WAL no retained backup needs, then gc
+    Expire(ExpireArgs),
     #[command(hide = true)]
     ArchivePushWorker {
         /// The cluster's pg_wal directory
@@ -105,7 +109,13 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BackupArgs {
+    #[command(subcommand)]
+    pub action: Option<BackupAction>,
+    /// Show what the backup would read and roughly store; write nothing
+    #[arg(long)]
+    pub dry_run: bool,
     /// Label stored with the backup (and in backup_label)
     #[arg(long)]
     pub label: Option<String>,
@@ -118,6 +128,45 @@ pub struct BackupArgs {
     /// How long to wait for the backup's last WAL segment to reach the repository
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub wal_timeout: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupAction {
+    /// Keep this backup whatever the retention policy says
+    Pin {
+        /// Backup id (or unique prefix) or "latest"
+        id: String,
+    },
+    /// Let retention decide about this backup again
+    Unpin { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ExpireArgs {
+    /// List what would be removed and why; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep the N newest backups
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the N newest days that have one
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the N newest ISO weeks that have one
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the N newest months that have one
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_monthly: Option<u32>,
+    /// Keep what is needed to restore to any instant in this period, e.g. 14d
+    #[arg(long, value_name = "DURATION")]
+    pub recovery_window: Option<String>,
+    /// Time zone of the calendar buckets, e.g. Europe/Berlin [default: UTC]
+    #[arg(long, value_name = "ZONE")]
+    pub time_zone: Option<String>,
+    /// Do not run gc afterwards (space is freed by the next gc)
+    #[arg(long)]
+    pub no_gc: bool,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +358,12 @@ pub struct VerifyArgs {
     /// Check structure and index coverage without reading pack contents
     #[arg(long, conflicts_with = "read_data_subset")]
     pub no_read_data: bool,
+    /// Re-read objects that an earlier verify already proved (default: skip them)
+    #[arg(long)]
+    pub full: bool,
+    /// Also re-check the page checksums of every relation file of the backups
+    #[arg(long)]
+    pub pages: bool,
 }
 
 #[derive(Debug, Args)]

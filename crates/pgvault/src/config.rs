@@ -71,6 +71,8 @@ pub struct RetentionSection {
     pub keep_weekly: Option<u32>,
     pub keep_monthly: Option<u32>,
     pub recovery_window: Option<String>,
+    /// Zone of the daily/weekly/monthly buckets, e.g. "Europe/Berlin" (default UTC).
+    pub time_zone: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod context;
 pub mod output;
+pub mod retention;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -67,7 +68,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Init(args) => commands::admin::init(&ctx, args)?,
         Command::Key(command) => commands::admin::key(&ctx, command)?,
         Command::Snapshot(command) => commands::snapshot::run(&ctx, command)?,
-        Command::Verify(args) => commands::admin::verify_command(&ctx, args)?,
+        Command::Verify(args) => commands::verify::verify_command(&ctx, args)?,
         Command::Gc(args) => commands::admin::gc_command(&ctx, args)?,
         Command::Unlock(args) => commands::admin::unlock(&ctx, args)?,
         Command::RebuildIndex => commands::admin::rebuild_index(&ctx)?,
@@ -81,6 +82,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Backup(args) => commands::backup::backup(&ctx, args)?,
         Command::Restore(args) => commands::restore::restore(&ctx, args)?,
+        Command::Info => commands::info::info(&ctx)?,
+        Command::Expire(args) => commands::expire::expire(&ctx, args)?,
         Command::ArchivePushWorker { pg_wal } => commands::push::push_worker(&ctx, pg_wal)?,
         Command::ArchiveGetWorker => commands::get::get_worker(&ctx)?,
     }

@@ -25,8 +25,60 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// A table for people: columns aligned to their widest cell.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                if i < widths.len() {
+                    widths[i] = widths[i].max(cell.chars().count());
+                }
+            }
+        }
+        let mut out = String::new();
+        for row in std::iter::once(&self.header).chain(&self.rows) {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tables_align() {
+        let mut t = super::Table::new(&["a", "bb"]);
+        t.row(vec!["long".into(), "x".into()]);
+        assert_eq!(t.render(), "a     bb\nlong  x\n");
+    }
+
     #[test]
     fn bytes_are_human_readable() {
         assert_eq!(super::bytes(512), "512 B");

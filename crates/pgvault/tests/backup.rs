@@ -491,3 +491,152 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+fn info(setup: &Setup) -> serde_json::Value {
+    let out = setup.ok(&["info", "--output", "json"]);
+    let all: serde_json::Value = serde_json::from_str(&out).expect("info JSON");
+    all["clusters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "main").cloned())
+        .unwrap_or_else(|| panic!("no cluster main in {all}"))
+}
+
+fn ids(cluster: &serde_json::Value) -> Vec<String> {
+    cluster["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| b["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Three backups; pins and dry runs change nothing; a recovery window keeps the newest
+/// backup before it and everything in it, and removes older backups and their WAL. The
+/// oldest instant `info` then promises can be restored to; one earlier is refused.
+#[test]
+fn expire_keeps_the_recovery_window_restorable() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    pgbench(&source, &["-q", "-i", "-s", "1"]);
+    source.psql("CREATE TABLE marks (name text)");
+    let a = backup(&setup, &source, &["--label", "a"]);
+    pgbench(&source, &["-n", "-t", "200"]);
+    source.psql("SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_secs(2));
+    let b = backup(&setup, &source, &["--label", "b"]);
+    let state_at_b = state(&source);
+    std::thread::sleep(Duration::from_secs(3));
+    source.psql("INSERT INTO marks VALUES ('after b')");
+    let c = backup(&setup, &source, &["--label", "c"]);
+    source.psql("INSERT INTO marks VALUES ('after c')");
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+
+    let before = info(&setup);
+    assert_eq!(
+        ids(&before),
+        [&a["id"], &b["id"], &c["id"]].map(|v| v.as_str().unwrap_or("").to_string())
+    );
+    assert!(
+        before["backups"]
+            .as_array()
+            .expect("backups")
+            .iter()
+            .all(|b| b["wal_complete"] == true),
+        "{before}"
+    );
+    assert_eq!(before["wal"]["gaps"], serde_json::json!([]));
+    let text = setup.ok(&["info"]);
+    assert!(
+        text.contains("recoverable:") && text.contains("complete"),
+        "{text}"
+    );
+
+    // Dry run and pins.
+    setup.ok(&["backup", "pin", a["id"].as_str().expect("id")]);
+    let dry: serde_json::Value = serde_json::from_str(&setup.ok(&[
+        "expire",
+        "--keep-last",
+        "1",
+        "--dry-run",
+        "--output",
+        "json",
+    ]))
+    .expect("JSON");
+    assert_eq!(dry["expired"].as_array().map(Vec::len), Some(1), "{dry}");
+    assert_eq!(dry["expired"][0]["id"], b["id"]);
+    assert_eq!(ids(&info(&setup)).len(), 3, "a dry run changes nothing");
+    setup.ok(&["backup", "unpin", a["id"].as_str().expect("id")]);
+    let err = setup.fails(&["expire"]);
+    assert!(err.contains("no retention policy"), "{err}");
+    let err = setup.fails(&["expire", "--recovery-window", "fortnight"]);
+    assert!(err.contains("--recovery-window"), "{err}");
+
+    // A window that starts between b and c: b is its base, a goes.
+    let b_stop = chrono::DateTime::parse_from_rfc3339(b["stop_time"].as_str().expect("stop_time"))
+        .expect("time");
+    let window = (chrono::Utc::now() - b_stop.with_timezone(&chrono::Utc)).num_seconds() - 1;
+    let report: serde_json::Value = serde_json::from_str(&setup.ok(&[
+        "expire",
+        "--recovery-window",
+        &format!("{window}s"),
+        "--output",
+        "json",
+    ]))
+    .expect("JSON");
+    assert_eq!(
+        report["expired"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert_eq!(report["expired"][0]["id"], a["id"]);
+    assert!(
+        report["wal_expired"]["files"].as_u64() > Some(0),
+        "{report}"
+    );
+    let after = info(&setup);
+    assert_eq!(ids(&after).len(), 2);
+    let first = after["wal"]["first"]
+        .as_str()
+        .expect("first WAL")
+        .to_string();
+    assert_eq!(
+        first,
+        segment_of(b["start_lsn"].as_str().expect("lsn")),
+        "{after}"
+    );
+    setup.ok(&["verify"]);
+
+    // The oldest promised instant works; one earlier does not.
+    let from = after["recoverable"]["from"]
+        .as_str()
+        .expect("window")
+        .to_string();
+    source.stop();
+    let mut restored = restore_and_start(&setup, source.bin(), &["--target-time", &from]);
+    assert_eq!(state(&restored), state_at_b);
+    judge(&mut restored);
+    let earlier = (chrono::DateTime::parse_from_rfc3339(&from).expect("time")
+        - chrono::Duration::seconds(1))
+    .to_rfc3339();
+    let err = setup.fails(&[
+        "restore",
+        "--pgdata",
+        &setup.path("too-early").display().to_string(),
+        "--target-time",
+        &earlier,
+    ]);
+    assert!(err.contains("ends before the target"), "{err}");
+}
+
+/// The 16 MiB segment on timeline 1 holding `lsn` ("X/Y").
+fn segment_of(lsn: &str) -> String {
+    let (hi, lo) = lsn.split_once('/').expect("an LSN");
+    let value = (u64::from_str_radix(hi, 16).expect("hex") << 32)
+        | u64::from_str_radix(lo, 16).expect("hex");
+    let segno = value >> 24;
+    format!("00000001{:08X}{:08X}", segno >> 8, segno & 0xFF)
+}

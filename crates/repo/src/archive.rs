@@ -18,6 +18,7 @@ use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::pack::BlobType;
+use crate::repository::Repository;
 use crate::saver::BlobSaver;
 use crate::snapshot::{Node, NodeKind, Summary, Tree};
 
@@ -282,16 +283,107 @@ impl Walker<'_, '_> {
     }
 
     fn unchanged(&self, previous: &Node, current: &Node, size: u64) -> bool {
-        let Some((_, parent_time)) = self.options.parent else {
-            return false;
-        };
-        let racy_limit = parent_time.timestamp_nanos_opt().unwrap_or(i64::MIN) - 1_000_000_000;
-        !self.options.read_all
-            && previous.kind == NodeKind::File
-            && previous.size == size
-            && previous.mtime_ns == current.mtime_ns
-            && current.mtime_ns < racy_limit
+        is_unchanged(self.options, previous, current.mtime_ns, size)
     }
+}
+
+/// Whether a file can reuse `previous` without being read: same size and mtime, and not
+/// modified within a second of the parent snapshot's start (a write in that second
+/// may not have changed the mtime).
+fn is_unchanged(options: &ArchiveOptions, previous: &Node, mtime_ns: i64, size: u64) -> bool {
+    let Some((_, parent_time)) = options.parent else {
+        return false;
+    };
+    let racy_limit = parent_time.timestamp_nanos_opt().unwrap_or(i64::MIN) - 1_000_000_000;
+    !options.read_all
+        && previous.kind == NodeKind::File
+        && previous.size == size
+        && previous.mtime_ns == mtime_ns
+        && mtime_ns < racy_limit
+}
+
+/// What [`archive_tree`] with the same options would read, without reading or writing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Estimate {
+    pub files: u64,
+    pub bytes: u64,
+    pub files_to_read: u64,
+    pub bytes_to_read: u64,
+}
+
+pub fn estimate_tree(repo: &Repository, root: &Path, options: &ArchiveOptions) -> Result<Estimate> {
+    let parent = match options.parent {
+        Some((id, _)) => Some(Tree::load(repo, &id)?),
+        None => None,
+    };
+    let mut estimate = Estimate::default();
+    estimate_dir(
+        repo,
+        options,
+        root,
+        Path::new(""),
+        parent.as_ref(),
+        &mut estimate,
+    )?;
+    Ok(estimate)
+}
+
+fn estimate_dir(
+    repo: &Repository,
+    options: &ArchiveOptions,
+    dir: &Path,
+    relative: &Path,
+    parent: Option<&Tree>,
+    estimate: &mut Estimate,
+) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(RepoError::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| RepoError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let relative_path = relative.join(&name);
+        let include = match &options.filter {
+            Some(filter) => filter(&relative_path, &meta),
+            None => Include::Yes,
+        };
+        let previous = parent.and_then(|p| p.find(&name));
+        if include == Include::No {
+            continue;
+        }
+        if meta.is_dir() {
+            if include == Include::DirectoryOnly {
+                continue;
+            }
+            let subtree = match previous.and_then(|p| p.subtree) {
+                Some(id) => Some(Tree::load(repo, &id)?),
+                None => None,
+            };
+            estimate_dir(
+                repo,
+                options,
+                &path,
+                &relative_path,
+                subtree.as_ref(),
+                estimate,
+            )?;
+        } else if meta.is_file() {
+            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            estimate.files += 1;
+            estimate.bytes += meta.len();
+            if !previous.is_some_and(|p| is_unchanged(options, p, mtime_ns, meta.len())) {
+                estimate.files_to_read += 1;
+                estimate.bytes_to_read += meta.len();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Stores the directory tree under `root` with fixed-size chunks.

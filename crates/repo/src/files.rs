@@ -129,12 +129,12 @@ impl Repository {
         Ok(StoredFile { content_id, data })
     }
 
-    /// Named files under `prefix` (a name prefix, e.g. `wal/main/00000001/`), sorted by name.
     /// Whether `name` is stored, without reading it.
     pub fn has_file(&self, name: &str) -> Result<bool> {
         Ok(self.storage().size(&object_key(name))?.is_some())
     }
 
+    /// Named files under `prefix` (a name prefix, e.g. `wal/main/00000001/`), sorted by name.
     pub fn list_files(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let mut found = self.storage().list(&object_key(prefix))?;
         for meta in &mut found {

@@ -23,6 +23,8 @@ pub struct VerifyOptions {
     /// Percentage (0 < p <= 100) of referenced packs to read.
     pub subset_percent: f64,
     pub jobs: usize,
+    /// Packs proven good by an earlier run: only checked to exist (a LIST), not read.
+    pub skip_packs: HashSet<Id>,
 }
 
 impl Default for VerifyOptions {
@@ -32,6 +34,7 @@ impl Default for VerifyOptions {
             read_data: true,
             subset_percent: 100.0,
             jobs: 2,
+            skip_packs: HashSet::new(),
         }
     }
 }
@@ -51,6 +54,11 @@ pub struct VerifyReport {
     pub packs_read: usize,
     pub blobs_checked: u64,
     pub bytes_read: u64,
+    /// Packs not read because an earlier run proved them (still checked to exist).
+    pub packs_skipped: usize,
+    /// Packs read and found good in this run.
+    #[serde(skip)]
+    pub good_packs: Vec<Id>,
     pub problems: Vec<Problem>,
 }
 
@@ -129,9 +137,37 @@ pub fn verify(repo: &Repository, options: &VerifyOptions) -> Result<VerifyReport
     let mut packs: Vec<Id> = pack_users.keys().copied().collect();
     packs.sort();
     report.packs_total = packs.len();
+    // One LIST finds deleted packs without reading anything.
+    let present: HashSet<String> = repo
+        .storage()
+        .list("data/")?
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    packs.retain(|pack| {
+        if present.contains(&pack_key(pack)) {
+            return true;
+        }
+        let mut snapshots: Vec<Id> = pack_users
+            .get(pack)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        snapshots.sort();
+        report.problems.push(Problem {
+            object: pack_key(pack),
+            detail: "missing from storage".into(),
+            snapshots,
+        });
+        false
+    });
     if !options.read_data {
         return Ok(report);
     }
+    let before = packs.len();
+    packs.retain(|p| !options.skip_packs.contains(p));
+    report.packs_skipped = before - packs.len();
     if options.subset_percent < 100.0 {
         let take = ((packs.len() as f64 * options.subset_percent / 100.0).ceil() as usize).max(1);
         // A random subset, so that repeated runs cover the whole repository over time.
@@ -155,6 +191,7 @@ pub fn verify(repo: &Repository, options: &VerifyOptions) -> Result<VerifyReport
             Ok((blobs, bytes)) => {
                 report.blobs_checked += blobs;
                 report.bytes_read += bytes;
+                report.good_packs.push(pack);
             }
             Err(detail) => {
                 let mut snapshots: Vec<Id> = pack_users

@@ -7,12 +7,10 @@ use repo::compression::Compression;
 use repo::crypto::Encryption;
 use repo::keys::KdfParams;
 use repo::lock::{list_locks, remove_locks, LockKind};
-use repo::snapshot::Snapshot;
-use repo::verify::{verify, VerifyOptions};
 use repo::{gc, InitOptions, Repository};
 use serde_json::json;
 
-use crate::cli::{GcArgs, InitArgs, KeyCommand, UnlockArgs, VerifyArgs};
+use crate::cli::{GcArgs, InitArgs, KeyCommand, UnlockArgs};
 use crate::context::{read_new_passphrase, Context};
 use crate::output::{bytes, print_json};
 
@@ -169,7 +167,7 @@ fn report(ctx: &Context, value: serde_json::Value, text: &str) -> Result<()> {
     }
 }
 
-fn parse_percent(text: &str) -> Result<f64> {
+pub(crate) fn parse_percent(text: &str) -> Result<f64> {
     let number = text.trim().trim_end_matches('%');
     match number.parse::<f64>() {
         Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
@@ -177,59 +175,6 @@ fn parse_percent(text: &str) -> Result<f64> {
             "--read-data-subset {text:?}: give a percentage above 0 and at most 100, e.g. 10%"
         ),
     }
-}
-
-pub fn verify_command(ctx: &Context, args: &VerifyArgs) -> Result<()> {
-    let repo = ctx.open()?;
-    let _lock = ctx.lock(&repo, LockKind::Shared)?;
-    let snapshots = args
-        .snapshots
-        .iter()
-        .map(|spec| Ok(Snapshot::resolve(&repo, spec)?))
-        .collect::<Result<Vec<_>>>()?;
-    let options = VerifyOptions {
-        snapshots,
-        read_data: !args.no_read_data,
-        subset_percent: match &args.read_data_subset {
-            Some(text) => parse_percent(text)?,
-            None => 100.0,
-        },
-        jobs: ctx.jobs,
-    };
-    let report = verify(&repo, &options)?;
-    if ctx.json() {
-        print_json(&report)?;
-    } else {
-        println!(
-            "checked {} snapshots, read {} of {} packs ({}), {} blobs authenticated",
-            report.snapshots,
-            report.packs_read,
-            report.packs_total,
-            bytes(report.bytes_read),
-            report.blobs_checked
-        );
-        for problem in &report.problems {
-            let affected: Vec<String> = problem.snapshots.iter().map(|s| s.short()).collect();
-            println!(
-                "PROBLEM {}: {} (snapshots affected: {})",
-                problem.object,
-                problem.detail,
-                if affected.is_empty() {
-                    "none".to_string()
-                } else {
-                    affected.join(", ")
-                }
-            );
-        }
-    }
-    if !report.ok() {
-        bail!(
-            "verify found {} problem(s) in repository {}; see the report above",
-            report.problems.len(),
-            repo.location()
-        );
-    }
-    Ok(())
 }
 
 pub fn gc_command(ctx: &Context, args: &GcArgs) -> Result<()> {
@@ -256,6 +201,7 @@ pub fn gc_command(ctx: &Context, args: &GcArgs) -> Result<()> {
         return Ok(());
     }
     let result = gc::execute(&repo, plan, ctx.jobs)?;
+    drop(_lock);
     if ctx.json() {
         return print_json(&result);
     }
@@ -267,6 +213,19 @@ pub fn gc_command(ctx: &Context, args: &GcArgs) -> Result<()> {
         bytes(result.plan.bytes_freed_estimate)
     );
     Ok(())
+}
+
+/// gc under the exclusive lock, for commands that free space as their last step.
+pub fn run_gc(ctx: &Context, repo: &Repository) -> Result<gc::GcResult> {
+    let _lock = ctx.lock(repo, LockKind::Exclusive)?;
+    let plan = gc::plan(repo)?;
+    if plan.missing_blobs > 0 {
+        bail!(
+            "{} referenced blobs are in no index; gc skipped. Run `pgvault rebuild-index`, then `pgvault verify`",
+            plan.missing_blobs
+        );
+    }
+    Ok(gc::execute(repo, plan, ctx.jobs)?)
 }
 
 pub fn unlock(ctx: &Context, args: &UnlockArgs) -> Result<()> {

@@ -187,6 +187,104 @@ fn options_for(
     }
 }
 
+/// The data roots of a backup: (name in the backup tree, directory, prefix for
+/// reports, whether it is a tablespace).
+fn backup_roots(pgdata: &Path, tablespaces: &[Tablespace]) -> Vec<(String, PathBuf, String, bool)> {
+    std::iter::once((
+        "pgdata".to_string(),
+        pgdata.to_path_buf(),
+        String::new(),
+        false,
+    ))
+    .chain(tablespaces.iter().map(|t| {
+        (
+            format!("tablespaces/{}", t.oid),
+            PathBuf::from(&t.location),
+            format!("pg_tblspc/{}/", t.oid),
+            true,
+        )
+    }))
+    .collect()
+}
+
+/// The parent of root `name` in a previous backup's tree, for reusing unchanged files.
+fn parent_of(
+    repo: &Repository,
+    previous: Option<(Id, DateTime<Utc>)>,
+    name: &str,
+) -> Result<Option<(Id, DateTime<Utc>)>> {
+    let Some((tree, time)) = previous else {
+        return Ok(None);
+    };
+    Ok(find_path(repo, &tree, name)?
+        .and_then(|node| node.subtree)
+        .map(|id| (id, time)))
+}
+
+/// `backup --dry-run`: what the next backup would read, and roughly store judging by
+/// the previous backup's ratio of stored to read bytes.
+fn estimate(
+    ctx: &Context,
+    repo: &Repository,
+    pgdata: &Path,
+    tablespaces: &[Tablespace],
+    major: u32,
+    read_all: bool,
+) -> Result<()> {
+    let previous = list_backups(repo, &ctx.cluster)?.pop();
+    let previous_tree = previous.as_ref().map(|(_, s, _)| (s.tree, s.time));
+    let mut total = repo::archive::Estimate::default();
+    for (name, root, _, is_tablespace) in backup_roots(pgdata, tablespaces) {
+        let options = options_for(
+            &root,
+            major,
+            is_tablespace,
+            None,
+            parent_of(repo, previous_tree, &name)?,
+            ctx.jobs,
+            read_all,
+        );
+        let part = repo::archive::estimate_tree(repo, &root, &options)
+            .with_context(|| format!("walking {}", root.display()))?;
+        total.files += part.files;
+        total.bytes += part.bytes;
+        total.files_to_read += part.files_to_read;
+        total.bytes_to_read += part.bytes_to_read;
+    }
+    let ratio = previous.as_ref().map(|(_, s, _)| {
+        let read = s.summary.bytes.saturating_sub(s.summary.bytes_unchanged);
+        s.summary.save.bytes_stored as f64 / read.max(1) as f64
+    });
+    let stored_estimate = ratio.map(|r| (total.bytes_to_read as f64 * r) as u64);
+    if ctx.json() {
+        return print_json(&json!({
+            "previous": previous.as_ref().map(|(id, _, _)| id),
+            "files": total.files,
+            "size_bytes": total.bytes,
+            "files_to_read": total.files_to_read,
+            "read_bytes": total.bytes_to_read,
+            "stored_bytes_estimate": stored_estimate,
+        }));
+    }
+    println!(
+        "next backup of cluster {}: {} in {} files; would read {} files ({}){}",
+        ctx.cluster,
+        bytes(total.bytes),
+        total.files,
+        total.files_to_read,
+        bytes(total.bytes_to_read),
+        match (stored_estimate, &previous) {
+            (Some(stored), Some((id, _, _))) => format!(
+                " and store about {} (ratio of backup {})",
+                bytes(stored),
+                id.short()
+            ),
+            _ => " (no previous backup: everything is read)".to_string(),
+        }
+    );
+    Ok(())
+}
+
 fn add(total: &mut Summary, part: &Summary) {
     total.files += part.files;
     total.dirs += part.dirs;
@@ -195,6 +293,9 @@ fn add(total: &mut Summary, part: &Summary) {
 }
 
 pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
+    if let Some(action) = &args.action {
+        return super::expire::pin(ctx, action);
+    }
     let wal_timeout = parse_duration(&args.wal_timeout, "--wal-timeout")?;
     let started_at = Instant::now();
     let (mut conn, info) = connect(ctx)?;
@@ -236,12 +337,6 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         );
     }
     let major = info.major();
-    let lock = ctx.lock(&repo, LockKind::Shared)?;
-    let previous = list_backups(&repo, &ctx.cluster)?.pop();
-    let label = args
-        .label
-        .clone()
-        .unwrap_or_else(|| format!("pgvault backup {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")));
     let tablespaces: Vec<Tablespace> = pg::backup::tablespaces(&mut conn)?
         .into_iter()
         .map(|t| Tablespace {
@@ -250,6 +345,15 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             location: t.location,
         })
         .collect();
+    if args.dry_run {
+        return estimate(ctx, &repo, &pgdata, &tablespaces, major, args.checksum_all);
+    }
+    let lock = ctx.lock(&repo, LockKind::Shared)?;
+    let previous = list_backups(&repo, &ctx.cluster)?.pop();
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("pgvault backup {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")));
 
     let start_time = Utc::now();
     let start = pg::backup::start(&mut conn, major, &label, args.fast, info.wal_segment_size)?;
@@ -265,27 +369,8 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let previous_tree = previous.as_ref().map(|(_, s, _)| (s.tree, s.time));
     let stored = (|| -> Result<Vec<Node>> {
         let mut top = Vec::new();
-        let parent_of = |name: &str| -> Result<Option<(Id, DateTime<Utc>)>> {
-            let Some((tree, time)) = previous_tree else {
-                return Ok(None);
-            };
-            Ok(find_path(&repo, &tree, name)?
-                .and_then(|node| node.subtree)
-                .map(|id| (id, time)))
-        };
-        let roots: Vec<(String, PathBuf, String, bool)> =
-            std::iter::once(("pgdata".to_string(), pgdata.clone(), String::new(), false))
-                .chain(tablespaces.iter().map(|t| {
-                    (
-                        format!("tablespaces/{}", t.oid),
-                        PathBuf::from(&t.location),
-                        format!("pg_tblspc/{}/", t.oid),
-                        true,
-                    )
-                }))
-                .collect();
         let mut tablespace_nodes = Vec::new();
-        for (name, root, report_prefix, is_tablespace) in roots {
+        for (name, root, report_prefix, is_tablespace) in backup_roots(&pgdata, &tablespaces) {
             let verifier = info.data_checksums.then(|| {
                 Arc::new(PageVerifier {
                     root: root.clone(),
@@ -299,7 +384,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 major,
                 is_tablespace,
                 verifier.clone(),
-                parent_of(&name)?,
+                parent_of(&repo, previous_tree, &name)?,
                 ctx.jobs,
                 args.checksum_all,
             );

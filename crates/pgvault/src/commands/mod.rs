@@ -3,8 +3,12 @@
 pub mod admin;
 pub mod archive;
 pub mod backup;
+pub mod catalog;
+pub mod expire;
 pub mod get;
+pub mod info;
 pub mod push;
 pub mod restore;
 pub mod setup;
 pub mod snapshot;
+pub mod verify;

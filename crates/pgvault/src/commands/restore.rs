@@ -48,8 +48,9 @@ pub fn parse_target_time(text: &str) -> Result<DateTime<Utc>> {
 
 fn target_of(args: &RestoreArgs) -> Result<Target> {
     Ok(if let Some(t) = &args.target_time {
-        parse_target_time(t)?;
-        Target::Time(t.clone())
+        // In the one form every PostgreSQL version parses (it rejects e.g. "T…Z").
+        let time = parse_target_time(t)?;
+        Target::Time(time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
     } else if let Some(l) = &args.target_lsn {
         Lsn::parse(l)?;
         Target::Lsn(l.clone())

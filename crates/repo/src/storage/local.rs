@@ -193,8 +193,16 @@ impl Storage for LocalStorage {
                     .to_string_lossy()
                     .replace(std::path::MAIN_SEPARATOR, "/");
                 if key.starts_with(prefix) {
-                    let size = entry.metadata().map_err(|e| self.map_err(&key, e))?.len();
-                    out.push(ObjectMeta { key, size });
+                    let meta = entry.metadata().map_err(|e| self.map_err(&key, e))?;
+                    let modified = meta
+                        .modified()
+                        .ok()
+                        .map(chrono::DateTime::<chrono::Utc>::from);
+                    out.push(ObjectMeta {
+                        key,
+                        size: meta.len(),
+                        modified,
+                    });
                 }
             }
         }

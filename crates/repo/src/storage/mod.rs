@@ -37,6 +37,8 @@ pub enum PutOutcome {
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was written, where the backend reports it in listings.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Why a storage operation failed, and whether retrying can help.

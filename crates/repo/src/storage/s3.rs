@@ -397,6 +397,7 @@ impl Storage for S3Storage {
                 .filter(|e| e.path().starts_with(prefix))
                 .map(|e| ObjectMeta {
                     size: e.metadata().content_length(),
+                    modified: e.metadata().last_modified(),
                     key: e.path().to_string(),
                 })
                 .collect())

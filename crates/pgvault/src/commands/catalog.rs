@@ -1,0 +1,447 @@
+//! What the repository holds for one cluster, read with a handful of LIST calls (no
+//! request per object): backups, pins, WAL per timeline with gaps, timeline histories,
+//! and how far each backup can recover by replaying the archive.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use pg::wal::{parse_history, Lsn, TimelineSwitch, WalFileName};
+use repo::snapshot::Snapshot;
+use repo::{Id, Repository};
+
+use super::archive::{find_identity, ClusterIdentity};
+use super::backup::{list_backups, BackupMeta};
+
+/// One archived WAL file.
+#[derive(Debug, Clone)]
+pub struct ArchivedWal {
+    pub name: WalFileName,
+    /// The repository name of the file (for reading or deleting it).
+    pub key: String,
+    pub size: u64,
+    /// When it was archived (the object's time), where the backend reports it.
+    pub archived: Option<DateTime<Utc>>,
+}
+
+/// The WAL archive of a cluster.
+#[derive(Debug, Default)]
+pub struct WalArchive {
+    pub segment_size: u64,
+    pub files: Vec<ArchivedWal>,
+    /// Segment numbers present per timeline, with their archive times.
+    pub segments: BTreeMap<u32, BTreeMap<u64, Option<DateTime<Utc>>>>,
+    /// Parsed history files per timeline.
+    pub histories: BTreeMap<u32, Vec<TimelineSwitch>>,
+    /// History files that could not be read or parsed.
+    pub unreadable_histories: Vec<(u32, String)>,
+}
+
+/// A run of missing segments on one timeline, both ends inclusive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    pub timeline: u32,
+    pub from: String,
+    pub to: String,
+}
+
+/// How far a backup recovers by replaying the archive.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// Files the backup itself needs (its WAL range, its timeline's history) that are
+    /// missing: it cannot be restored.
+    pub missing: Vec<String>,
+    /// The last segment replay reaches without a gap, following later timelines that
+    /// branched after the backup.
+    pub last_segment: Option<WalFileName>,
+    /// When that segment was archived: no transaction in it is later than this.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Reach {
+    pub fn restorable(&self) -> bool {
+        self.missing.is_empty()
+    }
+}
+
+impl WalArchive {
+    /// Lists the archive; reads only the (few, small) history files.
+    pub fn load(repo: &Repository, cluster: &str, segment_size: u64) -> Result<WalArchive> {
+        let prefix = format!("wal/{cluster}/");
+        let mut archive = WalArchive {
+            segment_size,
+            ..WalArchive::default()
+        };
+        for meta in repo.list_files(&prefix)? {
+            let Some(name) = meta.key.rsplit('/').next() else {
+                continue;
+            };
+            let Ok(wal) = WalFileName::parse(name) else {
+                continue;
+            };
+            archive.files.push(ArchivedWal {
+                name: wal,
+                key: meta.key.clone(),
+                size: meta.size,
+                archived: meta.modified,
+            });
+        }
+        archive.files.sort_by(|a, b| a.name.cmp(&b.name));
+        for file in &archive.files {
+            if file.name.is_segment() {
+                if let Some(segno) = file.name.segno(segment_size) {
+                    archive
+                        .segments
+                        .entry(file.name.timeline())
+                        .or_default()
+                        .insert(segno, file.archived);
+                }
+            } else if file.name.is_history() {
+                let parsed = repo
+                    .find_file(&file.key)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|f| f.context("vanished"))
+                    .and_then(|f| {
+                        parse_history(&String::from_utf8_lossy(&f.data)).map_err(Into::into)
+                    });
+                match parsed {
+                    Ok(switches) => {
+                        archive.histories.insert(file.name.timeline(), switches);
+                    }
+                    Err(e) => archive
+                        .unreadable_histories
+                        .push((file.name.timeline(), format!("{e:#}"))),
+                }
+            }
+        }
+        Ok(archive)
+    }
+
+    fn name(&self, timeline: u32, segno: u64) -> WalFileName {
+        WalFileName::segment(timeline, segno, self.segment_size)
+    }
+
+    fn has(&self, timeline: u32, segno: u64) -> bool {
+        self.segments
+            .get(&timeline)
+            .is_some_and(|s| s.contains_key(&segno))
+    }
+
+    /// Missing segments between the first and last archived one of each timeline.
+    pub fn gaps(&self) -> Vec<Gap> {
+        let mut gaps = Vec::new();
+        for (&timeline, present) in &self.segments {
+            let mut previous: Option<u64> = None;
+            for &segno in present.keys() {
+                if let Some(prev) = previous {
+                    if segno > prev + 1 {
+                        gaps.push(Gap {
+                            timeline,
+                            from: self.name(timeline, prev + 1).to_string(),
+                            to: self.name(timeline, segno - 1).to_string(),
+                        });
+                    }
+                }
+                previous = Some(segno);
+            }
+        }
+        gaps
+    }
+
+    /// First and last segment per timeline.
+    pub fn ranges(&self) -> Vec<(u32, String, String)> {
+        self.segments
+            .iter()
+            .filter_map(|(&tli, present)| {
+                let first = *present.keys().next()?;
+                let last = *present.keys().next_back()?;
+                Some((
+                    tli,
+                    self.name(tli, first).to_string(),
+                    self.name(tli, last).to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The newest archive time of any file.
+    pub fn last_archived(&self) -> Option<(DateTime<Utc>, WalFileName)> {
+        self.files
+            .iter()
+            .filter_map(|f| f.archived.map(|t| (t, f.name.clone())))
+            .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)))
+    }
+
+    /// What a backup needs and how far it reaches.
+    pub fn reach(&self, timeline: u32, start: Lsn, stop: Lsn) -> Reach {
+        let first = start.segno(self.segment_size);
+        let last = stop.segno(self.segment_size);
+        let mut reach = Reach::default();
+        for segno in first..=last {
+            if !self.has(timeline, segno) {
+                reach.missing.push(self.name(timeline, segno).to_string());
+            }
+        }
+        if timeline > 1 && !self.histories.contains_key(&timeline) {
+            reach
+                .missing
+                .push(WalFileName::history(timeline).to_string());
+        }
+        if !reach.restorable() {
+            return reach;
+        }
+        // Paths: the backup's own timeline, and every later timeline whose history
+        // passes through it after the backup ended.
+        let mut best: Option<(u64, u32)> = None;
+        let mut consider = |segno: u64, tli: u32| {
+            if best.is_none_or(|(s, t)| (segno, tli) > (s, t)) {
+                best = Some((segno, tli));
+            }
+        };
+        let own = self.run_from(timeline, last, None);
+        consider(own, timeline);
+        for (&child, switches) in &self.histories {
+            let Some(pos) = switches.iter().position(|s| s.parent == timeline) else {
+                continue;
+            };
+            if switches[pos].switch_point < stop {
+                continue;
+            }
+            // Walk timeline by timeline: each piece must be complete up to its switch.
+            let mut tli = timeline;
+            let mut segno = last;
+            let mut complete = true;
+            for (i, switch) in switches.iter().enumerate().skip(pos) {
+                let next_tli = switches.get(i + 1).map(|s| s.parent).unwrap_or(child);
+                let switch_seg = switch.switch_point.segno(self.segment_size);
+                let end = self.run_from(tli, segno, Some(switch_seg.saturating_sub(1)));
+                if end + 1 < switch_seg {
+                    consider(end, tli);
+                    complete = false;
+                    break;
+                }
+                tli = next_tli;
+                segno = switch_seg;
+                if !self.has(tli, segno) {
+                    consider(end, switch.parent);
+                    complete = false;
+                    break;
+                }
+            }
+            if complete {
+                consider(self.run_from(tli, segno, None), tli);
+            }
+        }
+        if let Some((segno, tli)) = best {
+            reach.last_segment = Some(self.name(tli, segno));
+            reach.until = self
+                .segments
+                .get(&tli)
+                .and_then(|s| s.get(&segno).copied().flatten());
+        }
+        reach
+    }
+
+    /// The last segment of an unbroken run on `timeline` starting at `from` (which is
+    /// present), not beyond `limit`.
+    fn run_from(&self, timeline: u32, from: u64, limit: Option<u64>) -> u64 {
+        let mut segno = from;
+        while limit.is_none_or(|l| segno < l) && self.has(timeline, segno + 1) {
+            segno += 1;
+        }
+        segno
+    }
+}
+
+/// A backup with what it needs from the archive.
+#[derive(Debug, Clone)]
+pub struct BackupState {
+    pub id: Id,
+    pub snapshot: Snapshot,
+    pub meta: BackupMeta,
+    pub pinned: bool,
+    pub reach: Reach,
+}
+
+/// Everything known about a cluster.
+#[derive(Debug)]
+pub struct ClusterState {
+    pub identity: ClusterIdentity,
+    /// Oldest first.
+    pub backups: Vec<BackupState>,
+    pub wal: WalArchive,
+}
+
+/// Instants a restore can reach: from the oldest restorable backup's end to the last
+/// WAL reachable from any restorable backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Window {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+impl ClusterState {
+    pub fn load(repo: &Repository, cluster: &str) -> Result<Option<ClusterState>> {
+        let Some(identity) = find_identity(repo, cluster)? else {
+            return Ok(None);
+        };
+        let wal = WalArchive::load(repo, cluster, identity.wal_segment_size)?;
+        let pins = pinned(repo, cluster)?;
+        let mut backups = Vec::new();
+        for (id, snapshot, meta) in list_backups(repo, cluster)? {
+            let start = Lsn::parse(&meta.start_lsn).context("malformed start LSN")?;
+            let reach = wal.reach(meta.timeline, start, meta.stop_lsn()?);
+            backups.push(BackupState {
+                pinned: pins.contains(&id.to_hex()),
+                id,
+                snapshot,
+                meta,
+                reach,
+            });
+        }
+        Ok(Some(ClusterState {
+            identity,
+            backups,
+            wal,
+        }))
+    }
+
+    pub fn window(&self) -> Option<Window> {
+        let restorable: Vec<&BackupState> = self
+            .backups
+            .iter()
+            .filter(|b| b.reach.restorable())
+            .collect();
+        // Rounded up to a whole microsecond (PostgreSQL's resolution), so that the
+        // printed instant is one a restore can reach.
+        let from = restorable.iter().map(|b| b.meta.stop_time).min()?;
+        let sub_micro = i64::from(from.timestamp_subsec_nanos() % 1000);
+        let from = if sub_micro == 0 {
+            from
+        } else {
+            from + chrono::Duration::nanoseconds(1000 - sub_micro)
+        };
+        let to = restorable
+            .iter()
+            .map(|b| {
+                b.reach
+                    .until
+                    .unwrap_or(b.meta.stop_time)
+                    .max(b.meta.stop_time)
+            })
+            .max()?;
+        Some(Window { from, to })
+    }
+}
+
+/// Names of the registered clusters.
+pub fn cluster_names(repo: &Repository) -> Result<Vec<String>> {
+    Ok(repo
+        .list_files("clusters/")?
+        .into_iter()
+        .filter_map(|m| m.key.strip_prefix("clusters/").map(str::to_string))
+        .collect())
+}
+
+pub fn pin_name(cluster: &str, id: &Id) -> String {
+    format!("pins/{cluster}/{}", id.to_hex())
+}
+
+/// Hex ids of the pinned backups of `cluster`.
+pub fn pinned(repo: &Repository, cluster: &str) -> Result<BTreeSet<String>> {
+    let prefix = format!("pins/{cluster}/");
+    Ok(repo
+        .list_files(&prefix)?
+        .into_iter()
+        .filter_map(|m| m.key.strip_prefix(&prefix).map(str::to_string))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 * 1024 * 1024;
+
+    fn archive(present: &[(u32, std::ops::RangeInclusive<u64>)]) -> WalArchive {
+        let mut a = WalArchive {
+            segment_size: SEG,
+            ..WalArchive::default()
+        };
+        for (tli, range) in present {
+            for segno in range.clone() {
+                a.segments.entry(*tli).or_default().insert(segno, None);
+            }
+        }
+        a
+    }
+
+    fn lsn(segno: u64) -> Lsn {
+        Lsn(segno * SEG + 40)
+    }
+
+    #[test]
+    fn a_backup_needs_its_whole_range() {
+        let a = archive(&[(1, 2..=4), (1, 6..=9)]);
+        let r = a.reach(1, lsn(3), lsn(4));
+        assert!(r.restorable());
+        assert_eq!(
+            r.last_segment.map(|n| n.to_string()).as_deref(),
+            Some("000000010000000000000004")
+        );
+        let r = a.reach(1, lsn(4), lsn(6));
+        assert_eq!(r.missing, vec!["000000010000000000000005".to_string()]);
+        assert_eq!(
+            a.gaps(),
+            vec![Gap {
+                timeline: 1,
+                from: "000000010000000000000005".into(),
+                to: "000000010000000000000005".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn reach_follows_a_later_timeline() {
+        // Timeline 2 branched from 1 in segment 7.
+        let mut a = archive(&[(1, 2..=7), (2, 7..=12)]);
+        a.histories.insert(
+            2,
+            vec![TimelineSwitch {
+                parent: 1,
+                switch_point: lsn(7),
+                reason: String::new(),
+            }],
+        );
+        let r = a.reach(1, lsn(2), lsn(3));
+        assert_eq!(
+            r.last_segment.map(|n| n.to_string()).as_deref(),
+            Some("00000002000000000000000C")
+        );
+        // A backup after the switch point on timeline 1 cannot follow timeline 2.
+        let r = a.reach(1, lsn(7), Lsn(7 * SEG + 1000));
+        assert_eq!(r.last_segment.map(|n| n.timeline()), Some(1));
+        // A backup on timeline 2 needs its history file.
+        a.histories.clear();
+        let r = a.reach(2, lsn(8), lsn(9));
+        assert_eq!(r.missing, vec!["00000002.history".to_string()]);
+    }
+
+    #[test]
+    fn a_gap_before_the_switch_stops_the_reach() {
+        let mut a = archive(&[(1, 2..=4), (1, 6..=7), (2, 7..=12)]);
+        a.histories.insert(
+            2,
+            vec![TimelineSwitch {
+                parent: 1,
+                switch_point: lsn(7),
+                reason: String::new(),
+            }],
+        );
+        let r = a.reach(1, lsn(2), lsn(3));
+        assert_eq!(
+            r.last_segment.map(|n| n.to_string()).as_deref(),
+            Some("000000010000000000000004")
+        );
+    }
+}

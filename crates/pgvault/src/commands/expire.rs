@@ -1,0 +1,284 @@
+//! `pgvault expire`: retention. Removes the backups no rule keeps (see
+//! [`crate::retention`]), then the WAL no retained backup needs, then runs gc.
+//!
+//! Safe against a concurrent backup and archive-push: only snapshots that existed when
+//! the plan was made can be removed, WAL is removed only below the start of the oldest
+//! retained backup (anything a newer backup or the archiver writes is above it), and gc
+//! takes the exclusive lock, so it waits its turn (or is postponed) while a backup is
+//! writing packs. History files are never removed: they are tiny and every later
+//! timeline needs them.
+
+use anyhow::{bail, Context as _, Result};
+use chrono::Utc;
+use chrono_tz::Tz;
+use pg::wal::Lsn;
+use repo::lock::LockKind;
+use repo::repository::ObjectKind;
+use repo::{RepoError, Repository};
+use serde_json::json;
+
+use super::catalog::{pin_name, BackupState, ClusterState};
+use crate::cli::{BackupAction, ExpireArgs};
+use crate::context::Context;
+use crate::output::{bytes, print_json};
+use crate::retention::{describe_duration, parse_duration, plan, Candidate, Policy};
+
+fn policy(ctx: &Context, args: &ExpireArgs) -> Result<Policy> {
+    let config = ctx.cluster_section.retention.clone().unwrap_or_default();
+    let window = match args
+        .recovery_window
+        .as_ref()
+        .or(config.recovery_window.as_ref())
+    {
+        Some(text) => {
+            Some(parse_duration(text).map_err(|e| anyhow::anyhow!("--recovery-window: {e}"))?)
+        }
+        None => None,
+    };
+    let zone_name = args
+        .time_zone
+        .clone()
+        .or(config.time_zone)
+        .unwrap_or_else(|| "UTC".into());
+    let zone: Tz = zone_name.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--time-zone {zone_name:?} is not a time zone name: use an IANA name such as UTC or Europe/Berlin"
+        )
+    })?;
+    let zero = |rule: &str, n: Option<u32>| -> Result<Option<u32>> {
+        if n == Some(0) {
+            bail!("retention {rule} = 0 in the config would expire every backup: use at least 1, or remove the setting");
+        }
+        Ok(n)
+    };
+    let policy = Policy {
+        keep_last: zero("keep-last", args.keep_last.or(config.keep_last))?,
+        keep_daily: zero("keep-daily", args.keep_daily.or(config.keep_daily))?,
+        keep_weekly: zero("keep-weekly", args.keep_weekly.or(config.keep_weekly))?,
+        keep_monthly: zero("keep-monthly", args.keep_monthly.or(config.keep_monthly))?,
+        recovery_window: window,
+        zone,
+    };
+    if policy.is_empty() {
+        bail!(
+            "no retention policy for cluster {:?}: pass --keep-last, --keep-daily/weekly/monthly or --recovery-window, or set them in [clusters.{}.retention]",
+            ctx.cluster,
+            ctx.cluster
+        );
+    }
+    Ok(policy)
+}
+
+pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
+    let policy = policy(ctx, args)?;
+    let repo = ctx.open()?;
+    let lock = ctx.lock(&repo, LockKind::Shared)?;
+    let state = ClusterState::load(&repo, &ctx.cluster)?.with_context(|| {
+        format!(
+            "cluster {:?} is not set up in repository {}",
+            ctx.cluster,
+            repo.location()
+        )
+    })?;
+    let candidates: Vec<Candidate> = state
+        .backups
+        .iter()
+        .map(|b| Candidate {
+            time: b.meta.stop_time,
+            pinned: b.pinned,
+        })
+        .collect();
+    let now = Utc::now();
+    let reasons = plan(&candidates, &policy, now);
+    let (kept, expired): (Vec<(&BackupState, &Vec<String>)>, Vec<_>) = state
+        .backups
+        .iter()
+        .zip(&reasons)
+        .partition(|(_, r)| !r.is_empty());
+
+    // WAL below the oldest retained backup's start is needed by nobody. With no backup
+    // left at all, keep the WAL: it may be all an operator has.
+    let wal_floor = kept
+        .iter()
+        .map(|(b, _)| Lsn::parse(&b.meta.start_lsn).map(|l| l.segno(state.wal.segment_size)))
+        .collect::<Result<Vec<u64>, _>>()
+        .context("malformed start LSN in backup metadata")?
+        .into_iter()
+        .min();
+    let wal_doomed: Vec<_> = match wal_floor {
+        Some(floor) => state
+            .wal
+            .files
+            .iter()
+            .filter(|f| !f.name.is_history())
+            .filter(|f| {
+                f.name
+                    .segno(state.wal.segment_size)
+                    .is_some_and(|s| s < floor)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let wal_bytes: u64 = wal_doomed.iter().map(|f| f.size).sum();
+
+    let report = json!({
+        "cluster": ctx.cluster,
+        "dry_run": args.dry_run,
+        "policy": {
+            "keep_last": policy.keep_last, "keep_daily": policy.keep_daily,
+            "keep_weekly": policy.keep_weekly, "keep_monthly": policy.keep_monthly,
+            "recovery_window": policy.recovery_window.map(describe_duration),
+            "time_zone": policy.zone.name(),
+        },
+        "kept": kept.iter().map(|(b, r)| json!({"id": b.id, "stop_time": b.meta.stop_time, "reasons": r})).collect::<Vec<_>>(),
+        "expired": expired.iter().map(|(b, _)| json!({"id": b.id, "stop_time": b.meta.stop_time,
+            "reason": "no retention rule keeps it"})).collect::<Vec<_>>(),
+        "wal_expired": {
+            "files": wal_doomed.len(),
+            "bytes": wal_bytes,
+            "first": wal_doomed.first().map(|f| f.name.to_string()),
+            "last": wal_doomed.last().map(|f| f.name.to_string()),
+            "reason": "before the start of the oldest retained backup",
+        },
+    });
+    if !ctx.json() {
+        for (b, r) in &kept {
+            println!(
+                "keep    {}  {}  {}",
+                b.id.short(),
+                b.meta.stop_time.format("%Y-%m-%d %H:%M:%S UTC"),
+                r.join("; ")
+            );
+        }
+        for (b, _) in &expired {
+            println!(
+                "{} {}  {}  no retention rule keeps it",
+                if args.dry_run {
+                    "would expire"
+                } else {
+                    "expire "
+                },
+                b.id.short(),
+                b.meta.stop_time.format("%Y-%m-%d %H:%M:%S UTC"),
+            );
+        }
+        if let (Some(first), Some(last)) = (wal_doomed.first(), wal_doomed.last()) {
+            println!(
+                "{} WAL {} … {} ({} files, {}): before the oldest retained backup",
+                if args.dry_run {
+                    "would expire"
+                } else {
+                    "expire "
+                },
+                first.name,
+                last.name,
+                wal_doomed.len(),
+                bytes(wal_bytes)
+            );
+        }
+    }
+    if args.dry_run {
+        if ctx.json() {
+            print_json(&report)?;
+        }
+        return Ok(());
+    }
+    for (b, _) in &expired {
+        lock.ensure_held()?;
+        repo.storage()
+            .delete(&format!("{}/{}", ObjectKind::Snapshot.dir(), b.id))?;
+    }
+    let deleted_wal = repo_delete_all(&repo, wal_doomed.iter().map(|f| f.key.as_str()), ctx.jobs)?;
+    drop(lock);
+
+    let gc = if args.no_gc || expired.is_empty() {
+        json!(null)
+    } else {
+        match super::admin::run_gc(ctx, &repo) {
+            Ok(result) => json!({"packs_deleted": result.packs_deleted,
+                                  "bytes_freed": result.plan.bytes_freed_estimate}),
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<RepoError>(),
+                    Some(RepoError::Locked { .. })
+                ) =>
+            {
+                tracing::warn!(
+                    "gc postponed, the repository is in use: {e:#}; run `pgvault gc` later"
+                );
+                json!({"postponed": format!("{e:#}")})
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if ctx.json() {
+        let mut report = report;
+        report["gc"] = gc;
+        report["wal_expired"]["deleted"] = json!(deleted_wal);
+        return print_json(&report);
+    }
+    if let Some(freed) = gc["bytes_freed"].as_u64() {
+        println!("gc: freed about {}", bytes(freed));
+    }
+    Ok(())
+}
+
+/// Deletes named files in parallel; returns how many.
+fn repo_delete_all<'a>(
+    repo: &Repository,
+    names: impl Iterator<Item = &'a str>,
+    jobs: usize,
+) -> Result<usize> {
+    let names: Vec<String> = names.map(str::to_string).collect();
+    let count = names.len();
+    repo::parallel::map(names, jobs.max(1), |name| repo.delete_file(&name))?;
+    Ok(count)
+}
+
+/// `pgvault backup pin|unpin ID`.
+pub fn pin(ctx: &Context, action: &BackupAction) -> Result<()> {
+    let repo = ctx.open()?;
+    let (spec, pin) = match action {
+        BackupAction::Pin { id } => (id, true),
+        BackupAction::Unpin { id } => (id, false),
+    };
+    let backups = super::backup::list_backups(&repo, &ctx.cluster)?;
+    let id = if spec == "latest" {
+        backups.last().map(|(id, _, _)| *id)
+    } else {
+        let matches: Vec<_> = backups
+            .iter()
+            .filter(|(id, _, _)| id.to_hex().starts_with(&spec.to_lowercase()))
+            .collect();
+        if matches.len() > 1 {
+            bail!("backup id prefix {spec:?} is ambiguous: give more characters");
+        }
+        matches.first().map(|(id, _, _)| *id)
+    }
+    .with_context(|| {
+        format!(
+            "no backup {spec:?} of cluster {:?} in {}: see `pgvault info`",
+            ctx.cluster,
+            repo.location()
+        )
+    })?;
+    let name = pin_name(&ctx.cluster, &id);
+    if pin {
+        repo.store_file(&name, Utc::now().to_rfc3339().as_bytes())?;
+    } else {
+        repo.delete_file(&name)?;
+    }
+    if ctx.json() {
+        return print_json(&json!({"id": id, "pinned": pin}));
+    }
+    println!(
+        "backup {} {}",
+        id.short(),
+        if pin {
+            "pinned: expire keeps it until `pgvault backup unpin`"
+        } else {
+            "unpinned"
+        }
+    );
+    Ok(())
+}

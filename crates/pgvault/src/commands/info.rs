@@ -1,0 +1,249 @@
+//! `pgvault info`: per cluster, its backups, WAL archive (ranges, gaps, last push, lag
+//! behind the server when reachable), the recoverable window and repository totals.
+//! Everything comes from LIST calls plus one read per snapshot and history file.
+
+use anyhow::Result;
+use chrono::{DateTime, SecondsFormat, Utc};
+use pg::wal::{Lsn, WalFileName};
+use repo::Repository;
+use serde_json::{json, Value};
+
+use super::catalog::{cluster_names, BackupState, ClusterState};
+use crate::context::Context;
+use crate::output::{bytes, print_json, Table};
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn backup_json(b: &BackupState) -> Value {
+    let summary = &b.snapshot.summary;
+    json!({
+        "id": b.id,
+        "label": b.snapshot.label,
+        "start_time": rfc3339(b.meta.start_time),
+        "stop_time": rfc3339(b.meta.stop_time),
+        "start_lsn": b.meta.start_lsn,
+        "stop_lsn": b.meta.stop_lsn,
+        "timeline": b.meta.timeline,
+        "duration_ms": summary.duration_ms,
+        "size_bytes": summary.bytes,
+        "stored_bytes": summary.save.bytes_stored,
+        "dedup_ratio": summary.bytes as f64 / summary.save.bytes_stored.max(1) as f64,
+        "corrupted_pages": b.meta.corrupted_pages.len(),
+        "pinned": b.pinned,
+        "wal_complete": b.reach.restorable(),
+        "wal_missing": b.reach.missing,
+        "reaches": b.reach.last_segment.as_ref().map(|n| n.to_string()),
+    })
+}
+
+/// How far the archive is behind the server, when `--pg-conn` (or config) names one.
+fn server_lag(ctx: &Context, state: &ClusterState) -> Option<Value> {
+    ctx.pg_conn.as_ref()?;
+    let (mut conn, info) = match super::setup::connect(ctx) {
+        Ok(c) => c,
+        Err(e) => return Some(json!({"error": format!("{e:#}")})),
+    };
+    if info.system_identifier.to_string() != state.identity.system_identifier {
+        return Some(json!({"error": "--pg-conn is another cluster (system identifier differs)"}));
+    }
+    let current = conn
+        .query_one_value("SELECT pg_current_wal_lsn()::text")
+        .ok()
+        .and_then(|v| v)
+        .and_then(|t| Lsn::parse(&t).ok())?;
+    let segment_size = state.identity.wal_segment_size;
+    let archived_end = state
+        .wal
+        .segments
+        .iter()
+        .filter_map(|(tli, s)| s.keys().next_back().map(|segno| (*tli, *segno)))
+        .max()
+        .map(|(_, segno)| (segno + 1) * segment_size)
+        .unwrap_or(0);
+    let last_push = state.wal.last_archived().map(|(t, _)| t);
+    Some(json!({
+        "server_lsn": current.to_string(),
+        "current_segment": WalFileName::holding_end_of(current, info.timeline, segment_size).to_string(),
+        "lag_bytes": current.0.saturating_sub(archived_end),
+        "seconds_since_last_push": last_push.map(|t| (Utc::now() - t).num_seconds()),
+    }))
+}
+
+fn cluster_json(ctx: &Context, state: &ClusterState) -> Value {
+    let window = state.window();
+    let last_push = state.wal.last_archived();
+    json!({
+        "name": state.identity.name,
+        "system_identifier": state.identity.system_identifier,
+        "pg_version": state.identity.pg_version_num,
+        "wal_segment_size": state.identity.wal_segment_size,
+        "backups": state.backups.iter().map(backup_json).collect::<Vec<_>>(),
+        "dumps": [],
+        "wal": {
+            "first": state.wal.ranges().first().map(|r| r.1.clone()),
+            "last": state.wal.ranges().last().map(|r| r.2.clone()),
+            "timelines": state.wal.ranges().iter().map(|(tli, first, last)| json!({
+                "timeline": tli, "first": first, "last": last,
+                "segments": state.wal.segments.get(tli).map_or(0, |s| s.len()),
+            })).collect::<Vec<_>>(),
+            "gaps": state.wal.gaps(),
+            "files": state.wal.files.len(),
+            "stored_bytes": state.wal.files.iter().map(|f| f.size).sum::<u64>(),
+            "last_push": last_push.as_ref().map(|(t, _)| rfc3339(*t)),
+            "last_pushed_file": last_push.map(|(_, n)| n.to_string()),
+            "unreadable_histories": state.wal.unreadable_histories.iter()
+                .map(|(tli, e)| json!({"timeline": tli, "error": e})).collect::<Vec<_>>(),
+            "server": server_lag(ctx, state),
+        },
+        "recoverable": window.map(|w| json!({"from": rfc3339(w.from), "to": rfc3339(w.to)})),
+    })
+}
+
+fn totals(repo: &Repository, logical: u64) -> Result<Value> {
+    let stored: u64 = repo.storage().list("")?.iter().map(|m| m.size).sum();
+    Ok(json!({
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "ratio": logical as f64 / stored.max(1) as f64,
+    }))
+}
+
+pub fn info(ctx: &Context) -> Result<()> {
+    let repo = ctx.open()?;
+    let mut clusters = Vec::new();
+    let mut states = Vec::new();
+    let mut logical = 0u64;
+    for name in cluster_names(&repo)? {
+        if let Some(state) = ClusterState::load(&repo, &name)? {
+            logical += state
+                .backups
+                .iter()
+                .map(|b| b.snapshot.summary.bytes)
+                .sum::<u64>();
+            logical += state
+                .wal
+                .segments
+                .values()
+                .map(|s| s.len() as u64)
+                .sum::<u64>()
+                * state.identity.wal_segment_size;
+            clusters.push(cluster_json(ctx, &state));
+            states.push(state);
+        }
+    }
+    let totals = totals(&repo, logical)?;
+    if ctx.json() {
+        return print_json(&json!({
+            "repository": repo.location(),
+            "clusters": clusters,
+            "totals": totals,
+        }));
+    }
+    println!("repository {}", repo.location());
+    if states.is_empty() {
+        println!("no clusters: run `pgvault setup` to register one");
+    }
+    for (state, view) in states.iter().zip(&clusters) {
+        print_cluster(state, view);
+    }
+    println!(
+        "\ntotal: {} logical in {} stored ({:.1}x)",
+        bytes(totals["logical_bytes"].as_u64().unwrap_or(0)),
+        bytes(totals["stored_bytes"].as_u64().unwrap_or(0)),
+        totals["ratio"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+fn print_cluster(state: &ClusterState, view: &Value) {
+    let id = &state.identity;
+    println!(
+        "\ncluster {}: PostgreSQL {}.{}, system identifier {}",
+        id.name,
+        id.pg_version_num / 10000,
+        id.pg_version_num % 10000,
+        id.system_identifier
+    );
+    match state.window() {
+        Some(w) => println!(
+            "recoverable: {} … {} (end: archive time of the last continuous WAL segment)",
+            w.from.format("%Y-%m-%d %H:%M:%S UTC"),
+            w.to.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        None => println!("recoverable: nothing yet (no backup with complete WAL)"),
+    }
+    if state.backups.is_empty() {
+        println!("backups: none");
+    } else {
+        let mut table = Table::new(&[
+            "id",
+            "label",
+            "stop time (UTC)",
+            "stop lsn",
+            "tli",
+            "size",
+            "new stored",
+            "dedup",
+            "took",
+            "bad pages",
+            "wal",
+        ]);
+        for b in &state.backups {
+            let s = &b.snapshot.summary;
+            table.row(vec![
+                format!(
+                    "{}{}",
+                    b.id.short(),
+                    if b.pinned { " (pinned)" } else { "" }
+                ),
+                b.snapshot.label.clone().unwrap_or_default(),
+                b.meta.stop_time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                b.meta.stop_lsn.clone(),
+                b.meta.timeline.to_string(),
+                bytes(s.bytes),
+                bytes(s.save.bytes_stored),
+                format!("{:.1}x", s.bytes as f64 / s.save.bytes_stored.max(1) as f64),
+                format!("{:.1}s", s.duration_ms as f64 / 1000.0),
+                b.meta.corrupted_pages.len().to_string(),
+                if b.reach.restorable() {
+                    "complete".to_string()
+                } else {
+                    format!("MISSING {}", b.reach.missing.join(", "))
+                },
+            ]);
+        }
+        table.print();
+    }
+    let wal = &view["wal"];
+    for (tli, first, last) in state.wal.ranges() {
+        println!(
+            "wal timeline {tli}: {first} … {last} ({} segments)",
+            state.wal.segments.get(&tli).map_or(0, |s| s.len())
+        );
+    }
+    for gap in state.wal.gaps() {
+        println!(
+            "wal GAP on timeline {}: {} … {} missing",
+            gap.timeline, gap.from, gap.to
+        );
+    }
+    if let Some(t) = wal["last_push"].as_str() {
+        println!(
+            "last push: {t} ({})",
+            wal["last_pushed_file"].as_str().unwrap_or("")
+        );
+    }
+    let server = &wal["server"];
+    if let Some(lag) = server["lag_bytes"].as_u64() {
+        println!(
+            "server at {} ({}): archive {} behind",
+            server["server_lsn"].as_str().unwrap_or(""),
+            server["current_segment"].as_str().unwrap_or(""),
+            bytes(lag)
+        );
+    } else if let Some(e) = server["error"].as_str() {
+        println!("server: not reachable ({e})");
+    }
+}
