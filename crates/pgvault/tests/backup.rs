@@ -640,3 +640,165 @@ fn segment_of(lsn: &str) -> String {
     let segno = value >> 24;
     format!("00000001{:08X}{:08X}", segno >> 8, segno & 0xFF)
 }
+
+fn verify_json(setup: &Setup, extra: &[&str]) -> (bool, serde_json::Value) {
+    let mut args = vec!["verify", "--output", "json"];
+    args.extend_from_slice(extra);
+    let out = setup.run(&args);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify JSON: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
+fn verdict(report: &serde_json::Value, id: &serde_json::Value) -> serde_json::Value {
+    report["backups"]
+        .as_array()
+        .and_then(|all| all.iter().find(|b| b["id"] == *id).cloned())
+        .unwrap_or_else(|| panic!("no verdict for {id} in {report}"))
+}
+
+/// Files of a local repository under `dir` (relative), largest first.
+fn repo_files(setup: &Setup, dir: &str) -> Vec<std::path::PathBuf> {
+    let mut files = walk_files(&setup.path("repo").join(dir));
+    files.sort_by_key(|f| std::cmp::Reverse(fs::metadata(f).map(|m| m.len()).unwrap_or(0)));
+    files
+}
+
+/// Replaces a read-only repository object, as a bad disk or an attacker would.
+fn replace_object(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = fs::read(path).expect("read object");
+    change(&mut bytes);
+    fs::remove_file(path).expect("remove object");
+    fs::write(path, bytes).expect("write object");
+}
+
+/// verify proves backups restorable, skips what it proved before, re-checks pages, and
+/// names the backup each kind of damage breaks: a missing history file, a missing WAL
+/// segment of a backup's range, a flipped byte in a pack (`--full`), a deleted pack.
+#[test]
+fn verify_names_what_breaks_each_backup() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    pgbench(&source, &["-q", "-i", "-s", "1"]);
+    source.psql("CREATE TABLE marks (name text)");
+    let a = backup(&setup, &source, &["--label", "a"]);
+    pgbench(&source, &["-n", "-t", "100"]);
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+
+    // The estimate of the next backup reads only changed files and writes nothing.
+    let estimate = backup(&setup, &source, &["--dry-run"]);
+    assert_eq!(estimate["previous"], a["id"], "{estimate}");
+    assert!(
+        estimate["files_to_read"].as_u64() < estimate["files"].as_u64()
+            && estimate["read_bytes"].as_u64() < estimate["size_bytes"].as_u64()
+            && estimate["stored_bytes_estimate"].as_u64().is_some(),
+        "{estimate}"
+    );
+    assert_eq!(ids(&info(&setup)).len(), 1, "a dry run stores no backup");
+
+    let (ok, first) = verify_json(&setup, &["--pages"]);
+    assert!(ok, "{first}");
+    assert_eq!(verdict(&first, &a["id"])["restorable"], true);
+    assert!(
+        verdict(&first, &a["id"])["pages_checked"].as_u64() > Some(100),
+        "{first}"
+    );
+    assert!(first["packs_read"].as_u64() > Some(0), "{first}");
+    let (ok, second) = verify_json(&setup, &[]);
+    assert!(ok, "{second}");
+    assert_eq!(
+        second["packs_read"], 0,
+        "proven packs are not read again: {second}"
+    );
+    assert!(second["packs_skipped"].as_u64() > Some(0), "{second}");
+    assert!(second["wal_files_skipped"].as_u64() > Some(0), "{second}");
+    let (ok, full) = verify_json(&setup, &["--full"]);
+    assert!(ok && full["packs_read"] == first["packs_read"], "{full}");
+
+    // A backup on timeline 2: restore, promote (it archives 00000002.history into the
+    // same repository), back it up.
+    source.stop();
+    let restored = restore_and_start(&setup, source.bin(), &[]);
+    let b = backup(&setup, &restored, &["--label", "on timeline 2"]);
+    assert_eq!(b["timeline"], 2, "{b}");
+    let last = restored.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&restored, &last);
+    let (ok, report) = verify_json(&setup, &[]);
+    assert!(ok, "{report}");
+
+    let history = setup
+        .path("repo")
+        .join("files/wal/main/00000002/00000002.history");
+    fs::remove_file(&history).expect("remove the history file");
+    let (ok, report) = verify_json(&setup, &[]);
+    assert!(!ok);
+    let broken = verdict(&report, &b["id"]);
+    assert_eq!(broken["restorable"], false);
+    assert!(
+        broken["problems"].to_string().contains("00000002.history"),
+        "{broken}"
+    );
+    assert_eq!(verdict(&report, &a["id"])["restorable"], true, "{report}");
+
+    let start_segment = segment_of(a["start_lsn"].as_str().expect("lsn"));
+    fs::remove_file(
+        setup
+            .path("repo")
+            .join("files/wal/main/00000001")
+            .join(&start_segment),
+    )
+    .expect("remove a segment of backup a");
+    let (ok, report) = verify_json(&setup, &[]);
+    assert!(!ok);
+    let broken = verdict(&report, &a["id"]);
+    assert!(
+        broken["problems"].to_string().contains(&start_segment),
+        "{broken}"
+    );
+    let text = String::from_utf8_lossy(&setup.run(&["verify"]).stdout).into_owned();
+    assert!(
+        text.contains("NOT restorable") && text.contains(&start_segment),
+        "{text}"
+    );
+
+    // Packs: a flipped byte is found by --full (the incremental run trusts its proof);
+    // a deleted pack is found by every run.
+    let packs = repo_files(&setup, "data");
+    replace_object(&packs[0], |bytes| {
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+    });
+    let (ok, report) = verify_json(&setup, &["--full"]);
+    assert!(!ok);
+    let damaged = packs[0]
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        report["snapshot_problems"].to_string().contains(&damaged),
+        "{report}"
+    );
+    fs::remove_file(&packs[1]).expect("delete a pack");
+    let (ok, report) = verify_json(&setup, &[]);
+    assert!(!ok);
+    let deleted = packs[1]
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        report["snapshot_problems"].to_string().contains(&deleted)
+            && report["snapshot_problems"].to_string().contains("missing"),
+        "{report}"
+    );
+}
