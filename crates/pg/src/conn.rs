@@ -166,6 +166,22 @@ impl ConnectOptions {
         self.params.get(key).map(String::as_str)
     }
 
+    /// The same server, another database.
+    pub fn with_dbname(&self, dbname: &str) -> ConnectOptions {
+        let mut params = self.params.clone();
+        params.insert("dbname".into(), dbname.to_string());
+        ConnectOptions { params }
+    }
+
+    /// The resolved settings as libpq environment variables, for PostgreSQL's own client
+    /// tools (`pg_dump`, `psql`, …): nothing secret appears on their command line.
+    pub fn client_environment(&self) -> Vec<(&'static str, String)> {
+        ENVIRONMENT
+            .iter()
+            .filter_map(|(key, var)| self.params.get(*key).map(|v| (*var, v.clone())))
+            .collect()
+    }
+
     fn ssl_mode(&self) -> SslMode {
         self.get("sslmode")
             .and_then(|m| SslMode::parse(m).ok())
@@ -731,6 +747,16 @@ fn split_pgpass_line(line: &str) -> Vec<String> {
 }
 
 /// `text` as an SQL string literal.
+/// An SQL identifier, always quoted: `a"b` → `"a""b"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A value in a keyword/value connection string: `it's` → `'it\'s'`.
+pub fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }

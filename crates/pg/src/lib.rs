@@ -7,4 +7,5 @@ pub mod conn;
 pub mod page;
 pub mod pgdata;
 pub mod recovery;
+pub mod tools;
 pub mod wal;

@@ -41,6 +41,9 @@ pub struct GlobalArgs {
     /// Data directory of the cluster
     #[arg(long, global = true, env = "PGDATA", value_name = "DIR")]
     pub pgdata: Option<PathBuf>,
+    /// Directory with pg_dump, pg_restore, psql of the right major version
+    #[arg(long, global = true, env = "PGVAULT_PG_BIN", value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
     /// libpq conninfo or URL of the cluster (else the PG* variables)
     #[arg(long, global = true, value_name = "CONNINFO")]
     pub pg_conn: Option<String>,
@@ -95,6 +98,8 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a physical backup into --pgdata, optionally to a point in time
     Restore(RestoreArgs),
+    /// Logical dumps: every database (or --database) with roles and config; list, show, restore
+    Dump(DumpArgs),
     /// Clusters, backups, WAL archive, recoverable window, repository totals
     Info,
     /// Apply retention: remove backups no rule keeps, then WAL no retained backup needs, then gc
@@ -128,6 +133,79 @@ pub struct BackupArgs {
     /// How long to wait for the backup's last WAL segment to reach the repository
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub wal_timeout: String,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DumpArgs {
+    #[command(subcommand)]
+    pub action: Option<DumpAction>,
+    /// Database to dump (repeatable) [default: every database but template0]
+    #[arg(long = "database", value_name = "DB")]
+    pub databases: Vec<String>,
+    /// pg_dump --exclude-table for every database (repeatable)
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude_table: Vec<String>,
+    /// pg_dump --exclude-schema for every database (repeatable)
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude_schema: Vec<String>,
+    /// Extra pg_dump argument (repeatable), e.g. --pg-dump-opt=--no-comments
+    #[arg(long = "pg-dump-opt", value_name = "OPT", allow_hyphen_values = true)]
+    pub pg_dump_opts: Vec<String>,
+    /// Label stored with the dump
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DumpAction {
+    /// Dumps of the cluster, oldest first
+    List,
+    /// One dump: databases, sizes, pg_dump version; with --database its table of contents
+    Show {
+        /// Dump id (or unique prefix) or "latest"
+        id: String,
+        /// Show this database's table of contents
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Restore a dump into a server, or write it to files
+    Restore(DumpRestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DumpRestoreArgs {
+    /// Dump id (or unique prefix) or "latest"
+    #[arg(long = "dump", default_value = "latest", value_name = "ID")]
+    pub dump: String,
+    /// Only this database (repeatable) [default: globals, then every database]
+    #[arg(long = "database", value_name = "DB")]
+    pub databases: Vec<String>,
+    /// Restore the one --database under this name, beside the original
+    #[arg(long = "as", value_name = "NEWNAME")]
+    pub as_name: Option<String>,
+    /// Only this table (repeatable; needs one --database)
+    #[arg(long = "table", value_name = "TABLE")]
+    pub tables: Vec<String>,
+    #[arg(long, conflicts_with = "data_only")]
+    pub schema_only: bool,
+    #[arg(long)]
+    pub data_only: bool,
+    /// Only the roles and tablespaces (pg_dumpall --globals-only)
+    #[arg(long, conflicts_with_all = ["databases", "tables", "as_name"])]
+    pub globals: bool,
+    /// Server to restore into [default: --pg-conn]
+    #[arg(long, value_name = "CONNINFO")]
+    pub target_conn: Option<String>,
+    /// Write plain SQL to this file instead of restoring
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["target_conn", "to_dir"])]
+    pub to_file: Option<PathBuf>,
+    /// Write globals.sql, config files and one custom-format archive per database here
+    #[arg(long, value_name = "DIR", conflicts_with = "target_conn")]
+    pub to_dir: Option<PathBuf>,
+    /// When a target database exists: fail (default) or drop it first
+    #[arg(long, default_value = "fail", value_parser = ["fail", "drop"])]
+    pub if_exists: String,
 }
 
 #[derive(Debug, Subcommand)]

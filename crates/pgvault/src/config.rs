@@ -61,6 +61,23 @@ pub struct ClusterSection {
     #[serde(default)]
     pub schedule: BTreeMap<String, String>,
     pub retention: Option<RetentionSection>,
+    pub dump: Option<DumpSection>,
+}
+
+/// pg_dump controls for `pgvault dump`: for every database, plus per database.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DumpSection {
+    #[serde(default)]
+    pub exclude_table: Vec<String>,
+    #[serde(default)]
+    pub exclude_schema: Vec<String>,
+    /// Extra pg_dump arguments, e.g. ["--no-comments"].
+    #[serde(default)]
+    pub pg_dump_opt: Vec<String>,
+    /// The same three settings for one database, added to the ones above.
+    #[serde(default)]
+    pub databases: BTreeMap<String, DumpSection>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

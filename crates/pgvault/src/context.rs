@@ -41,6 +41,8 @@ pub struct Context {
     /// `--pg-conn` / config `pg-conn`; `None` leaves everything to the PG* variables.
     pub pg_conn: Option<String>,
     pub pgdata: Option<PathBuf>,
+    /// Where PostgreSQL's client tools are (`--pg-bin`, `PGVAULT_PG_BIN`, config `pg-bin`).
+    pub pg_bin: Option<PathBuf>,
 }
 
 impl Context {
@@ -103,6 +105,10 @@ impl Context {
                 .pg_conn
                 .clone()
                 .or_else(|| cluster_section.pg_conn.clone()),
+            pg_bin: global
+                .pg_bin
+                .clone()
+                .or_else(|| cluster_section.pg_bin.clone()),
             cluster,
             cluster_section,
             config_path: global.config.clone().or_else(|| {

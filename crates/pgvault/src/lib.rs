@@ -82,6 +82,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Backup(args) => commands::backup::backup(&ctx, args)?,
         Command::Restore(args) => commands::restore::restore(&ctx, args)?,
+        Command::Dump(args) => commands::dump::dump_command(&ctx, args)?,
         Command::Info => commands::info::info(&ctx)?,
         Command::Expire(args) => commands::expire::expire(&ctx, args)?,
         Command::ArchivePushWorker { pg_wal } => commands::push::push_worker(&ctx, pg_wal)?,

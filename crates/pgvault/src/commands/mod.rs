@@ -4,6 +4,8 @@ pub mod admin;
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod dump;
+pub mod dump_restore;
 pub mod expire;
 pub mod get;
 pub mod info;
