@@ -389,6 +389,24 @@ fn a_second_dump_stores_only_what_changed() {
         b * 10 < a,
         "the second dump stores under 10% of the first: {first}\n{second}"
     );
+
+    // info lists both; retention applies to dumps too.
+    let info: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["info", "--output", "json"])).expect("info JSON");
+    assert_eq!(
+        info["clusters"][0]["dumps"].as_array().map(Vec::len),
+        Some(2),
+        "{info}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["expire", "--keep-last", "1", "--output", "json"]))
+            .expect("expire JSON");
+    assert_eq!(report["dumps_expired"][0]["id"], first["id"], "{report}");
+    let list: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["dump", "list", "--output", "json"])).expect("JSON");
+    assert_eq!(list["dumps"].as_array().map(Vec::len), Some(1));
+    assert_eq!(list["dumps"][0]["id"], second["id"]);
+    setup.ok(&["verify"]);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use chrono_tz::Tz;
 use pg::wal::Lsn;
 use repo::lock::LockKind;
 use repo::repository::ObjectKind;
-use repo::{RepoError, Repository};
+use repo::{Id, RepoError, Repository};
 use serde_json::json;
 
 use super::catalog::{pin_name, BackupState, ClusterState};
@@ -95,6 +95,24 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         .iter()
         .zip(&reasons)
         .partition(|(_, r)| !r.is_empty());
+    // Dumps follow the same policy, on their own: a dump is kept by the rules as if
+    // only dumps existed (pins apply to both).
+    let dumps = super::dump::list_dumps(&repo, &ctx.cluster)?;
+    let pins = super::catalog::pinned(&repo, &ctx.cluster)?;
+    let dump_candidates: Vec<Candidate> = dumps
+        .iter()
+        .map(|(id, _, m)| Candidate {
+            time: m.stop_time,
+            pinned: pins.contains(&id.to_hex()),
+        })
+        .collect();
+    let dump_reasons = plan(&dump_candidates, &policy, now);
+    let expired_dumps: Vec<_> = dumps
+        .iter()
+        .zip(&dump_reasons)
+        .filter(|(_, r)| r.is_empty())
+        .map(|((id, _, m), _)| (*id, m.stop_time))
+        .collect();
 
     // WAL below the oldest retained backup's start is needed by nobody. With no backup
     // left at all, keep the WAL: it may be all an operator has.
@@ -133,6 +151,8 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         "kept": kept.iter().map(|(b, r)| json!({"id": b.id, "stop_time": b.meta.stop_time, "reasons": r})).collect::<Vec<_>>(),
         "expired": expired.iter().map(|(b, _)| json!({"id": b.id, "stop_time": b.meta.stop_time,
             "reason": "no retention rule keeps it"})).collect::<Vec<_>>(),
+        "dumps_kept": dumps.len() - expired_dumps.len(),
+        "dumps_expired": expired_dumps.iter().map(|(id, t)| json!({"id": id, "time": t})).collect::<Vec<_>>(),
         "wal_expired": {
             "files": wal_doomed.len(),
             "bytes": wal_bytes,
@@ -162,6 +182,18 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
                 b.meta.stop_time.format("%Y-%m-%d %H:%M:%S UTC"),
             );
         }
+        for (id, time) in &expired_dumps {
+            println!(
+                "{} dump {}  {}  no retention rule keeps it",
+                if args.dry_run {
+                    "would expire"
+                } else {
+                    "expire "
+                },
+                id.short(),
+                time.format("%Y-%m-%d %H:%M:%S UTC"),
+            );
+        }
         if let (Some(first), Some(last)) = (wal_doomed.first(), wal_doomed.last()) {
             println!(
                 "{} WAL {} … {} ({} files, {}): before the oldest retained backup",
@@ -183,15 +215,19 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         }
         return Ok(());
     }
-    for (b, _) in &expired {
+    for id in expired
+        .iter()
+        .map(|(b, _)| b.id)
+        .chain(expired_dumps.iter().map(|(id, _)| *id))
+    {
         lock.ensure_held()?;
         repo.storage()
-            .delete(&format!("{}/{}", ObjectKind::Snapshot.dir(), b.id))?;
+            .delete(&format!("{}/{}", ObjectKind::Snapshot.dir(), id))?;
     }
     let deleted_wal = repo_delete_all(&repo, wal_doomed.iter().map(|f| f.key.as_str()), ctx.jobs)?;
     drop(lock);
 
-    let gc = if args.no_gc || expired.is_empty() {
+    let gc = if args.no_gc || (expired.is_empty() && expired_dumps.is_empty()) {
         json!(null)
     } else {
         match super::admin::run_gc(ctx, &repo) {
@@ -243,21 +279,26 @@ pub fn pin(ctx: &Context, action: &BackupAction) -> Result<()> {
         BackupAction::Unpin { id } => (id, false),
     };
     let backups = super::backup::list_backups(&repo, &ctx.cluster)?;
+    // Dumps can be pinned too: one namespace of snapshot ids.
+    let dumps = super::dump::list_dumps(&repo, &ctx.cluster)?;
     let id = if spec == "latest" {
         backups.last().map(|(id, _, _)| *id)
     } else {
-        let matches: Vec<_> = backups
+        let wanted = spec.to_lowercase();
+        let matches: Vec<Id> = backups
             .iter()
-            .filter(|(id, _, _)| id.to_hex().starts_with(&spec.to_lowercase()))
+            .map(|(id, _, _)| *id)
+            .chain(dumps.iter().map(|(id, _, _)| *id))
+            .filter(|id| id.to_hex().starts_with(&wanted))
             .collect();
         if matches.len() > 1 {
             bail!("backup id prefix {spec:?} is ambiguous: give more characters");
         }
-        matches.first().map(|(id, _, _)| *id)
+        matches.first().copied()
     }
     .with_context(|| {
         format!(
-            "no backup {spec:?} of cluster {:?} in {}: see `pgvault info`",
+            "no backup or dump {spec:?} of cluster {:?} in {}: see `pgvault info`",
             ctx.cluster,
             repo.location()
         )

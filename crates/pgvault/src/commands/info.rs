@@ -71,7 +71,25 @@ fn server_lag(ctx: &Context, state: &ClusterState) -> Option<Value> {
     }))
 }
 
-fn cluster_json(ctx: &Context, state: &ClusterState) -> Value {
+fn dumps_json(repo: &Repository, cluster: &str) -> Result<Vec<Value>> {
+    Ok(super::dump::list_dumps(repo, cluster)?
+        .iter()
+        .map(|(id, s, m)| {
+            json!({
+                "id": id,
+                "time": rfc3339(m.start_time),
+                "label": s.label,
+                "databases": m.databases.iter().map(|d| &d.name).collect::<Vec<_>>(),
+                "size_bytes": s.summary.bytes,
+                "stored_bytes": s.summary.save.bytes_stored,
+                "duration_ms": s.summary.duration_ms,
+                "pg_dump_version": m.pg_dump_version,
+            })
+        })
+        .collect())
+}
+
+fn cluster_json(ctx: &Context, state: &ClusterState, dumps: Vec<Value>) -> Value {
     let window = state.window();
     let last_push = state.wal.last_archived();
     json!({
@@ -80,7 +98,7 @@ fn cluster_json(ctx: &Context, state: &ClusterState) -> Value {
         "pg_version": state.identity.pg_version_num,
         "wal_segment_size": state.identity.wal_segment_size,
         "backups": state.backups.iter().map(backup_json).collect::<Vec<_>>(),
-        "dumps": [],
+        "dumps": dumps,
         "wal": {
             "first": state.wal.ranges().first().map(|r| r.1.clone()),
             "last": state.wal.ranges().last().map(|r| r.2.clone()),
@@ -117,6 +135,11 @@ pub fn info(ctx: &Context) -> Result<()> {
     let mut logical = 0u64;
     for name in cluster_names(&repo)? {
         if let Some(state) = ClusterState::load(&repo, &name)? {
+            let dumps = dumps_json(&repo, &name)?;
+            logical += dumps
+                .iter()
+                .map(|d| d["size_bytes"].as_u64().unwrap_or(0))
+                .sum::<u64>();
             logical += state
                 .backups
                 .iter()
@@ -129,7 +152,7 @@ pub fn info(ctx: &Context) -> Result<()> {
                 .map(|s| s.len() as u64)
                 .sum::<u64>()
                 * state.identity.wal_segment_size;
-            clusters.push(cluster_json(ctx, &state));
+            clusters.push(cluster_json(ctx, &state, dumps));
             states.push(state);
         }
     }
@@ -212,6 +235,26 @@ fn print_cluster(state: &ClusterState, view: &Value) {
                 } else {
                     format!("MISSING {}", b.reach.missing.join(", "))
                 },
+            ]);
+        }
+        table.print();
+    }
+    let dumps = view["dumps"].as_array().cloned().unwrap_or_default();
+    if dumps.is_empty() {
+        println!("dumps: none");
+    } else {
+        let mut table = Table::new(&["dump", "time (UTC)", "databases", "size", "new stored"]);
+        for d in &dumps {
+            let databases: Vec<&str> = d["databases"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            table.row(vec![
+                d["id"].as_str().unwrap_or("").chars().take(8).collect(),
+                d["time"].as_str().unwrap_or("").replace('T', " "),
+                databases.join(","),
+                bytes(d["size_bytes"].as_u64().unwrap_or(0)),
+                bytes(d["stored_bytes"].as_u64().unwrap_or(0)),
             ]);
         }
         table.print();
