@@ -100,6 +100,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Logical dumps: every database (or --database) with roles and config; list, show, restore
     Dump(DumpArgs),
+    /// Recover openssl-encrypted, gzip'd, split pg_dumpall backups of older backup managers
+    #[command(subcommand)]
+    Legacy(LegacyCommand),
     /// Clusters, backups, WAL archive, recoverable window, repository totals
     Info,
     /// Apply retention: remove backups no rule keeps, then WAL no retained backup needs, then gc
@@ -206,6 +209,79 @@ pub struct DumpRestoreArgs {
     /// When a target database exists: fail (default) or drop it first
     #[arg(long, default_value = "fail", value_parser = ["fail", "drop"])]
     pub if_exists: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LegacyCommand {
+    /// Backups of an instance: time, parts, size, whether the parts are complete
+    List(LegacySourceArgs),
+    /// Replay a backup into a server (--target-conn) or write its SQL (--to-file)
+    Restore(LegacyRestoreArgs),
+    /// Store a backup in the repository as a dump (retention, verify, dump restore)
+    Import(LegacyImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LegacySourceArgs {
+    /// Where the backups are: s3://bucket/prefix (AWS_* variables) or a local directory
+    #[arg(long, value_name = "URL")]
+    pub source: String,
+    /// Backup-manager instance id: objects are named <id>-<timestamp>…
+    #[arg(long, value_name = "ID")]
+    pub instance: String,
+    /// S3 endpoint of the source, e.g. http://127.0.0.1:9000 [default: AWS_ENDPOINT_URL]
+    #[arg(long, value_name = "URL")]
+    pub source_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LegacyDecryptArgs {
+    /// Backup id (metadata file name without .json) or "latest"
+    #[arg(long, default_value = "latest", value_name = "ID")]
+    pub backup: String,
+    /// File whose first line is the openssl secret (-pass pass:SECRET)
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: PathBuf,
+    /// openssl -md of the backups: auto (try md5, sha256, pbkdf2), md5 or sha256
+    #[arg(long, default_value = "auto", value_parser = ["auto", "md5", "sha256"])]
+    pub digest: String,
+    /// The backups were made with openssl -pbkdf2
+    #[arg(long)]
+    pub pbkdf2: bool,
+    /// openssl -iter of -pbkdf2 backups [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub iter: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct LegacyRestoreArgs {
+    #[command(flatten)]
+    pub source: LegacySourceArgs,
+    #[command(flatten)]
+    pub decrypt: LegacyDecryptArgs,
+    /// Server to replay into [default: --pg-conn]
+    #[arg(long, value_name = "CONNINFO", conflicts_with = "to_file")]
+    pub target_conn: Option<String>,
+    /// Rename a restored database afterwards
+    #[arg(long, value_name = "OLD=NEW", conflicts_with = "to_file")]
+    pub rename: Option<String>,
+    /// With --rename: drop an existing NEW after a successful restore
+    #[arg(long, requires = "rename")]
+    pub replace: bool,
+    /// Write the decrypted SQL here instead
+    #[arg(long, value_name = "PATH")]
+    pub to_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LegacyImportArgs {
+    #[command(flatten)]
+    pub source: LegacySourceArgs,
+    #[command(flatten)]
+    pub decrypt: LegacyDecryptArgs,
+    /// Label of the new dump [default: "legacy <backup id>"]
+    #[arg(long)]
+    pub label: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod legacy;
 pub mod output;
 pub mod retention;
 
@@ -83,6 +84,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(args) => commands::backup::backup(&ctx, args)?,
         Command::Restore(args) => commands::restore::restore(&ctx, args)?,
         Command::Dump(args) => commands::dump::dump_command(&ctx, args)?,
+        Command::Legacy(command) => commands::legacy::legacy_command(&ctx, command)?,
         Command::Info => commands::info::info(&ctx)?,
         Command::Expire(args) => commands::expire::expire(&ctx, args)?,
         Command::ArchivePushWorker { pg_wal } => commands::push::push_worker(&ctx, pg_wal)?,

@@ -51,8 +51,30 @@ impl Drop for Moto {
     }
 }
 
+impl Moto {
+    /// Uploads one object (moto accepts unsigned requests), for fixtures.
+    pub fn put_object(&self, bucket: &str, key: &str, body: &[u8]) -> Result<(), String> {
+        let (status, text) =
+            http_request_with(self.port, "PUT", &format!("/{bucket}/{key}"), body)?;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("PUT {bucket}/{key}: HTTP {status}: {text}"))
+        }
+    }
+}
+
 /// Minimal HTTP/1.1 client: returns the status code and the body.
 pub fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
+    http_request_with(port, method, path, &[])
+}
+
+fn http_request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect {addr}: {e}"))?;
@@ -60,10 +82,12 @@ pub fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, String)
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     );
     stream
         .write_all(request.as_bytes())
+        .and_then(|_| stream.write_all(body))
         .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut response = Vec::new();
     stream

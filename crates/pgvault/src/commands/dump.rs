@@ -38,7 +38,7 @@ use crate::context::Context;
 use crate::output::{bytes, print_json, Table};
 
 pub const DUMP_KIND: &str = "dump";
-const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 1;
 
 /// One database of a dump.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,7 +69,19 @@ pub struct DumpMeta {
     pub config_files: Vec<String>,
     pub start_time: DateTime<Utc>,
     pub stop_time: DateTime<Utc>,
+    /// `""` for pgvault's own layout (custom-format archive per database);
+    /// [`DUMPALL_FORMAT`] for an imported pg_dumpall script (`dumpall.sql`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub format: String,
+    /// Where an imported dump came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
+
+/// [`DumpMeta::format`] of an imported pg_dumpall script.
+pub const DUMPALL_FORMAT: &str = "pg_dumpall-sql";
+/// Its file in the dump's tree.
+pub const DUMPALL_FILE: &str = "dumpall.sql";
 
 /// A file name for a database name (which may contain any character but NUL).
 pub fn archive_name(database: &str) -> String {
@@ -163,7 +175,7 @@ fn store_output(
 }
 
 /// A tree of `nodes`, sorted by name as [`Tree::find`] expects.
-fn sorted_tree(mut nodes: Vec<Node>) -> Tree {
+pub fn sorted_tree(mut nodes: Vec<Node>) -> Tree {
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     Tree { nodes }
 }
@@ -426,6 +438,8 @@ fn dump(ctx: &Context, args: &DumpArgs) -> Result<()> {
         config_files: config.iter().map(|(n, _)| n.clone()).collect(),
         start_time,
         stop_time: Utc::now(),
+        format: String::new(),
+        source: None,
     };
     let snapshot = Snapshot {
         version: SNAPSHOT_VERSION,

@@ -21,7 +21,7 @@ use serde_json::json;
 use super::archive::write_atomically;
 use super::dump::{
     collect_stderr, database_node, find_dump, is_broken_pipe, table_of_contents, tool_command,
-    DumpMeta,
+    DumpMeta, DUMPALL_FILE, DUMPALL_FORMAT,
 };
 use crate::cli::DumpRestoreArgs;
 use crate::context::Context;
@@ -86,6 +86,9 @@ fn table_args(table: &str) -> Vec<String> {
 pub fn restore(ctx: &Context, args: &DumpRestoreArgs) -> Result<()> {
     let repo = ctx.open()?;
     let (id, snapshot, meta) = find_dump(&repo, &ctx.cluster, &args.dump)?;
+    if meta.format == DUMPALL_FORMAT {
+        return restore_dumpall(ctx, &repo, &id, &snapshot, args);
+    }
     let databases: Vec<String> = if args.globals {
         Vec::new()
     } else if args.databases.is_empty() {
@@ -316,6 +319,78 @@ pub fn restore(ctx: &Context, args: &DumpRestoreArgs) -> Result<()> {
             String::new()
         } else {
             format!("; expected and ignored: {}", expected_errors.join("; "))
+        }
+    );
+    Ok(())
+}
+
+/// An imported pg_dumpall script is restored whole, into a server or a file.
+fn restore_dumpall(
+    ctx: &Context,
+    repo: &Repository,
+    id: &repo::Id,
+    snapshot: &Snapshot,
+    args: &DumpRestoreArgs,
+) -> Result<()> {
+    if !args.databases.is_empty()
+        || args.as_name.is_some()
+        || !args.tables.is_empty()
+        || args.globals
+        || args.schema_only
+        || args.data_only
+        || args.to_dir.is_some()
+    {
+        bail!(
+            "dump {} is an imported pg_dumpall script: restore it whole (--target-conn) or write it with --to-file and edit it",
+            id.short()
+        );
+    }
+    let node = Tree::load(repo, &snapshot.tree)?
+        .find(DUMPALL_FILE)
+        .cloned()
+        .context("imported dump has no script")?;
+    if let Some(path) = &args.to_file {
+        write_node(repo, &node, path)?;
+        eprintln!(
+            "wrote {} ({})",
+            path.display(),
+            crate::output::bytes(node.size)
+        );
+        return Ok(());
+    }
+    let options = ConnectOptions::resolve(args.target_conn.as_deref().or(ctx.pg_conn.as_deref()))?;
+    // Stream the script from the repository through a pipe into the replay.
+    let (reader, mut writer) = std::io::pipe().context("pipe")?;
+    let report = std::thread::scope(|scope| {
+        let feeder = scope.spawn(move || write_content(repo, &node.content, &mut writer));
+        let report = super::legacy::replay(
+            ctx,
+            &options,
+            std::io::BufReader::new(reader),
+            &format!("dump {}", id.short()),
+        );
+        let fed = feeder.join();
+        (report, fed)
+    });
+    let replayed = report.0?;
+    match report.1 {
+        Ok(Err(e)) if !is_broken_pipe(&e) => return Err(e.into()),
+        Err(_) => bail!("reading the dump panicked"),
+        _ => {}
+    }
+    if ctx.json() {
+        return print_json(
+            &json!({"dump": id, "sql_bytes": replayed.bytes, "expected_and_skipped": replayed.skipped}),
+        );
+    }
+    eprintln!(
+        "replayed dump {} ({} of SQL){}",
+        id.short(),
+        crate::output::bytes(replayed.bytes),
+        if replayed.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; left out as expected: {}", replayed.skipped.join("; "))
         }
     );
     Ok(())

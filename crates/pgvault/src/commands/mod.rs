@@ -9,6 +9,7 @@ pub mod dump_restore;
 pub mod expire;
 pub mod get;
 pub mod info;
+pub mod legacy;
 pub mod push;
 pub mod restore;
 pub mod setup;
