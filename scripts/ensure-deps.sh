@@ -19,6 +19,8 @@ ensure_apt_packages() {
     command -v zstd >/dev/null || missing+=(zstd)
     command -v unzip >/dev/null || missing+=(unzip)
     command -v lz4 >/dev/null || missing+=(lz4)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v gzip >/dev/null || missing+=(gzip)
     [ -x /usr/bin/time ] || missing+=(time)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing Debian packages: ${missing[*]}"
