@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Physical backup and restore, side by side on the same data in one run: pgvault,
+# pgBackRest (zstd 3, process-max 2, repo bundling) and pg_basebackup (tar, server-side
+# zstd 3 with 2 workers). DATASET=pgbench: a pgbench database of SCALE (default 100,
+# ~1.5 GiB; compresses ~20x) changed by `pgbench -c 4 -t TXNS`; DATASET=text: as many
+# bytes of rows of random and repetitive text (compresses ~5x), changed by 4×TXNS
+# single-row updates. A full backup, the change, a second backup (pgvault: every backup
+# complete, unchanged files reused; pgBackRest: incremental; pg_basebackup: full again),
+# a restore of the second backup, and for pgvault and pgBackRest a delta restore over
+# that restore. Wall seconds, CPU seconds, peak RSS and repository bytes (backups only:
+# pgvault's files/ and pgBackRest's archive/ hold the WAL both archive).
+#
+#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+SCALE=${SCALE:-100}
+TXNS=${TXNS:-1000}
+DATASET=${DATASET:-pgbench}
+if ! command -v pgbackrest >/dev/null; then
+    echo "==> installing pgbackrest" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest >/dev/null
+fi
+port=$(free_port)
+pgdata="$WORK/pgdata"
+as_pg mkdir -p "$WORK/pgv-repo" "$WORK/pgbr/repo" "$WORK/pgbr/log" "$WORK/pgbr/lock" "$WORK/pgbr/spool" "$WORK/basebackup"
+as_pg env PGVAULT_REPO="$WORK/pgv-repo" "$PGVAULT" init --encryption none --compression zstd:3 >/dev/null
+as_pg tee "$WORK/pgbackrest.conf" >/dev/null <<CONF
+[global]
+repo1-path=$WORK/pgbr/repo
+repo1-retention-full=10
+repo1-bundle=y
+compress-type=zst
+compress-level=3
+process-max=2
+log-path=$WORK/pgbr/log
+lock-path=$WORK/pgbr/lock
+spool-path=$WORK/pgbr/spool
+log-level-console=warn
+start-fast=y
+
+[bench]
+pg1-path=$pgdata
+pg1-port=$port
+pg1-socket-path=$WORK
+CONF
+pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --jobs 2 -q)
+pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
+basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:workers=2 --checkpoint=fast -D)
+untar=$(wrapper untar bash -c 'zstd -q -d -c "$0" | tar -x -C "$1"')
+# Both tools archive: pgvault's archive_command pushes to its repository, then pgBackRest's.
+new_server "$pgdata" "$port" "archive_mode = on" "wal_level = replica" \
+    "archive_command = '$PGVAULT --repo $WORK/pgv-repo --jobs 2 archive-push %p && pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench archive-push %p'"
+conninfo="host=127.0.0.1 port=$port user=postgres"
+as_pg "$PGVAULT" --repo "$WORK/pgv-repo" setup --pg-conn "$conninfo" >/dev/null
+"$pgbr" stanza-create >/dev/null
+# 100,000 rows per scale unit of ~150 bytes: 32 random hex digits and a repeated word.
+TEXT_ROWS=$((SCALE * 100000))
+text_row="md5(random()::text) || ' ' || repeat(substr(md5(g::text), 1, 8) || ' ', 10)"
+case $DATASET in
+    pgbench)
+        echo "==> pgbench -i -s $SCALE" >&2
+        as_pg "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null 2>&1
+        ;;
+    text)
+        echo "==> $TEXT_ROWS rows of text" >&2
+        sql "$port" "CREATE TABLE texts (id int PRIMARY KEY, payload text) WITH (fillfactor = 90)" >/dev/null
+        sql "$port" "INSERT INTO texts SELECT g, $text_row FROM generate_series(1, $TEXT_ROWS) g" >/dev/null
+        ;;
+    *) echo "DATASET must be pgbench or text" >&2; exit 2 ;;
+esac
+sql "$port" "CHECKPOINT" >/dev/null
+size=$(du -sb --exclude=pg_wal "$pgdata" | cut -f1)
+
+
+measure pgvault-full "$pgv" backup --fast --pg-conn "$conninfo" --pgdata "$pgdata"
+pgv_full_bytes=$(du -sb --exclude=files "$WORK/pgv-repo" | cut -f1)
+measure pgbackrest-full "$pgbr" --type=full backup
+pgbr_full_bytes=$(du -sb "$WORK/pgbr/repo/backup" | cut -f1)
+measure basebackup-full "$basebackup" "$WORK/basebackup/1"
+bb_full_bytes=$(du -sb "$WORK/basebackup/1" | cut -f1)
+
+if [ "$DATASET" = pgbench ]; then
+    echo "==> pgbench -c 4 -t $TXNS" >&2
+    as_pg "$PG_BIN/pgbench" -n -c 4 -t "$TXNS" -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null 2>&1
+else
+    echo "==> $((4 * TXNS)) single-row updates" >&2
+    for _ in $(seq 1 $((4 * TXNS))); do
+        echo "UPDATE texts SET payload = md5(random()::text) || substr(payload, 33) WHERE id = 1 + (random() * ($TEXT_ROWS - 1))::int;"
+    done | as_pg "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres >/dev/null
+fi
+measure pgvault-second "$pgv" backup --fast --pg-conn "$conninfo" --pgdata "$pgdata"
+pgv_second_bytes=$(( $(du -sb --exclude=files "$WORK/pgv-repo" | cut -f1) - pgv_full_bytes ))
+measure pgbackrest-incr "$pgbr" --type=incr backup
+pgbr_second_bytes=$(( $(du -sb "$WORK/pgbr/repo/backup" | cut -f1) - pgbr_full_bytes ))
+measure basebackup-second "$basebackup" "$WORK/basebackup/2"
+bb_second_bytes=$(du -sb "$WORK/basebackup/2" | cut -f1)
+
+measure pgvault-restore "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate
+measure pgbackrest-restore "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate restore
+as_pg mkdir -p "$WORK/r-bb"
+measure basebackup-restore "$untar" "$WORK/basebackup/2/base.tar.zst" "$WORK/r-bb"
+# Delta restores over the restored copies (here: of the same backup, so nearly nothing
+# differs; the cost is reading and hashing every file).
+measure pgvault-delta "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
+measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
+
+header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; pgBackRest $(pgbackrest version | awk '{print $2}')"
+printf '%-22s %9s %9s %9s %12s\n' step seconds "CPU s" "RSS MiB" "repo bytes"
+line() { printf '%-22s %9s %9s %9s %12s\n' "$1" "$(field "$1" 1)" "$(field "$1" 2)" "$(field "$1" 3)" "${2:-}"; }
+line pgvault-full "$(numfmt --to=iec "$pgv_full_bytes")"
+line pgbackrest-full "$(numfmt --to=iec "$pgbr_full_bytes")"
+line basebackup-full "$(numfmt --to=iec "$bb_full_bytes")"
+line pgvault-second "+$(numfmt --to=iec "$pgv_second_bytes")"
+line pgbackrest-incr "+$(numfmt --to=iec "$pgbr_second_bytes")"
+line basebackup-second "+$(numfmt --to=iec "$bb_second_bytes")"
+line pgvault-restore; line pgbackrest-restore; line basebackup-restore
+line pgvault-delta; line pgbackrest-delta
+echo "time ratios (pgBackRest / pgvault; > 1 means pgvault is faster):"
+for pair in "full:pgbackrest-full:pgvault-full" "second:pgbackrest-incr:pgvault-second" \
+    "restore:pgbackrest-restore:pgvault-restore" "delta:pgbackrest-delta:pgvault-delta"; do
+    IFS=: read -r label a b <<< "$pair"
+    echo "  $label: $(ratio "$(field "$a" 1)" "$(field "$b" 1)")"
+done
+echo "  full vs pg_basebackup (basebackup / pgvault): $(ratio "$(field basebackup-full 1)" "$(field pgvault-full 1)")"

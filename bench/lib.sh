@@ -1,0 +1,88 @@
+# Shared by the bench scripts: build pgvault (release), throwaway PostgreSQL servers
+# bound to 127.0.0.1, timing with CPU seconds and peak RSS. Source it from a script
+# that has done `cd` to the repository root.
+set -euo pipefail
+source scripts/ensure-deps.sh
+ensure_apt_packages
+ensure_rust
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+echo "==> building pgvault (release)" >&2
+cargo build --quiet --release --locked -p pgvault
+PGVAULT="$CARGO_TARGET_DIR/release/pgvault"
+
+WORK=$(mktemp -d /var/tmp/pgvault-bench.XXXXXX)
+chmod 755 "$WORK"
+if [ "$(id -u)" -eq 0 ]; then
+    AS_PG="runuser -u postgres --"
+    chown postgres "$WORK"
+else
+    AS_PG=""
+fi
+as_pg() { $AS_PG "$@"; }
+mkdir -p "$WORK/bin"
+# wrapper NAME CMD...: an executable $WORK/bin/NAME running CMD (as postgres) with its
+# arguments, so that `measure` (which runs programs, not shell functions) can time it.
+wrapper() {
+    local name=$1
+    shift
+    printf '#!/usr/bin/env bash
+exec %s %s "$@"
+' "$AS_PG" "$(printf '%q ' "$@")" > "$WORK/bin/$name"
+    chmod 755 "$WORK/bin/$name"
+    echo "$WORK/bin/$name"
+}
+SERVERS=()
+bench_cleanup() {
+    for dir in "${SERVERS[@]}"; do
+        as_pg "$PG_BIN/pg_ctl" -D "$dir" -m immediate stop >/dev/null 2>&1 || true
+    done
+    # Async archivers may still be finishing a segment after their server stopped.
+    pkill -f "archive-push-worker.*$WORK" 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "kept $WORK" >&2
+    else
+        rm -rf "$WORK" 2>/dev/null || { sleep 2; rm -rf "$WORK"; }
+    fi
+}
+trap bench_cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# new_server DIR PORT [postgresql.conf lines...]: initdb with checksums and start.
+new_server() {
+    local dir=$1 port=$2
+    shift 2
+    as_pg "$PG_BIN/initdb" --data-checksums -A trust -U postgres -D "$dir" >/dev/null
+    {
+        echo "listen_addresses = '127.0.0.1'"
+        echo "port = $port"
+        echo "unix_socket_directories = '$WORK'"
+        echo "max_wal_size = '4GB'"
+        for line in "$@"; do echo "$line"; done
+    } | as_pg tee -a "$dir/postgresql.conf" >/dev/null
+    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w start >/dev/null
+    SERVERS+=("$dir")
+}
+stop_server() { as_pg "$PG_BIN/pg_ctl" -D "$1" -m fast -w stop >/dev/null; }
+sql() { as_pg "$PG_BIN/psql" -X -q -A -t -h 127.0.0.1 -p "$1" -U postgres -d "${3:-postgres}" -c "$2"; }
+
+# measure NAME CMD...: runs CMD, appends "NAME wall_s cpu_s rss_mib" to $WORK/times.
+measure() {
+    local name=$1
+    shift
+    # The tools' own output goes to a log, shown when a step fails.
+    if ! /usr/bin/time -f "%e %U %S %M" -o "$WORK/time.out" "$@" >> "$WORK/steps.log" 2>&1; then
+        tail -20 "$WORK/steps.log" >&2
+        echo "bench step $name failed: $*" >&2
+        return 1
+    fi
+    read -r wall user sys rss < "$WORK/time.out"
+    printf '%s %s %s %s\n' "$name" "$wall" "$(awk -v u="$user" -v s="$sys" 'BEGIN { print u + s }')" "$((rss / 1024))" >> "$WORK/times"
+}
+# field NAME COLUMN (1 wall, 2 cpu, 3 rss)
+field() { awk -v n="$1" -v c="$2" '$1 == n { print $(c + 1) }' "$WORK/times" | tail -1; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+header() {
+    echo "# $1"
+    echo "# $(date -u +%FT%TZ), pgvault $(git rev-parse --short HEAD), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}')"
+}
