@@ -103,6 +103,25 @@ pub fn stop(
     })
 }
 
+/// On a primary, ends the WAL segment `segment` if it is still being written, so that
+/// it is archived now instead of when it fills up. Returns whether it switched.
+pub fn switch_wal_past(
+    conn: &mut Connection,
+    segment: &WalFileName,
+    segment_size: u64,
+) -> Result<bool, ConnError> {
+    let sql = "SELECT pg_current_wal_lsn()::text";
+    let current = lsn_of(sql, conn.query_one_value(sql)?)?;
+    let Some(needed) = segment.segno(segment_size) else {
+        return Ok(false);
+    };
+    if current.segno(segment_size) > needed {
+        return Ok(false);
+    }
+    conn.query_one_value("SELECT pg_switch_wal()::text")?;
+    Ok(true)
+}
+
 /// A user tablespace: `pg_tblspc/<oid>` links to `location`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TablespaceInfo {

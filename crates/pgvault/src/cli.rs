@@ -136,6 +136,13 @@ pub struct BackupArgs {
     /// How long to wait for the backup's last WAL segment to reach the repository
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub wal_timeout: String,
+    /// Require --pg-conn to be a standby (a standby is detected and used anyway)
+    #[arg(long)]
+    pub from_standby: bool,
+    /// With a standby: the primary, asked to switch WAL so the backup's last segment is
+    /// archived at once instead of when it fills up
+    #[arg(long, value_name = "CONNINFO")]
+    pub primary_conn: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -407,6 +407,50 @@ fn tablespaces_and_standby_restores() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+
+    // A backup taken from the standby, its last segment switched on the primary, is a
+    // complete backup: restored, it holds what the standby had replayed.
+    let standby_pgdata = standby.pgdata().display().to_string();
+    let primary_only = setup.fails(&["backup", "--from-standby", "--pg-conn", &source.conninfo()]);
+    assert!(primary_only.contains("is a primary"), "{primary_only}");
+    let report: serde_json::Value = serde_json::from_str(&setup.ok(&[
+        "backup",
+        "--fast",
+        "--pg-conn",
+        &standby.conninfo(),
+        "--pgdata",
+        &standby_pgdata,
+        "--primary-conn",
+        &primary,
+        "--output",
+        "json",
+        "--wal-timeout",
+        "60s",
+    ]))
+    .expect("backup JSON");
+    source.psql("INSERT INTO marks VALUES ('after the standby backup')");
+    let id = report["id"].as_str().expect("backup id").to_string();
+    let elsewhere = format!("far={}", standby.dir().join("ts-restored").display());
+    let mut restored = restore_and_start(
+        &setup,
+        source.bin(),
+        &[
+            "--backup",
+            &id,
+            "--target",
+            "immediate",
+            "--tablespace-map",
+            &elsewhere,
+            "--archive-mode",
+            "off",
+        ],
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM marks"), "1");
+    assert_eq!(
+        restored.psql("SELECT count(*) || '/' || sum(g) FROM remote"),
+        expected
+    );
+    judge(&mut restored);
     source.stop();
 }
 

@@ -8,18 +8,20 @@
 //! `tablespaces/<oid>/`, and whose metadata ([`BackupMeta`]) holds what restore needs.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
+use pg::conn::{ClusterInfo, ConnectOptions, Connection};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, RelationFile};
 use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
 use repo::lock::LockKind;
+use repo::pack::BlobType;
 use repo::saver::BlobSaver;
 use repo::snapshot::{Node, NodeKind, Snapshot, Summary, Tree, SNAPSHOT_VERSION};
 use repo::{Id, Repository};
@@ -68,6 +70,9 @@ pub struct BackupMeta {
     pub tablespaces: Vec<Tablespace>,
     pub data_checksums: bool,
     pub corrupted_pages: Vec<CorruptPage>,
+    /// Taken from a standby (its files), with the WAL its primary archived.
+    #[serde(default)]
+    pub from_standby: bool,
 }
 
 impl BackupMeta {
@@ -310,14 +315,24 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             identity.system_identifier
         );
     }
-    if info.in_recovery {
-        bail!("backup from a standby is not supported yet: run it against the primary");
+    let from_standby = info.in_recovery;
+    if args.from_standby && !from_standby {
+        bail!("--from-standby: the server at --pg-conn is a primary (not in recovery); point --pg-conn at a standby or drop --from-standby");
     }
-    if info.archive_mode == "off" || !info.archive_command.contains("archive-push") {
+    let mut primary = match &args.primary_conn {
+        Some(_) if !from_standby => bail!(
+            "--primary-conn is for backups from a standby, but the server at --pg-conn is itself the primary; drop --primary-conn"
+        ),
+        Some(conninfo) => Some(connect_primary(conninfo, &info)?),
+        None => None,
+    };
+    // The primary archives the WAL; a standby's settings are normally a copy of its.
+    let archiver = primary.as_ref().map_or(&info, |(_, info)| info);
+    if archiver.archive_mode == "off" || !archiver.archive_command.contains("archive-push") {
         bail!(
             "WAL archiving to pgvault is not configured (archive_mode {}, archive_command {:?}): a backup needs its WAL; run `pgvault setup --apply` and `pgvault check`",
-            info.archive_mode,
-            info.archive_command
+            archiver.archive_mode,
+            archiver.archive_command
         );
     }
     let pgdata = match &ctx.pgdata {
@@ -416,6 +431,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 }
             }
         }
+        if let Some(pgdata_node) = top.first_mut() {
+            store_control_file_last(&saver, &pgdata, pgdata_node)?;
+        }
         let tablespaces_tree = Tree {
             nodes: tablespace_nodes,
         }
@@ -439,6 +457,21 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let top = stored?;
     let stop = stop?;
     let stop_time = Utc::now();
+    let mut wal_hint = "";
+    if from_standby {
+        // A standby does not end segments: its primary archives the last one when it is
+        // full, unless asked to switch now.
+        match primary.as_mut() {
+            Some((conn, _)) => {
+                pg::backup::switch_wal_past(conn, &stop.segment, info.wal_segment_size)
+                    .context("switching WAL on the primary (--primary-conn)")?;
+            }
+            None => {
+                wal_hint = "; from a standby, the primary archives that segment when it is full: pass --primary-conn to switch it at once, or set archive_timeout on the primary";
+                tracing::info!("backup from a standby: waiting for the primary to archive {} (pass --primary-conn to switch WAL at once)", stop.segment);
+            }
+        }
+    }
     tracing::info!(
         "backup stopped at {}; waiting for {}",
         stop.lsn,
@@ -448,7 +481,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let tree = Tree { nodes: top }.save(&saver)?;
     saver.flush()?;
     summary.save = saver.stats();
-    wait_for_wal(&repo, &ctx.cluster, &stop.segment, wal_timeout)?;
+    wait_for_wal(&repo, &ctx.cluster, &stop.segment, wal_timeout, wal_hint)?;
 
     let meta = BackupMeta {
         cluster: ctx.cluster.clone(),
@@ -467,6 +500,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         tablespaces,
         data_checksums: info.data_checksums,
         corrupted_pages: corrupted,
+        from_standby,
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {
@@ -487,6 +521,61 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;
     report(ctx, &id, &meta, &summary, &label)
+}
+
+/// Connects to the primary of the standby described by `standby`.
+fn connect_primary(conninfo: &str, standby: &ClusterInfo) -> Result<(Connection, ClusterInfo)> {
+    let options = ConnectOptions::resolve(Some(conninfo))
+        .context("--primary-conn is not a valid connection string")?;
+    let mut conn = Connection::connect(&options).context("connecting to --primary-conn")?;
+    let info = ClusterInfo::read(&mut conn)?;
+    if info.in_recovery {
+        bail!("--primary-conn: that server is in recovery too; point it at the primary");
+    }
+    if info.system_identifier != standby.system_identifier {
+        bail!(
+            "--primary-conn: that server (system identifier {}) is not this standby's primary ({})",
+            info.system_identifier,
+            standby.system_identifier
+        );
+    }
+    Ok((conn, info))
+}
+
+/// Stores `global/pg_control` again after every other file. Recovery of a backup taken
+/// from a standby ends at the control file's minimum recovery point, which covers every
+/// page flushed before it was read — so it must be read last (as pg_basebackup does).
+fn store_control_file_last(
+    saver: &BlobSaver<'_>,
+    pgdata: &Path,
+    pgdata_node: &mut Node,
+) -> Result<()> {
+    let path = pgdata.join("global").join("pg_control");
+    let meta = fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?;
+    let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let content = saver.save(BlobType::Data, &data)?;
+    let repo = saver.repository();
+    let root_id = pgdata_node
+        .subtree
+        .context("backup tree has no data directory")?;
+    let mut root = Tree::load(repo, &root_id)?;
+    let global = root
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == "global")
+        .context("backup has no global directory")?;
+    let mut global_tree = Tree::load(repo, &global.subtree.context("global is not a directory")?)?;
+    let control = global_tree
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == "pg_control")
+        .context("backup has no global/pg_control")?;
+    control.content = vec![content];
+    control.size = data.len() as u64;
+    control.mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+    global.subtree = Some(global_tree.save(saver)?);
+    pgdata_node.subtree = Some(root.save(saver)?);
+    Ok(())
 }
 
 /// Finds `a/b` in a tree, one level per path component.
@@ -510,6 +599,7 @@ fn wait_for_wal(
     cluster: &str,
     segment: &WalFileName,
     timeout: Duration,
+    hint: &str,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let name = wal_name(cluster, segment);
@@ -519,7 +609,7 @@ fn wait_for_wal(
         }
         if Instant::now() > deadline {
             bail!(
-                "the backup's last WAL segment {segment} did not reach the repository within {}: the backup is not usable without it and was not recorded; check archiving with `pgvault check` and pg_stat_archiver",
+                "the backup's last WAL segment {segment} did not reach the repository within {}: the backup is not usable without it and was not recorded; check archiving with `pgvault check` and pg_stat_archiver{hint}",
                 humantime::format_duration(timeout)
             );
         }
@@ -549,6 +639,7 @@ fn report(ctx: &Context, id: &Id, meta: &BackupMeta, summary: &Summary, label: &
             "mb_per_second": read as f64 / 1e6 / seconds,
             "dedup_ratio": summary.bytes as f64 / summary.save.bytes_stored.max(1) as f64,
             "corrupted_pages": meta.corrupted_pages,
+            "from_standby": meta.from_standby,
         }));
     }
     println!("{id}");
