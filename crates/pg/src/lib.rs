@@ -7,5 +7,6 @@ pub mod conn;
 pub mod page;
 pub mod pgdata;
 pub mod recovery;
+pub mod summary;
 pub mod tools;
 pub mod wal;

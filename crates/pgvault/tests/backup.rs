@@ -846,3 +846,76 @@ fn verify_names_what_breaks_each_backup() {
         "{report}"
     );
 }
+
+/// PostgreSQL 17 with `summarize_wal`: the second backup reads only the chunks holding
+/// blocks the server's WAL summaries list as modified (plus truncated and new files),
+/// reuses the rest, and restores to exactly the source.
+#[test]
+fn wal_summaries_limit_reads_to_modified_blocks() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster_of(17) else {
+        return;
+    };
+    source.psql("ALTER SYSTEM SET summarize_wal = on");
+    source.psql("SELECT pg_reload_conf()");
+    setup.setup_cluster(&source);
+    pgbench(&source, &["-q", "-i", "-s", "10"]);
+    source.psql("CREATE TABLE marks (name text)");
+    source.psql("CREATE TABLE shrinking AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 100000) g");
+    source.psql("CREATE TABLE emptied AS SELECT g AS id FROM generate_series(1, 50000) g");
+    let first = backup(&setup, &source, &[]);
+    assert_eq!(
+        first["wal_summary_blocks"],
+        serde_json::Value::Null,
+        "{first}"
+    );
+
+    pgbench(&source, &["-n", "-t", "200"]);
+    source.psql("DELETE FROM shrinking WHERE id > 1000");
+    source.psql("VACUUM shrinking");
+    source.psql("TRUNCATE emptied");
+    source.psql("INSERT INTO emptied VALUES (1), (2)");
+    source.psql("INSERT INTO marks VALUES ('between the backups')");
+    let accounts: u64 = source
+        .psql("SELECT pg_relation_size('pgbench_accounts')")
+        .parse()
+        .expect("size");
+    let second = backup(&setup, &source, &[]);
+    let blocks = second["wal_summary_blocks"].as_u64().unwrap_or(0);
+    assert!(blocks > 0, "WAL summaries were not used: {second}");
+    let read = second["read_bytes"].as_u64().expect("read bytes");
+    assert!(
+        read < accounts / 2,
+        "read {read} bytes, pgbench_accounts alone is {accounts}: {second}"
+    );
+    let expected = format!(
+        "{}|{}|{}",
+        state(&source),
+        source.psql("SELECT count(*) || '/' || sum(id) FROM shrinking"),
+        source.psql("SELECT count(*) FROM emptied")
+    );
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+    let id = second["id"].as_str().expect("id").to_string();
+    let mut restored = restore_and_start(
+        &setup,
+        source.bin(),
+        &[
+            "--backup",
+            &id,
+            "--target",
+            "immediate",
+            "--archive-mode",
+            "off",
+        ],
+    );
+    let got = format!(
+        "{}|{}|{}",
+        state(&restored),
+        restored.psql("SELECT count(*) || '/' || sum(id) FROM shrinking"),
+        restored.psql("SELECT count(*) FROM emptied")
+    );
+    assert_eq!(got, expected);
+    judge(&mut restored);
+    source.stop();
+}

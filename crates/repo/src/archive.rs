@@ -7,6 +7,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,12 @@ pub type Filter = Arc<dyn Fn(&Path, &fs::Metadata) -> Include + Send + Sync>;
 /// the bytes, e.g. to verify checksums on the way. Unchanged files are not read.
 pub type Inspector = Arc<dyn Fn(&Path, u64, &[u8]) + Send + Sync>;
 
+/// For a changed file (path relative to the root), the byte ranges known from outside to
+/// hold every difference from the parent snapshot's copy (e.g. a database's own change
+/// tracking); `None` when unknown. Fixed chunks outside the ranges reuse the parent's
+/// chunks without being read.
+pub type ChangedRanges = Arc<dyn Fn(&Path) -> Option<Vec<Range<u64>>> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct ArchiveOptions {
     pub jobs: usize,
@@ -49,6 +56,7 @@ pub struct ArchiveOptions {
     pub read_all: bool,
     pub filter: Option<Filter>,
     pub inspector: Option<Inspector>,
+    pub changed_ranges: Option<ChangedRanges>,
 }
 
 impl std::fmt::Debug for ArchiveOptions {
@@ -59,6 +67,7 @@ impl std::fmt::Debug for ArchiveOptions {
             .field("read_all", &self.read_all)
             .field("filter", &self.filter.is_some())
             .field("inspector", &self.inspector.is_some())
+            .field("changed_ranges", &self.changed_ranges.is_some())
             .finish()
     }
 }
@@ -71,6 +80,7 @@ impl Default for ArchiveOptions {
             read_all: false,
             filter: None,
             inspector: None,
+            changed_ranges: None,
         }
     }
 }
@@ -180,11 +190,12 @@ impl Walker<'_, '_> {
         chunks: impl Iterator<Item = io::Result<Vec<u8>>>,
         path: &Path,
         relative: &Path,
+        first_offset: u64,
     ) -> Result<(Vec<Id>, u64)> {
         let Some(inspector) = self.options.inspector.clone() else {
             return self.store_chunks(chunks, path);
         };
-        let mut offset = 0u64;
+        let mut offset = first_offset;
         let inspected = chunks.inspect(move |chunk| {
             if let Ok(data) = chunk {
                 inspector(relative, offset, data);
@@ -255,6 +266,17 @@ impl Walker<'_, '_> {
                     node.size = prev.size;
                     node.content = prev.content.clone();
                     self.summary.bytes_unchanged += node.size;
+                } else if let Some((prev, ranges)) = self.patchable(previous, &relative_path) {
+                    let file = match File::open(&path) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(RepoError::io(&path, e)),
+                    };
+                    let (content, size, reused) =
+                        self.patch_file(&file, meta.len(), prev, &ranges, &path, &relative_path)?;
+                    node.content = content;
+                    node.size = size;
+                    self.summary.bytes_unchanged += reused;
                 } else {
                     let file = match File::open(&path) {
                         Ok(f) => f,
@@ -267,7 +289,8 @@ impl Walker<'_, '_> {
                         file.take(meta.len()),
                         &self.saver.repository().config().chunker,
                     );
-                    let (content, size) = self.store_file_chunks(chunker, &path, &relative_path)?;
+                    let (content, size) =
+                        self.store_file_chunks(chunker, &path, &relative_path, 0)?;
                     node.content = content;
                     node.size = size;
                 }
@@ -282,9 +305,91 @@ impl Walker<'_, '_> {
         tree.save(self.saver)
     }
 
+    /// The parent's copy of a changed file and the ranges that may differ from it, when
+    /// the parent's content list is in whole fixed chunks that can be reused one by one.
+    fn patchable<'n>(
+        &self,
+        previous: Option<&'n Node>,
+        relative: &Path,
+    ) -> Option<(&'n Node, Vec<Range<u64>>)> {
+        let previous = previous?;
+        let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
+        if self.options.read_all
+            || self.options.parent.is_none()
+            || previous.kind != NodeKind::File
+            || previous.content.len() as u64 != previous.size.div_ceil(fixed)
+        {
+            return None;
+        }
+        let ranges = (self.options.changed_ranges.as_ref()?)(relative)?;
+        Some((previous, ranges))
+    }
+
+    /// Stores a changed file chunk by chunk: a chunk that lies outside every changed
+    /// range and is whole in both copies reuses the parent's chunk; the others are read.
+    /// Returns the content list, the size, and the bytes reused.
+    fn patch_file(
+        &mut self,
+        file: &File,
+        size: u64,
+        previous: &Node,
+        changed: &[Range<u64>],
+        path: &Path,
+        relative: &Path,
+    ) -> Result<(Vec<Id>, u64, u64)> {
+        let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
+        let mut content = Vec::new();
+        let (mut stored, mut reused) = (0u64, 0u64);
+        for index in 0..size.div_ceil(fixed) {
+            let start = index * fixed;
+            let end = (start + fixed).min(size);
+            let previous_end = (start + fixed).min(previous.size);
+            let untouched = !changed.iter().any(|r| r.start < end && start < r.end);
+            if let (true, true, Some(id)) = (
+                untouched,
+                end == previous_end,
+                previous.content.get(index as usize),
+            ) {
+                content.push(*id);
+                stored += end - start;
+                reused += end - start;
+                continue;
+            }
+            let mut chunk = vec![0u8; (end - start) as usize];
+            let read = read_at_most(file, &mut chunk, start).map_err(|e| RepoError::io(path, e))?;
+            chunk.truncate(read);
+            if chunk.is_empty() {
+                break; // truncated since stat: the rest belongs to WAL replay
+            }
+            let (ids, length) =
+                self.store_file_chunks(std::iter::once(Ok(chunk)), path, relative, start)?;
+            content.extend(ids);
+            stored += length;
+            if (read as u64) < end - start {
+                break;
+            }
+        }
+        Ok((content, stored, reused))
+    }
+
     fn unchanged(&self, previous: &Node, current: &Node, size: u64) -> bool {
         is_unchanged(self.options, previous, current.mtime_ns, size)
     }
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends; returns the count.
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Whether a file can reuse `previous` without being read: same size and mtime, and not

@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use pg::conn::{ClusterInfo, ConnectOptions, Connection};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, RelationFile};
+use pg::summary::ChangedBlocks;
 use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
 use repo::lock::LockKind;
@@ -73,6 +74,10 @@ pub struct BackupMeta {
     /// Taken from a standby (its files), with the WAL its primary archived.
     #[serde(default)]
     pub from_standby: bool,
+    /// PostgreSQL 17+: blocks the server's WAL summaries listed as modified since the
+    /// previous backup started, when they were used to read only those.
+    #[serde(default)]
+    pub wal_summary_blocks: Option<u64>,
 }
 
 impl BackupMeta {
@@ -151,22 +156,23 @@ impl PageVerifier {
     }
 }
 
-/// Archive options for one root (PGDATA or a tablespace directory).
+/// Archive options for one root (PGDATA or a tablespace directory): `base` (jobs,
+/// parent, read_all) plus the server's exclusion rules, page verification and the
+/// blocks known to have changed.
 fn options_for(
+    base: ArchiveOptions,
     root: &Path,
     major: u32,
-    tablespace: bool,
+    tablespace: Option<u32>,
     verifier: Option<Arc<PageVerifier>>,
-    parent: Option<(Id, DateTime<Utc>)>,
-    jobs: usize,
-    read_all: bool,
+    changed: Option<Arc<ChangedBlocks>>,
 ) -> ArchiveOptions {
     let root_for_filter = root.to_path_buf();
     let version_prefix = format!("PG_{major}_");
     let filter = move |relative: &Path, meta: &fs::Metadata| {
         // A tablespace directory may hold other server versions' directories (after
         // pg_upgrade): only this version's belongs to the backup.
-        if tablespace && relative.components().count() == 1 {
+        if tablespace.is_some() && relative.components().count() == 1 {
             let name = relative.to_string_lossy();
             if !name.starts_with(&version_prefix) {
                 return Include::No;
@@ -180,33 +186,38 @@ fn options_for(
         }
     };
     ArchiveOptions {
-        jobs,
-        parent,
-        read_all,
         filter: Some(Arc::new(filter)),
         inspector: verifier.map(|v| {
             Arc::new(move |relative: &Path, offset: u64, data: &[u8]| {
                 v.inspect(relative, offset, data)
             }) as repo::archive::Inspector
         }),
+        changed_ranges: changed.map(|blocks| {
+            Arc::new(move |relative: &Path| blocks.changed_ranges(tablespace, relative))
+                as repo::archive::ChangedRanges
+        }),
+        ..base
     }
 }
 
 /// The data roots of a backup: (name in the backup tree, directory, prefix for
-/// reports, whether it is a tablespace).
-fn backup_roots(pgdata: &Path, tablespaces: &[Tablespace]) -> Vec<(String, PathBuf, String, bool)> {
+/// reports, tablespace OID or `None` for the data directory).
+fn backup_roots(
+    pgdata: &Path,
+    tablespaces: &[Tablespace],
+) -> Vec<(String, PathBuf, String, Option<u32>)> {
     std::iter::once((
         "pgdata".to_string(),
         pgdata.to_path_buf(),
         String::new(),
-        false,
+        None,
     ))
     .chain(tablespaces.iter().map(|t| {
         (
             format!("tablespaces/{}", t.oid),
             PathBuf::from(&t.location),
             format!("pg_tblspc/{}/", t.oid),
-            true,
+            Some(t.oid),
         )
     }))
     .collect()
@@ -239,16 +250,14 @@ fn estimate(
     let previous = list_backups(repo, &ctx.cluster)?.pop();
     let previous_tree = previous.as_ref().map(|(_, s, _)| (s.tree, s.time));
     let mut total = repo::archive::Estimate::default();
-    for (name, root, _, is_tablespace) in backup_roots(pgdata, tablespaces) {
-        let options = options_for(
-            &root,
-            major,
-            is_tablespace,
-            None,
-            parent_of(repo, previous_tree, &name)?,
-            ctx.jobs,
+    for (name, root, _, tablespace) in backup_roots(pgdata, tablespaces) {
+        let base = ArchiveOptions {
+            jobs: ctx.jobs,
+            parent: parent_of(repo, previous_tree, &name)?,
             read_all,
-        );
+            ..ArchiveOptions::default()
+        };
+        let options = options_for(base, &root, major, tablespace, None, None);
         let part = repo::archive::estimate_tree(repo, &root, &options)
             .with_context(|| format!("walking {}", root.display()))?;
         total.files += part.files;
@@ -378,6 +387,10 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         start.timeline
     );
 
+    let changed = match (&previous, args.checksum_all) {
+        (Some((_, _, previous)), false) => summarized_changes(&mut conn, major, previous, &start),
+        _ => None,
+    };
     let saver = BlobSaver::new(&repo);
     let mut summary = Summary::default();
     let mut corrupted = Vec::new();
@@ -385,7 +398,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let stored = (|| -> Result<Vec<Node>> {
         let mut top = Vec::new();
         let mut tablespace_nodes = Vec::new();
-        for (name, root, report_prefix, is_tablespace) in backup_roots(&pgdata, &tablespaces) {
+        for (name, root, report_prefix, tablespace) in backup_roots(&pgdata, &tablespaces) {
             let verifier = info.data_checksums.then(|| {
                 Arc::new(PageVerifier {
                     root: root.clone(),
@@ -394,14 +407,19 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                     corrupt: Mutex::new(Vec::new()),
                 })
             });
+            let base = ArchiveOptions {
+                jobs: ctx.jobs,
+                parent: parent_of(&repo, previous_tree, &name)?,
+                read_all: args.checksum_all,
+                ..ArchiveOptions::default()
+            };
             let options = options_for(
+                base,
                 &root,
                 major,
-                is_tablespace,
+                tablespace,
                 verifier.clone(),
-                parent_of(&repo, previous_tree, &name)?,
-                ctx.jobs,
-                args.checksum_all,
+                changed.clone(),
             );
             let Archived {
                 root: node,
@@ -501,6 +519,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         data_checksums: info.data_checksums,
         corrupted_pages: corrupted,
         from_standby,
+        wal_summary_blocks: changed.as_ref().map(|c| c.block_count() as u64),
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {
@@ -521,6 +540,58 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;
     report(ctx, &id, &meta, &summary, &label)
+}
+
+/// PostgreSQL 17+ with `summarize_wal`: the blocks modified since `previous` started,
+/// from the server's WAL summaries. `None` (read changed files whole) when summaries are
+/// off, do not cover the range, or the timeline changed; never fails the backup.
+fn summarized_changes(
+    conn: &mut Connection,
+    major: u32,
+    previous: &BackupMeta,
+    start: &pg::backup::BackupStart,
+) -> Option<Arc<ChangedBlocks>> {
+    let attempt = |conn: &mut Connection| -> Result<Option<ChangedBlocks>> {
+        if !pg::summary::enabled(conn, major)? {
+            return Ok(None);
+        }
+        if previous.timeline != start.timeline {
+            tracing::info!(
+                "the timeline changed since the previous backup: WAL summaries not used"
+            );
+            return Ok(None);
+        }
+        let from = Lsn::parse(&previous.start_lsn).context("previous backup's start LSN")?;
+        if !pg::summary::wait_summarized(conn, start.lsn, Duration::from_secs(60))? {
+            tracing::warn!(
+                "the WAL summarizer has not reached the backup start {} within 60s: reading changed files whole",
+                start.lsn
+            );
+            return Ok(None);
+        }
+        let changed = pg::summary::changed_blocks(conn, start.timeline, from, start.lsn)?;
+        if changed.is_none() {
+            tracing::info!(
+                "the server's WAL summaries do not cover {from}..{}: reading changed files whole",
+                start.lsn
+            );
+        }
+        Ok(changed)
+    };
+    match attempt(conn) {
+        Ok(Some(changed)) => {
+            tracing::info!(
+                "WAL summaries: {} blocks modified since the previous backup started",
+                changed.block_count()
+            );
+            Some(Arc::new(changed))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("reading WAL summaries failed ({e:#}): reading changed files whole");
+            None
+        }
+    }
 }
 
 /// Connects to the primary of the standby described by `standby`.
@@ -640,6 +711,7 @@ fn report(ctx: &Context, id: &Id, meta: &BackupMeta, summary: &Summary, label: &
             "dedup_ratio": summary.bytes as f64 / summary.save.bytes_stored.max(1) as f64,
             "corrupted_pages": meta.corrupted_pages,
             "from_standby": meta.from_standby,
+            "wal_summary_blocks": meta.wal_summary_blocks,
         }));
     }
     println!("{id}");
