@@ -26,6 +26,8 @@ pub struct Context {
     pub repo_url: Option<String>,
     pub jobs: usize,
     pub output: OutputFormat,
+    /// `--quiet`: errors only, no progress bars.
+    pub quiet: bool,
     /// Compression for new data when the config overrides the repository default.
     pub compression: Option<Compression>,
     repo_section: RepoSection,
@@ -89,6 +91,7 @@ impl Context {
             repo_url: global.repo.clone().or_else(|| section.url.clone()),
             jobs,
             output: global.output,
+            quiet: global.quiet,
             compression,
             repo_section: section,
             passphrase_file: match &passphrase {

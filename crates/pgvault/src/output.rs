@@ -1,12 +1,31 @@
 //! Printing results: JSON for scripts, short text for people.
 
 use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode JSON output")?;
     println!("{text}");
     Ok(())
+}
+
+/// A byte progress bar on standard error when it is a terminal and the output is text
+/// for people (not `--quiet`, not JSON); `None` otherwise.
+pub fn progress_bar(ctx: &crate::context::Context, total: u64, what: &str) -> Option<ProgressBar> {
+    use std::io::IsTerminal;
+    if ctx.quiet || ctx.json() || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .ok()?
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    Some(bar)
 }
 
 /// 1536 → "1.5 KiB".

@@ -39,6 +39,9 @@ pub type Filter = Arc<dyn Fn(&Path, &fs::Metadata) -> Include + Send + Sync>;
 /// the bytes, e.g. to verify checksums on the way. Unchanged files are not read.
 pub type Inspector = Arc<dyn Fn(&Path, u64, &[u8]) + Send + Sync>;
 
+/// Told the size of each file once it is stored (read or reused), for progress bars.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// For a changed file (path relative to the root), the byte ranges known from outside to
 /// hold every difference from the parent snapshot's copy (e.g. a database's own change
 /// tracking); `None` when unknown. Fixed chunks outside the ranges reuse the parent's
@@ -57,6 +60,7 @@ pub struct ArchiveOptions {
     pub filter: Option<Filter>,
     pub inspector: Option<Inspector>,
     pub changed_ranges: Option<ChangedRanges>,
+    pub progress: Option<Progress>,
 }
 
 impl std::fmt::Debug for ArchiveOptions {
@@ -68,6 +72,7 @@ impl std::fmt::Debug for ArchiveOptions {
             .field("filter", &self.filter.is_some())
             .field("inspector", &self.inspector.is_some())
             .field("changed_ranges", &self.changed_ranges.is_some())
+            .field("progress", &self.progress.is_some())
             .finish()
     }
 }
@@ -81,6 +86,7 @@ impl Default for ArchiveOptions {
             filter: None,
             inspector: None,
             changed_ranges: None,
+            progress: None,
         }
     }
 }
@@ -296,6 +302,9 @@ impl Walker<'_, '_> {
                 }
                 self.summary.files += 1;
                 self.summary.bytes += node.size;
+                if let Some(progress) = &self.options.progress {
+                    progress(node.size);
+                }
             } else {
                 tracing::debug!("skipping special file {}", path.display());
                 continue;

@@ -33,7 +33,7 @@ use super::archive::{load_identity, parse_duration, wal_name};
 use super::setup::connect;
 use crate::cli::BackupArgs;
 use crate::context::Context;
-use crate::output::{bytes, print_json};
+use crate::output::{bytes, print_json, progress_bar};
 
 pub const BACKUP_KIND: &str = "backup";
 
@@ -391,6 +391,22 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         (Some((_, _, previous)), false) => summarized_changes(&mut conn, major, previous, &start),
         _ => None,
     };
+    // The databases' size is close to what the walk will see, and costs one query.
+    let bar = conn
+        .query_one_value("SELECT sum(pg_database_size(oid))::text FROM pg_database")
+        .ok()
+        .flatten()
+        .and_then(|total| total.parse().ok())
+        .and_then(|total| progress_bar(ctx, total, "backup"));
+    let progress = bar.clone().map(|bar| {
+        Arc::new(move |bytes: u64| {
+            let done = bar.position() + bytes;
+            if bar.length().is_some_and(|total| done > total) {
+                bar.set_length(done);
+            }
+            bar.set_position(done);
+        }) as repo::archive::Progress
+    });
     let saver = BlobSaver::new(&repo);
     let mut summary = Summary::default();
     let mut corrupted = Vec::new();
@@ -411,6 +427,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 jobs: ctx.jobs,
                 parent: parent_of(&repo, previous_tree, &name)?,
                 read_all: args.checksum_all,
+                progress: progress.clone(),
                 ..ArchiveOptions::default()
             };
             let options = options_for(
@@ -471,6 +488,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         Ok(top)
     })();
     // Always end the backup on the server, also when storing failed.
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
     let top = stored?;
     let stop = stop?;
