@@ -21,6 +21,7 @@ ensure_apt_packages() {
     command -v lz4 >/dev/null || missing+=(lz4)
     command -v openssl >/dev/null || missing+=(openssl)
     command -v gzip >/dev/null || missing+=(gzip)
+    command -v npm >/dev/null || missing+=(nodejs npm)
     [ -x /usr/bin/time ] || missing+=(time)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing Debian packages: ${missing[*]}"
@@ -46,6 +47,23 @@ ensure_moto() {
         echo "==> installing the moto S3 server (pip)"
         python3 -m pip install --quiet --break-system-packages 'moto[server]' \
             || python3 -m pip install --quiet 'moto[server]'
+    fi
+}
+
+# Azurite (the Azure Blob emulator, npm) under $PGVAULT_TOOLS/azurite, and the Python
+# Azure SDK the tests create containers with.
+ensure_azurite() {
+    : "${PGVAULT_TOOLS:=/var/tmp/pgvault-tools}"
+    export PGVAULT_TOOLS
+    if [ ! -x "$PGVAULT_TOOLS/azurite/node_modules/.bin/azurite-blob" ]; then
+        echo "==> installing Azurite (npm)"
+        mkdir -p "$PGVAULT_TOOLS/azurite"
+        (cd "$PGVAULT_TOOLS/azurite" && npm install --silent --no-audit --no-fund azurite@3.37.0)
+    fi
+    if ! python3 -c 'import azure.storage.blob' 2>/dev/null; then
+        echo "==> installing the Python Azure SDK (pip)"
+        python3 -m pip install --quiet --break-system-packages azure-storage-blob \
+            || python3 -m pip install --quiet azure-storage-blob
     fi
 }
 

@@ -156,11 +156,18 @@ impl Context {
 
     pub fn storage(&self) -> Result<DynStorage> {
         let location = self.location()?;
-        let s3 = match location {
-            Location::S3 { .. } => Some(self.s3_config()?),
-            _ => None,
-        };
-        Ok(repo::open_storage(&location, s3)?)
+        let mut options = repo::BackendOptions::default();
+        match location {
+            Location::S3 { .. } => options.s3 = self.s3_config()?,
+            Location::Azblob { .. } => {
+                if let Some(path) = &self.repo_section.azure_connection_string_file {
+                    options.azblob.connection_string =
+                        Some(read_secret_file(path, "Azure connection string")?);
+                }
+            }
+            Location::Local(_) => {}
+        }
+        Ok(repo::open_storage(&location, &options)?)
     }
 
     /// The passphrase from file or environment, if one was configured.

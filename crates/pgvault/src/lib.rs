@@ -48,10 +48,12 @@ fn is_unreachable(e: &anyhow::Error) -> bool {
 }
 
 fn init_logging(cli: &Cli) {
+    // OpenDAL warns about writers dropped after a failed conditional write: noise for
+    // operators, whose error already says what failed.
     let level = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "info",
+        (false, 0) => "warn,opendal=error",
+        (false, 1) => "info,opendal=error",
         (false, _) => "debug",
     };
     let filter = EnvFilter::try_from_env("PGVAULT_LOG").unwrap_or_else(|_| EnvFilter::new(level));

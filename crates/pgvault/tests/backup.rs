@@ -228,6 +228,14 @@ fn point_in_time_restore_through_s3() {
 }
 
 #[test]
+fn point_in_time_restore_through_azure_blob() {
+    let Some(setup) = Setup::azblob() else {
+        return;
+    };
+    point_in_time(16, &setup, false);
+}
+
+#[test]
 fn corrupted_pages_are_reported_and_the_backup_completes() {
     let setup = Setup::local();
     let Some(mut cluster) = archiving_cluster() else {

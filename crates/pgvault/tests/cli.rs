@@ -32,7 +32,7 @@ impl Scratch {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgvault"));
         for (key, _) in std::env::vars() {
-            if key.starts_with("PGVAULT_") || key.starts_with("AWS_") {
+            if key.starts_with("PGVAULT_") || key.starts_with("AWS_") || key.starts_with("AZURE_") {
                 cmd.env_remove(key);
             }
         }
@@ -877,4 +877,74 @@ fn s3_repository_round_trip() {
     with_s3(&["snapshot", "forget", id]);
     with_s3(&["gc"]);
     with_s3(&["verify"]);
+}
+
+/// An Azure Blob repository (Azurite), its connection string from a file named in the
+/// config: init, snapshot, verify, restore, forget, gc — and a missing container named.
+#[test]
+fn azblob_repository_round_trip() {
+    let Some(azurite) = testkit::azurite::azurite() else {
+        return;
+    };
+    azurite.create_container("pgvault-cli").expect("container");
+    let s = Scratch::new();
+    fs::write(
+        s.path("azure"),
+        format!("{}\n", azurite.connection_string()),
+    )
+    .expect("write");
+    let config = s.path("pgvault.toml");
+    let write_config = |url: &str| {
+        fs::write(
+            &config,
+            format!(
+                "[repo]\nurl = \"{url}\"\nazure-connection-string-file = \"{}\"\n",
+                s.path("azure").display()
+            ),
+        )
+        .expect("config")
+    };
+    write_config(&format!("azblob://pgvault-cli/{}", testkit::unique("cli")));
+    let run = |args: &[&str]| {
+        let mut cmd = s.cmd(args);
+        cmd.env_remove("PGVAULT_REPO")
+            .env("PGVAULT_CONFIG", &config);
+        cmd.output().expect("run")
+    };
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["init"]);
+    let data = s.path("data");
+    make_tree(&data);
+    let id = ok(&["snapshot", "create", "--path", &data.display().to_string()]);
+    let id = id.trim();
+    ok(&["verify"]);
+    ok(&[
+        "snapshot",
+        "restore",
+        id,
+        "--target",
+        &s.path("out").display().to_string(),
+    ]);
+    assert_same_tree(&data, &s.path("out"));
+    ok(&["snapshot", "forget", id]);
+    ok(&["gc"]);
+    ok(&["verify"]);
+
+    write_config("azblob://no-such-container/x");
+    let out = run(&["init"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("container no-such-container does not exist"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
 }

@@ -155,7 +155,7 @@ fn end_to_end(setup: &Setup, asynchronous: bool) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    if setup.s3_endpoint.is_none() {
+    if setup.is_local() {
         let timelines: Vec<String> = fs::read_dir(setup.path("repo/files/wal/main"))
             .expect("wal dir")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

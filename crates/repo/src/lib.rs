@@ -35,19 +35,40 @@ pub use repository::{InitOptions, Repository};
 
 use std::sync::Arc;
 use storage::{
-    DynStorage, LocalStorage, Location, RetryPolicy, RetryingStorage, S3Config, S3Storage,
+    AzblobConfig, AzblobStorage, DynStorage, LocalStorage, Location, RetryPolicy, RetryingStorage,
+    S3Config, S3Storage,
 };
 
+/// Settings of the object-store backends beyond what the location URL says.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    pub s3: S3Config,
+    pub azblob: AzblobConfig,
+}
+
 /// Opens the storage backend for a location, wrapped with retries for transient errors.
-pub fn open_storage(location: &Location, s3: Option<S3Config>) -> Result<DynStorage> {
+pub fn open_storage(location: &Location, options: &BackendOptions) -> Result<DynStorage> {
     Ok(match location {
         Location::Local(path) => Arc::new(LocalStorage::new(path.clone())),
         Location::S3 { bucket, prefix } => {
-            let mut config = s3.unwrap_or_default();
-            config.bucket = bucket.clone();
-            config.prefix = prefix.clone();
+            let config = S3Config {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                ..options.s3.clone()
+            };
             Arc::new(RetryingStorage::new(
                 S3Storage::new(config)?,
+                RetryPolicy::default(),
+            ))
+        }
+        Location::Azblob { container, prefix } => {
+            let config = AzblobConfig {
+                container: container.clone(),
+                prefix: prefix.clone(),
+                ..options.azblob.clone()
+            };
+            Arc::new(RetryingStorage::new(
+                AzblobStorage::new(config)?,
                 RetryPolicy::default(),
             ))
         }

@@ -1,13 +1,14 @@
 //! One conformance suite for every `Storage` backend.
 //!
 //! The `conformance_*` functions state the contract of `repo::storage::Storage`; the
-//! `backend_tests!` macro runs each of them against `LocalStorage` (in a temporary directory)
-//! and `S3Storage` (against a moto server this binary starts, one prefix per test).
-//! Without moto the S3 tests print a skip reason, except under `CI=true` where they fail.
+//! `backend_tests!` macro runs each of them against `LocalStorage` (in a temporary directory),
+//! `S3Storage` (against a moto server this binary starts, one prefix per test) and
+//! `AzblobStorage` (against Azurite). Without those servers the tests print a skip reason,
+//! except under `CI=true` where they fail.
 
 use repo::storage::{
-    retry, LocalStorage, PutOutcome, RetryPolicy, RetryingStorage, S3Config, S3Storage, Storage,
-    StorageError,
+    retry, AzblobConfig, AzblobStorage, LocalStorage, PutOutcome, RetryPolicy, RetryingStorage,
+    S3Config, S3Storage, Storage, StorageError,
 };
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -389,6 +390,41 @@ fn s3_backend() -> Option<(Box<dyn Storage>, Guard)> {
     Some((Box::new(storage), Box::new(())))
 }
 
+const CONTAINER: &str = "conformance";
+
+/// The Azurite server with the shared container created.
+fn azurite_with_container() -> Option<&'static testkit::azurite::Azurite> {
+    static CONTAINER_READY: OnceLock<Result<(), String>> = OnceLock::new();
+    let azurite = testkit::azurite::azurite()?;
+    if let Err(e) = CONTAINER_READY.get_or_init(|| azurite.create_container(CONTAINER)) {
+        panic!("Azurite container: {e}");
+    }
+    Some(azurite)
+}
+
+fn azblob_config(
+    azurite: &testkit::azurite::Azurite,
+    container: &str,
+    prefix: &str,
+) -> AzblobConfig {
+    AzblobConfig {
+        container: container.to_string(),
+        prefix: prefix.to_string(),
+        connection_string: Some(azurite.connection_string()),
+        ..AzblobConfig::default()
+    }
+}
+
+fn azblob_backend() -> Option<(Box<dyn Storage>, Guard)> {
+    let azurite = azurite_with_container()?;
+    let prefix = format!("conformance/{}", testkit::unique("t"));
+    let storage = expect_ok(
+        "AzblobStorage::new",
+        AzblobStorage::new(azblob_config(azurite, CONTAINER, &prefix)),
+    );
+    Some((Box::new(storage), Box::new(())))
+}
+
 macro_rules! backend_tests {
     ($module:ident, $make:path) => {
         mod $module {
@@ -446,6 +482,53 @@ macro_rules! backend_tests {
 
 backend_tests!(local, local_backend);
 backend_tests!(s3, s3_backend);
+backend_tests!(azblob, azblob_backend);
+
+#[test]
+fn azblob_missing_container_is_a_clear_permanent_error() {
+    let Some(azurite) = testkit::azurite::azurite() else {
+        return;
+    };
+    let container = testkit::unique("absent").to_lowercase();
+    let storage = expect_ok(
+        "new",
+        AzblobStorage::new(azblob_config(azurite, &container, "repo")),
+    );
+    for (op, result) in [
+        ("put", storage.put_if_absent("k", b"v").err()),
+        ("list", storage.list("").err()),
+    ] {
+        let Some(err) = result else {
+            panic!("{op} on a missing container succeeded")
+        };
+        assert!(!err.is_retryable(), "{op}: retryable: {err}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("container {container} does not exist")),
+            "{op}: unclear message: {message}"
+        );
+    }
+}
+
+#[test]
+fn azblob_wrong_key_is_permission_denied() {
+    let Some(azurite) = azurite_with_container() else {
+        return;
+    };
+    let config = AzblobConfig {
+        container: CONTAINER.to_string(),
+        prefix: "wrong-key".to_string(),
+        account_name: Some(testkit::azurite::ACCOUNT.to_string()),
+        account_key: Some("d3Jvbmcga2V5".to_string()),
+        endpoint: Some(azurite.endpoint()),
+        ..AzblobConfig::default()
+    };
+    let storage = expect_ok("new", AzblobStorage::new(config));
+    match storage.put_if_absent("k", b"v") {
+        Err(StorageError::PermissionDenied { .. }) => {}
+        other => panic!("a wrong account key must be permission denied, got {other:?}"),
+    }
+}
 
 #[test]
 fn local_list_skips_temporary_files() {

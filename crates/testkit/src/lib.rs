@@ -6,6 +6,7 @@
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub mod azurite;
 pub mod pg;
 pub mod s3;
 

@@ -20,7 +20,7 @@ use repo::archive::{archive_stream, ArchiveOptions};
 use repo::lock::LockKind;
 use repo::saver::BlobSaver;
 use repo::snapshot::{Snapshot, Tree};
-use repo::storage::{DynStorage, Location, S3Config};
+use repo::storage::{DynStorage, Location};
 use serde_json::json;
 
 use super::dump::{
@@ -46,14 +46,10 @@ pub fn legacy_command(ctx: &Context, command: &LegacyCommand) -> Result<()> {
 
 fn source_storage(source: &LegacySourceArgs) -> Result<DynStorage> {
     let location = Location::parse(&source.source).map_err(|e| anyhow::anyhow!("--source: {e}"))?;
-    let s3 = match location {
-        Location::S3 { .. } => Some(S3Config {
-            endpoint: source.source_endpoint.clone(),
-            ..S3Config::default()
-        }),
-        _ => None,
-    };
-    Ok(repo::open_storage(&location, s3)?)
+    let mut options = repo::BackendOptions::default();
+    options.s3.endpoint = source.source_endpoint.clone();
+    options.azblob.endpoint = source.source_endpoint.clone();
+    Ok(repo::open_storage(&location, &options)?)
 }
 
 fn backups_of(storage: &DynStorage, source: &LegacySourceArgs) -> Result<Vec<LegacyBackup>> {

@@ -17,31 +17,55 @@ pub const PASSPHRASE: &str = "wal test passphrase";
 pub struct Setup {
     pub dir: tempfile::TempDir,
     pub repo_url: String,
-    pub s3_endpoint: Option<String>,
+    /// Lines of the `[repo]` section that reach the object store, if any.
+    pub backend_config: String,
 }
 
 impl Setup {
     pub fn local() -> Setup {
         let dir = shared_tempdir();
         let repo_url = dir.path().join("repo").display().to_string();
-        Setup::new(dir, repo_url, None)
+        Setup::new(dir, repo_url, String::new())
     }
 
     pub fn s3() -> Option<Setup> {
         let moto = testkit::s3::moto()?;
         moto.create_bucket("pgvault-wal").expect("bucket");
         let url = format!("s3://pgvault-wal/{}", testkit::unique("wal"));
-        Some(Setup::new(shared_tempdir(), url, Some(moto.endpoint())))
+        let dir = shared_tempdir();
+        let secret = dir.path().join("s3-secret");
+        fs::write(&secret, "test\n").expect("write");
+        let config = format!(
+            "s3-endpoint = \"{}\"\ns3-region = \"us-east-1\"\ns3-access-key-id = \"test\"\ns3-secret-access-key-file = \"{}\"\n",
+            moto.endpoint(),
+            secret.display()
+        );
+        Some(Setup::new(dir, url, config))
     }
 
-    pub fn new(dir: tempfile::TempDir, repo_url: String, s3_endpoint: Option<String>) -> Setup {
+    /// A repository in an Azurite container, reached with a connection string file.
+    pub fn azblob() -> Option<Setup> {
+        let azurite = testkit::azurite::azurite()?;
+        azurite.create_container("pgvault-wal").expect("container");
+        let url = format!("azblob://pgvault-wal/{}", testkit::unique("wal"));
+        let dir = shared_tempdir();
+        let secret = dir.path().join("azure");
+        fs::write(&secret, format!("{}\n", azurite.connection_string())).expect("write");
+        let config = format!("azure-connection-string-file = \"{}\"\n", secret.display());
+        Some(Setup::new(dir, url, config))
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.backend_config.is_empty()
+    }
+
+    pub fn new(dir: tempfile::TempDir, repo_url: String, backend_config: String) -> Setup {
         fs::write(dir.path().join("passphrase"), format!("{PASSPHRASE}\n")).expect("write");
-        fs::write(dir.path().join("s3-secret"), "test\n").expect("write");
         fs::create_dir_all(dir.path().join("spool")).expect("mkdir");
         let setup = Setup {
             dir,
             repo_url,
-            s3_endpoint,
+            backend_config,
         };
         setup.write_config(false);
         setup.ok(&["init"]);
@@ -60,12 +84,7 @@ impl Setup {
             self.repo_url,
             self.path("passphrase").display()
         );
-        if let Some(endpoint) = &self.s3_endpoint {
-            text.push_str(&format!(
-                "s3-endpoint = \"{endpoint}\"\ns3-region = \"us-east-1\"\ns3-access-key-id = \"test\"\ns3-secret-access-key-file = \"{}\"\n",
-                self.path("s3-secret").display()
-            ));
-        }
+        text.push_str(&self.backend_config);
         text.push_str(&format!(
             "\n[clusters.main]\nspool-path = \"{}\"\narchive-async = {asynchronous}\narchive-timeout = \"20s\"\n{extra}",
             self.path("spool").display()

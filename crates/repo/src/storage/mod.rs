@@ -12,13 +12,47 @@
 //! - `list` returns every published object under a prefix, never half-written ones.
 //! - `delete` of an absent object succeeds (deletes are idempotent).
 
+mod azblob;
 mod local;
+mod object;
 mod retry;
 mod s3;
 
+pub use azblob::{AzblobConfig, AzblobStorage};
 pub use local::LocalStorage;
+pub use object::ObjectStore;
 pub use retry::{retry, RetryPolicy, RetryingStorage};
 pub use s3::{S3Config, S3Storage};
+
+/// Implements [`Storage`] for a newtype around another storage by delegation.
+macro_rules! delegate_storage {
+    ($outer:ty) => {
+        impl Storage for $outer {
+            fn location(&self) -> String {
+                self.0.location()
+            }
+            fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome> {
+                self.0.put_if_absent(key, data)
+            }
+            fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+                self.0.get(key)
+            }
+            fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+                self.0.get_range(key, offset, len)
+            }
+            fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
+                self.0.list(prefix)
+            }
+            fn size(&self, key: &str) -> StorageResult<Option<u64>> {
+                self.0.size(key)
+            }
+            fn delete(&self, key: &str) -> StorageResult<()> {
+                self.0.delete(key)
+            }
+        }
+    };
+}
+pub(crate) use delegate_storage;
 
 use std::fmt;
 use std::sync::Arc;
@@ -133,10 +167,11 @@ pub(crate) fn check_key(location: &str, key: &str) -> StorageResult<()> {
 pub enum Location {
     Local(std::path::PathBuf),
     S3 { bucket: String, prefix: String },
+    Azblob { container: String, prefix: String },
 }
 
 impl Location {
-    /// Parses `/path`, `file:///path` and `s3://bucket/prefix`.
+    /// Parses `/path`, `file:///path`, `s3://bucket/prefix` and `azblob://container/prefix`.
     pub fn parse(url: &str) -> Result<Location, String> {
         if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
@@ -158,9 +193,21 @@ impl Location {
                 prefix: prefix.trim_matches('/').to_string(),
             });
         }
+        if let Some(rest) = url.strip_prefix("azblob://") {
+            let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if container.is_empty() {
+                return Err(format!(
+                    "repository URL {url:?}: missing container name (azblob://container/prefix)"
+                ));
+            }
+            return Ok(Location::Azblob {
+                container: container.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
         if let Some((scheme, _)) = url.split_once("://") {
             return Err(format!(
-                "repository URL {url:?}: scheme {scheme}:// is not supported yet (use a path, file:// or s3://)"
+                "repository URL {url:?}: scheme {scheme}:// is not supported yet (use a path, file://, s3:// or azblob://)"
             ));
         }
         if url.is_empty() {
