@@ -22,6 +22,8 @@ ensure_apt_packages() {
     command -v openssl >/dev/null || missing+=(openssl)
     command -v gzip >/dev/null || missing+=(gzip)
     command -v npm >/dev/null || missing+=(nodejs npm)
+    command -v ssh >/dev/null || missing+=(openssh-client)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     [ -x /usr/bin/time ] || missing+=(time)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing Debian packages: ${missing[*]}"

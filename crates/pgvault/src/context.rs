@@ -165,6 +165,18 @@ impl Context {
                         Some(read_secret_file(path, "Azure connection string")?);
                 }
             }
+            Location::Sftp(_) => {
+                let file = |configured: &Option<PathBuf>, variable: &str| {
+                    configured
+                        .clone()
+                        .or_else(|| std::env::var_os(variable).map(PathBuf::from))
+                };
+                options.sftp.key_file = file(&self.repo_section.sftp_key, "PGVAULT_SFTP_KEY");
+                options.sftp.known_hosts = file(
+                    &self.repo_section.sftp_known_hosts,
+                    "PGVAULT_SFTP_KNOWN_HOSTS",
+                );
+            }
             Location::Local(_) => {}
         }
         Ok(repo::open_storage(&location, &options)?)

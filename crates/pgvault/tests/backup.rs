@@ -228,6 +228,14 @@ fn point_in_time_restore_through_s3() {
 }
 
 #[test]
+fn point_in_time_restore_through_sftp() {
+    let Some(setup) = Setup::sftp() else {
+        return;
+    };
+    point_in_time(14, &setup, false);
+}
+
+#[test]
 fn point_in_time_restore_through_azure_blob() {
     let Some(setup) = Setup::azblob() else {
         return;

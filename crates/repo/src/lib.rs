@@ -36,7 +36,7 @@ pub use repository::{InitOptions, Repository};
 use std::sync::Arc;
 use storage::{
     AzblobConfig, AzblobStorage, DynStorage, LocalStorage, Location, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage,
+    S3Config, S3Storage, SftpConfig, SftpStorage,
 };
 
 /// Settings of the object-store backends beyond what the location URL says.
@@ -44,6 +44,8 @@ use storage::{
 pub struct BackendOptions {
     pub s3: S3Config,
     pub azblob: AzblobConfig,
+    /// Key and known_hosts files for SFTP (the URL gives user, host, port and path).
+    pub sftp: SftpConfig,
 }
 
 /// Opens the storage backend for a location, wrapped with retries for transient errors.
@@ -58,6 +60,19 @@ pub fn open_storage(location: &Location, options: &BackendOptions) -> Result<Dyn
             };
             Arc::new(RetryingStorage::new(
                 S3Storage::new(config)?,
+                RetryPolicy::default(),
+            ))
+        }
+        Location::Sftp(from_url) => {
+            let config = SftpConfig {
+                user: from_url.user.clone(),
+                host: from_url.host.clone(),
+                port: from_url.port,
+                path: from_url.path.clone(),
+                ..options.sftp.clone()
+            };
+            Arc::new(RetryingStorage::new(
+                SftpStorage::new(config)?,
                 RetryPolicy::default(),
             ))
         }

@@ -7,8 +7,8 @@
 //! except under `CI=true` where they fail.
 
 use repo::storage::{
-    retry, AzblobConfig, AzblobStorage, LocalStorage, PutOutcome, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage, Storage, StorageError,
+    parse_sftp_url, retry, AzblobConfig, AzblobStorage, LocalStorage, PutOutcome, RetryPolicy,
+    RetryingStorage, S3Config, S3Storage, SftpConfig, SftpStorage, Storage, StorageError,
 };
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -425,6 +425,32 @@ fn azblob_backend() -> Option<(Box<dyn Storage>, Guard)> {
     Some((Box::new(storage), Box::new(())))
 }
 
+fn sftp_config(server: &testkit::sftp::SshServer, sub: &str) -> SftpConfig {
+    let url = server.url(sub);
+    let rest = url.strip_prefix("sftp://").unwrap_or(&url);
+    SftpConfig {
+        key_file: Some(server.key.clone()),
+        known_hosts: Some(server.known_hosts.clone()),
+        ..expect_ok_str_value(parse_sftp_url(rest))
+    }
+}
+
+fn expect_ok_str_value<T>(r: Result<T, String>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn sftp_backend() -> Option<(Box<dyn Storage>, Guard)> {
+    let server = testkit::sftp::sshd()?;
+    let storage = expect_ok(
+        "SftpStorage::new",
+        SftpStorage::new(sftp_config(server, &testkit::unique("t"))),
+    );
+    Some((Box::new(storage), Box::new(())))
+}
+
 macro_rules! backend_tests {
     ($module:ident, $make:path) => {
         mod $module {
@@ -483,6 +509,58 @@ macro_rules! backend_tests {
 backend_tests!(local, local_backend);
 backend_tests!(s3, s3_backend);
 backend_tests!(azblob, azblob_backend);
+backend_tests!(sftp, sftp_backend);
+
+/// An unknown host key is refused, never trusted on first use; a key the server does
+/// not know is "permission denied"; both say what to do.
+#[test]
+fn sftp_refuses_unknown_host_keys_and_wrong_keys() {
+    let Some(server) = testkit::sftp::sshd() else {
+        return;
+    };
+    let empty = server.dir.join("empty_known_hosts");
+    std::fs::write(&empty, "").expect("write");
+    let unknown_host = SftpConfig {
+        known_hosts: Some(empty),
+        ..sftp_config(server, "never")
+    };
+    let storage = expect_ok("new", SftpStorage::new(unknown_host));
+    match storage.put_if_absent("k", b"v") {
+        Err(StorageError::Permanent { detail, .. }) => {
+            assert!(detail.contains("host key"), "{detail}");
+            assert!(detail.contains("ssh-keyscan"), "{detail}");
+        }
+        other => panic!("an unknown host key must be refused: {other:?}"),
+    }
+    let stranger = server.dir.join("stranger_ed25519");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&stranger)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let wrong_key = SftpConfig {
+        key_file: Some(stranger),
+        ..sftp_config(server, "never")
+    };
+    let storage = expect_ok("new", SftpStorage::new(wrong_key));
+    match storage.put_if_absent("k", b"v") {
+        Err(StorageError::PermissionDenied { detail, .. }) => {
+            assert!(detail.contains("refused the key"), "{detail}")
+        }
+        other => panic!("a wrong key must be permission denied: {other:?}"),
+    }
+    // Outside the account's own directory: the chroot's top is root's.
+    let outside = SftpStorage::new(SftpConfig {
+        path: "/".into(),
+        ..sftp_config(server, "x")
+    });
+    let outside = expect_ok("new", outside);
+    assert!(matches!(
+        outside.put_if_absent("k", b"v"),
+        Err(StorageError::PermissionDenied { .. })
+    ));
+}
 
 #[test]
 fn azblob_missing_container_is_a_clear_permanent_error() {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub mod azurite;
 pub mod pg;
 pub mod s3;
+pub mod sftp;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {

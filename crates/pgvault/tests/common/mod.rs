@@ -55,6 +55,23 @@ impl Setup {
         Some(Setup::new(dir, url, config))
     }
 
+    /// A repository on the test SSH server's chrooted account, key and known_hosts files
+    /// named in the config (copies the archiver, running as postgres, can read).
+    pub fn sftp() -> Option<Setup> {
+        let server = testkit::sftp::sshd()?;
+        let dir = shared_tempdir();
+        let key = dir.path().join("sftp_key");
+        fs::copy(&server.key, &key).expect("copy key");
+        let known_hosts = dir.path().join("known_hosts");
+        fs::copy(&server.known_hosts, &known_hosts).expect("copy known_hosts");
+        let config = format!(
+            "sftp-key = \"{}\"\nsftp-known-hosts = \"{}\"\n",
+            key.display(),
+            known_hosts.display()
+        );
+        Some(Setup::new(dir, server.url(&testkit::unique("wal")), config))
+    }
+
     pub fn is_local(&self) -> bool {
         self.backend_config.is_empty()
     }

@@ -101,7 +101,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     let mut bytes = [0u8; 12];
     // A failing system RNG is unrecoverable; fall back to time + pid for a unique name.
     if getrandom::getrandom(&mut bytes).is_err() {

@@ -17,12 +17,14 @@ mod local;
 mod object;
 mod retry;
 mod s3;
+mod sftp;
 
 pub use azblob::{AzblobConfig, AzblobStorage};
 pub use local::LocalStorage;
 pub use object::ObjectStore;
 pub use retry::{retry, RetryPolicy, RetryingStorage};
 pub use s3::{S3Config, S3Storage};
+pub use sftp::{parse_sftp_url, SftpConfig, SftpStorage};
 
 /// Implements [`Storage`] for a newtype around another storage by delegation.
 macro_rules! delegate_storage {
@@ -168,10 +170,12 @@ pub enum Location {
     Local(std::path::PathBuf),
     S3 { bucket: String, prefix: String },
     Azblob { container: String, prefix: String },
+    Sftp(SftpConfig),
 }
 
 impl Location {
-    /// Parses `/path`, `file:///path`, `s3://bucket/prefix` and `azblob://container/prefix`.
+    /// Parses `/path`, `file:///path`, `s3://bucket/prefix`, `azblob://container/prefix`
+    /// and `sftp://user@host[:port]/path`.
     pub fn parse(url: &str) -> Result<Location, String> {
         if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
@@ -193,6 +197,11 @@ impl Location {
                 prefix: prefix.trim_matches('/').to_string(),
             });
         }
+        if let Some(rest) = url.strip_prefix("sftp://") {
+            return parse_sftp_url(rest)
+                .map(Location::Sftp)
+                .map_err(|e| format!("repository URL {url:?}: {e}"));
+        }
         if let Some(rest) = url.strip_prefix("azblob://") {
             let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if container.is_empty() {
@@ -207,7 +216,7 @@ impl Location {
         }
         if let Some((scheme, _)) = url.split_once("://") {
             return Err(format!(
-                "repository URL {url:?}: scheme {scheme}:// is not supported yet (use a path, file://, s3:// or azblob://)"
+                "repository URL {url:?}: scheme {scheme}:// is not supported yet (use a path, file://, s3://, azblob:// or sftp://)"
             ));
         }
         if url.is_empty() {

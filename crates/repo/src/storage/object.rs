@@ -69,7 +69,7 @@ impl std::fmt::Debug for ObjectStore {
     }
 }
 
-fn shared_runtime() -> Result<&'static Runtime, String> {
+pub(crate) fn shared_runtime() -> Result<&'static Runtime, String> {
     static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
