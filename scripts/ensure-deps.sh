@@ -25,6 +25,7 @@ ensure_apt_packages() {
     command -v ssh >/dev/null || missing+=(openssh-client)
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     [ -x /usr/bin/time ] || missing+=(time)
+    command -v chromium >/dev/null || missing+=(chromium)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing Debian packages: ${missing[*]}"
         as_root apt-get update -qq

@@ -107,6 +107,14 @@ pub enum Command {
     Info,
     /// Apply retention: remove backups no rule keeps, then WAL no retained backup needs, then gc
     Expire(ExpireArgs),
+    /// Run the configured schedules of every cluster; serve /metrics and a dashboard
+    Daemon(DaemonArgs),
+    /// Streaming standbys seeded from the repository
+    #[command(subcommand)]
+    Standby(StandbyCommand),
+    /// Replication state of a primary and its standbys, or of a standby
+    #[command(subcommand)]
+    Replication(ReplicationCommand),
     #[command(hide = true)]
     ArchivePushWorker {
         /// The cluster's pg_wal directory
@@ -365,6 +373,9 @@ pub struct RestoreArgs {
     /// primary_conninfo for --standby
     #[arg(long, requires = "standby", value_name = "CONNINFO")]
     pub primary_conn: Option<String>,
+    /// primary_slot_name for --standby (the slot must exist on the primary)
+    #[arg(long, requires = "standby", value_name = "NAME")]
+    pub primary_slot: Option<String>,
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
@@ -378,6 +389,51 @@ pub struct RestoreArgs {
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Address for /metrics and the dashboard [default: [daemon] listen, else 127.0.0.1:9187]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StandbyCommand {
+    /// Restore a backup into --pgdata as a standby streaming from --primary-conn
+    Create(StandbyCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StandbyCreateArgs {
+    /// The primary: the new standby's primary_conninfo (user needs the REPLICATION attribute)
+    #[arg(long, value_name = "CONNINFO")]
+    pub primary_conn: String,
+    /// Replication slot to stream through, created on the primary if missing
+    #[arg(long, value_name = "NAME")]
+    pub slot: Option<String>,
+    /// Backup id (or unique prefix) or "latest"
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
+    #[arg(long, value_name = "OID_OR_NAME=DIR")]
+    pub tablespace_map: Vec<String>,
+    /// Remove what is in --pgdata (a stopped cluster) before restoring
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicationCommand {
+    /// Role, sent/write/flush/replay positions, lag and slots of the server at --pg-conn
+    Status(ReplicationStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplicationStatusArgs {
+    /// Fail (exit 1) when a standby or slot is further behind: a size (16MiB) or a time (30s)
+    #[arg(long, value_name = "SIZE|DURATION")]
+    pub max_lag: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -95,8 +95,22 @@ pub struct RetentionSection {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DaemonSection {
+    /// Address of /metrics and the dashboard (default 127.0.0.1:9187).
     pub listen: Option<String>,
+    /// Bearer token clients must send; required when `listen` is not a loopback address.
     pub token_file: Option<PathBuf>,
+    /// Random delay up to this long added to every scheduled run (default 0s).
+    pub jitter: Option<String>,
+    /// Run a job once at start when its last scheduled run was missed (default true).
+    pub run_missed: Option<bool>,
+    /// How long a shutdown waits for running jobs before killing them (default 5m).
+    pub shutdown_timeout: Option<String>,
+    /// How often the repository is read for metrics and the dashboard (default 60s).
+    pub refresh_interval: Option<String>,
+    /// A cluster is late when a run scheduled this long ago has not succeeded (default 1h).
+    pub late_after: Option<String>,
+    /// Job records kept per cluster and job kind (default 100).
+    pub history_keep: Option<usize>,
 }
 
 impl ConfigFile {

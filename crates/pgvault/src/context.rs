@@ -37,6 +37,8 @@ pub struct Context {
     /// The PostgreSQL cluster this run is about (`--cluster`, default `main`).
     pub cluster: String,
     pub cluster_section: ClusterSection,
+    /// Every `[clusters.NAME]` of the config file, for commands about several clusters.
+    pub clusters: std::collections::BTreeMap<String, ClusterSection>,
     /// How this process was configured, to start background workers the same way.
     pub config_path: Option<PathBuf>,
     pub passphrase_file: Option<PathBuf>,
@@ -114,12 +116,21 @@ impl Context {
                 .or_else(|| cluster_section.pg_bin.clone()),
             cluster,
             cluster_section,
+            clusters: config.clusters.clone(),
             config_path: global.config.clone().or_else(|| {
                 std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH)
                     .exists()
                     .then(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH))
             }),
         })
+    }
+
+    /// The conninfo of `cluster`: this run's for its own cluster, else the config's.
+    pub fn pg_conn_of(&self, cluster: &str) -> Option<String> {
+        if cluster == self.cluster {
+            return self.pg_conn.clone();
+        }
+        self.clusters.get(cluster)?.pg_conn.clone()
     }
 
     pub fn json(&self) -> bool {
@@ -222,6 +233,11 @@ impl Context {
 
     /// Global options that make a child `pgvault` process see the same settings.
     pub fn child_args(&self) -> Vec<std::ffi::OsString> {
+        self.child_args_for(&self.cluster)
+    }
+
+    /// [`Context::child_args`] for another cluster of the same configuration.
+    pub fn child_args_for(&self, cluster: &str) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = Vec::new();
         if let Some(config) = &self.config_path {
             args.push("--config".into());
@@ -236,7 +252,7 @@ impl Context {
             args.push(file.into());
         }
         args.push("--cluster".into());
-        args.push(self.cluster.clone().into());
+        args.push(cluster.into());
         args.push("--jobs".into());
         args.push(self.jobs.to_string().into());
         args

@@ -5,9 +5,11 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod jobs;
 pub mod legacy;
 pub mod output;
 pub mod retention;
+pub mod schedule;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -89,6 +91,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Legacy(command) => commands::legacy::legacy_command(&ctx, command)?,
         Command::Info => commands::info::info(&ctx)?,
         Command::Expire(args) => commands::expire::expire(&ctx, args)?,
+        Command::Daemon(args) => commands::daemon::daemon(ctx, args)?,
+        Command::Standby(cli::StandbyCommand::Create(args)) => {
+            commands::replication::standby_create(&ctx, args)?
+        }
+        Command::Replication(cli::ReplicationCommand::Status(args)) => {
+            commands::replication::status(&ctx, args)?
+        }
         Command::ArchivePushWorker { pg_wal } => commands::push::push_worker(&ctx, pg_wal)?,
         Command::ArchiveGetWorker => commands::get::get_worker(&ctx)?,
     }

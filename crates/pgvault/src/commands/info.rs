@@ -38,10 +38,11 @@ fn backup_json(b: &BackupState) -> Value {
     })
 }
 
-/// How far the archive is behind the server, when `--pg-conn` (or config) names one.
+/// How far the archive is behind the server, when `--pg-conn` (or the cluster's
+/// `pg-conn` in the config) names one.
 fn server_lag(ctx: &Context, state: &ClusterState) -> Option<Value> {
-    ctx.pg_conn.as_ref()?;
-    let (mut conn, info) = match super::setup::connect(ctx) {
+    let conninfo = ctx.pg_conn_of(&state.identity.name)?;
+    let (mut conn, info) = match super::setup::connect_to(Some(&conninfo)) {
         Ok(c) => c,
         Err(e) => return Some(json!({"error": format!("{e:#}")})),
     };
@@ -89,7 +90,7 @@ fn dumps_json(repo: &Repository, cluster: &str) -> Result<Vec<Value>> {
         .collect())
 }
 
-fn cluster_json(ctx: &Context, state: &ClusterState, dumps: Vec<Value>) -> Value {
+fn cluster_json(ctx: &Context, state: &ClusterState, dumps: Vec<Value>, jobs: Vec<Value>) -> Value {
     let window = state.window();
     let last_push = state.wal.last_archived();
     json!({
@@ -116,6 +117,7 @@ fn cluster_json(ctx: &Context, state: &ClusterState, dumps: Vec<Value>) -> Value
             "server": server_lag(ctx, state),
         },
         "recoverable": window.map(|w| json!({"from": rfc3339(w.from), "to": rfc3339(w.to)})),
+        "jobs": jobs,
     })
 }
 
@@ -128,14 +130,65 @@ fn totals(repo: &Repository, logical: u64) -> Result<Value> {
     }))
 }
 
+/// The daemon's recent jobs of a cluster, newest first.
+fn jobs_json(repo: &Repository, cluster: &str) -> Result<Vec<Value>> {
+    Ok(
+        crate::jobs::recent(repo, cluster, super::daemon::HISTORY_SHOWN)?
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "kind": r.kind,
+                    "trigger": r.trigger,
+                    "started": rfc3339(r.started),
+                    "finished": rfc3339(r.finished),
+                    "duration_ms": (r.finished - r.started).num_milliseconds(),
+                    "outcome": r.outcome,
+                    "stored_bytes": r.stored_bytes,
+                    "result_id": r.result_id,
+                    "error": r.error,
+                    "hostname": r.hostname,
+                })
+            })
+            .collect(),
+    )
+}
+
 pub fn info(ctx: &Context) -> Result<()> {
     let repo = ctx.open()?;
+    let (view, states) = collect_with_states(ctx, &repo)?;
+    if ctx.json() {
+        return print_json(&view);
+    }
+    println!("repository {}", repo.location());
+    let clusters = view["clusters"].as_array().cloned().unwrap_or_default();
+    if clusters.is_empty() {
+        println!("no clusters: run `pgvault setup` to register one");
+    }
+    for (state, view) in states.iter().zip(&clusters) {
+        print_cluster(state, view);
+    }
+    let totals = &view["totals"];
+    println!(
+        "\ntotal: {} logical in {} stored ({:.1}x)",
+        bytes(totals["logical_bytes"].as_u64().unwrap_or(0)),
+        bytes(totals["stored_bytes"].as_u64().unwrap_or(0)),
+        totals["ratio"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+/// What `info --output json` prints: every cluster, with totals.
+pub fn collect(ctx: &Context, repo: &Repository) -> Result<Value> {
+    Ok(collect_with_states(ctx, repo)?.0)
+}
+
+fn collect_with_states(ctx: &Context, repo: &Repository) -> Result<(Value, Vec<ClusterState>)> {
     let mut clusters = Vec::new();
     let mut states = Vec::new();
     let mut logical = 0u64;
-    for name in cluster_names(&repo)? {
-        if let Some(state) = ClusterState::load(&repo, &name)? {
-            let dumps = dumps_json(&repo, &name)?;
+    for name in cluster_names(repo)? {
+        if let Some(state) = ClusterState::load(repo, &name)? {
+            let dumps = dumps_json(repo, &name)?;
             logical += dumps
                 .iter()
                 .map(|d| d["size_bytes"].as_u64().unwrap_or(0))
@@ -152,32 +205,17 @@ pub fn info(ctx: &Context) -> Result<()> {
                 .map(|s| s.len() as u64)
                 .sum::<u64>()
                 * state.identity.wal_segment_size;
-            clusters.push(cluster_json(ctx, &state, dumps));
+            let jobs = jobs_json(repo, &name)?;
+            clusters.push(cluster_json(ctx, &state, dumps, jobs));
             states.push(state);
         }
     }
-    let totals = totals(&repo, logical)?;
-    if ctx.json() {
-        return print_json(&json!({
-            "repository": repo.location(),
-            "clusters": clusters,
-            "totals": totals,
-        }));
-    }
-    println!("repository {}", repo.location());
-    if states.is_empty() {
-        println!("no clusters: run `pgvault setup` to register one");
-    }
-    for (state, view) in states.iter().zip(&clusters) {
-        print_cluster(state, view);
-    }
-    println!(
-        "\ntotal: {} logical in {} stored ({:.1}x)",
-        bytes(totals["logical_bytes"].as_u64().unwrap_or(0)),
-        bytes(totals["stored_bytes"].as_u64().unwrap_or(0)),
-        totals["ratio"].as_f64().unwrap_or(0.0)
-    );
-    Ok(())
+    let view = json!({
+        "repository": repo.location(),
+        "clusters": clusters,
+        "totals": totals(repo, logical)?,
+    });
+    Ok((view, states))
 }
 
 fn print_cluster(state: &ClusterState, view: &Value) {
@@ -257,6 +295,31 @@ fn print_cluster(state: &ClusterState, view: &Value) {
                 bytes(d["stored_bytes"].as_u64().unwrap_or(0)),
             ]);
         }
+        table.print();
+    }
+    let jobs = view["jobs"].as_array().cloned().unwrap_or_default();
+    if !jobs.is_empty() {
+        let mut table = Table::new(&["job", "started (UTC)", "outcome", "took", "stored", "error"]);
+        for j in jobs.iter().take(10) {
+            table.row(vec![
+                j["kind"].as_str().unwrap_or("").to_string(),
+                j["started"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(19)
+                    .collect::<String>()
+                    .replace('T', " "),
+                j["outcome"].as_str().unwrap_or("").to_string(),
+                format!(
+                    "{:.1}s",
+                    j["duration_ms"].as_i64().unwrap_or(0) as f64 / 1000.0
+                ),
+                j["stored_bytes"].as_u64().map(bytes).unwrap_or_default(),
+                j["error"].as_str().unwrap_or("").to_string(),
+            ]);
+        }
+        println!("recent daemon jobs:");
         table.print();
     }
     let wal = &view["wal"];

@@ -305,7 +305,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         action,
         standby: args.standby,
         primary_conninfo: args.primary_conn.clone(),
-        primary_slot_name: None,
+        primary_slot_name: args.primary_slot.clone(),
     };
     let (mut settings, signal) =
         configuration(meta.pg_version / 10000, &options).map_err(|e| anyhow::anyhow!(e))?;

@@ -14,7 +14,12 @@ use crate::context::Context;
 use crate::output::print_json;
 
 pub fn connect(ctx: &Context) -> Result<(Connection, ClusterInfo)> {
-    let options = ConnectOptions::resolve(ctx.pg_conn.as_deref())?;
+    connect_to(ctx.pg_conn.as_deref())
+}
+
+/// [`connect`] to `conninfo` (`None`: the PG* variables).
+pub fn connect_to(conninfo: Option<&str>) -> Result<(Connection, ClusterInfo)> {
+    let options = ConnectOptions::resolve(conninfo)?;
     let mut conn = Connection::connect(&options)?;
     let info = ClusterInfo::read(&mut conn)?;
     if !(12..=18).contains(&(info.server_version_num / 10000)) {
