@@ -589,3 +589,72 @@ fn standby_created_from_the_repository_streams_and_is_reported() {
         "{error}"
     );
 }
+
+/// A job that cannot finish (its WAL never reaches the repository) is killed once
+/// `shutdown-timeout` passes, recorded as aborted, and leaves no repository lock.
+#[test]
+fn shutdown_aborts_a_stuck_job_cleanly() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    // Archiving breaks: a backup now waits for its last segment (wal-timeout 5m).
+    cluster.psql("ALTER SYSTEM SET archive_command = 'false archive-push %p'");
+    cluster.psql("SELECT pg_reload_conf()");
+    let port = testkit::free_port();
+    let config = format!(
+        "{base}
+[clusters.main]
+pg-conn = \"{conn}\"
+spool-path = \"{spool}\"
+[clusters.main.schedule]
+backup = \"@every 1s\"
+[daemon]
+listen = \"127.0.0.1:{port}\"
+refresh-interval = \"1s\"
+shutdown-timeout = \"2s\"
+",
+        base = base_config(&setup),
+        conn = cluster.conninfo(),
+        spool = setup.path("spool").display()
+    );
+    fs::write(setup.path("pgvault.toml"), &config).expect("config");
+    setup.give_to_postgres();
+    let log = setup.path("daemon.log");
+    let daemon = start_daemon(&setup, &log);
+    wait_for_metrics(port, None, "a running backup", |m| {
+        sample(m, "pgvault_job_running{cluster=\"main\",job=\"backup\"}") == Some(1.0)
+    });
+    // The backup holds its repository lock while it waits for WAL.
+    let locks_dir = Path::new(&setup.repo_url).join("locks");
+    let lock_count = || fs::read_dir(&locks_dir).map(|d| d.count()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lock_count() == 0 {
+        assert!(Instant::now() < deadline, "the backup never took its lock");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let stopping = Instant::now();
+    stop_daemon(daemon, &log);
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(lock_count(), 0, "the killed job's lock is still there");
+    let info: Value = serde_json::from_str(&setup.ok(&["info", "--output", "json"])).expect("info");
+    let jobs = info["clusters"][0]["jobs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        jobs.first().map(|j| j["outcome"].clone()),
+        Some(Value::from("aborted")),
+        "{jobs:?}"
+    );
+    assert_eq!(
+        info["clusters"][0]["backups"].as_array().map(Vec::len),
+        Some(0)
+    );
+}
