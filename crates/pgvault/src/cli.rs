@@ -109,6 +109,9 @@ pub enum Command {
     Expire(ExpireArgs),
     /// Run the configured schedules of every cluster; serve /metrics and a dashboard
     Daemon(DaemonArgs),
+    /// Work across repositories: copy a cluster's backups, dumps and WAL
+    #[command(subcommand)]
+    Repo(RepoCommand),
     /// Streaming standbys seeded from the repository
     #[command(subcommand)]
     Standby(StandbyCommand),
@@ -389,6 +392,25 @@ pub struct RestoreArgs {
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]
     pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Copy what the target lacks of a cluster (registration, WAL, backups, dumps, pins)
+    Copy(RepoCopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RepoCopyArgs {
+    /// Source: a [repos.NAME] of the config, or a repository URL
+    #[arg(long, value_name = "NAME|URL")]
+    pub from: String,
+    /// Target: a [repos.NAME] of the config, or a repository URL (initialized already)
+    #[arg(long, value_name = "NAME|URL")]
+    pub to: String,
+    /// Every cluster of the source instead of --cluster
+    #[arg(long)]
+    pub all_clusters: bool,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,9 @@ pub struct RepoSection {
     pub sftp_key: Option<PathBuf>,
     pub sftp_known_hosts: Option<PathBuf>,
     pub azure_connection_string_file: Option<PathBuf>,
+    /// When this is not the first of several repositories: how long archive-push waits
+    /// for it before leaving the file for a later push to copy (default 10s).
+    pub push_timeout: Option<String>,
 }
 
 /// Accepted now so that one config file serves every pgvault version; the PostgreSQL
@@ -140,17 +143,18 @@ impl ConfigFile {
         })
     }
 
-    /// The repository section in use. Several `[repos.NAME]` tables are for multi-repository
-    /// operation, which this version does not do yet.
-    pub fn repo_section(&self) -> Result<RepoSection> {
+    /// The repositories, first (the one commands read from and write to first) to last:
+    /// `[repo]` alone, or every `[repos.NAME]` in name order (repo1, repo2, …).
+    pub fn repo_sections(&self) -> Result<Vec<(String, RepoSection)>> {
         match (&self.repo, self.repos.len()) {
-            (Some(repo), 0) => Ok(repo.clone()),
-            (None, 0) => Ok(RepoSection::default()),
-            (None, 1) => Ok(self.repos.values().next().cloned().unwrap_or_default()),
+            (Some(repo), 0) => Ok(vec![("repo".to_string(), repo.clone())]),
+            (None, 0) => Ok(vec![("repo".to_string(), RepoSection::default())]),
+            (None, _) => Ok(self
+                .repos
+                .iter()
+                .map(|(name, section)| (name.clone(), section.clone()))
+                .collect()),
             (Some(_), _) => bail!("config has both [repo] and [repos.*]; keep one of them"),
-            (None, n) => bail!(
-                "config names {n} repositories in [repos.*]; this version uses one: keep a single [repo] table"
-            ),
         }
     }
 }
@@ -208,7 +212,7 @@ listen = "127.0.0.1:9187"
 token-file = "/etc/pgvault/token"
 "#;
         let config = ConfigFile::parse(text).expect("parses");
-        let repo = config.repo_section().expect("one repo");
+        let repo = config.repo_sections().expect("repos").remove(0).1;
         assert_eq!(repo.url.as_deref(), Some("s3://backups/pg"));
         assert_eq!(repo.s3_path_style, Some(true));
         assert_eq!(

@@ -21,9 +21,11 @@ enum PassphraseSource {
     None,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Context {
     pub repo_url: Option<String>,
+    /// `--repo` as given (flag or `PGVAULT_REPO`), passed on to child processes.
+    repo_flag: Option<String>,
     pub jobs: usize,
     pub output: OutputFormat,
     /// `--quiet`: errors only, no progress bars.
@@ -31,6 +33,11 @@ pub struct Context {
     /// Compression for new data when the config overrides the repository default.
     pub compression: Option<Compression>,
     repo_section: RepoSection,
+    /// Name of the first repository (`repo` for a `[repo]` table).
+    pub repo_name: String,
+    /// The other `[repos.NAME]` repositories, in order: written after the first one,
+    /// read when the first one lacks the data.
+    pub secondaries: Vec<(String, RepoSection)>,
     passphrase: PassphraseSource,
     /// The command line, recorded in lock objects so a blocked operator sees who holds it.
     pub command_line: String,
@@ -52,7 +59,22 @@ pub struct Context {
 impl Context {
     pub fn new(global: &GlobalArgs) -> Result<Context> {
         let config = ConfigFile::load(global.config.as_deref())?;
-        let section = config.repo_section()?;
+        let mut sections = config.repo_sections()?;
+        // `--repo NAME` picks one configured repository; `--repo URL` replaces the first
+        // one's URL. Either way the command works with that one repository alone.
+        let chosen = global
+            .repo
+            .as_ref()
+            .and_then(|r| sections.iter().position(|(name, _)| name == r));
+        let (repo_name, mut section) = sections.remove(chosen.unwrap_or(0));
+        if global.repo.is_some() {
+            sections.clear();
+        }
+        if chosen.is_none() {
+            if let Some(url) = &global.repo {
+                section.url = Some(url.clone());
+            }
+        }
         let passphrase = if let Some(path) = &global.passphrase_file {
             PassphraseSource::File(path.clone())
         } else if let Some(value) = std::env::var("PGVAULT_PASSPHRASE")
@@ -90,12 +112,15 @@ impl Context {
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
         Ok(Context {
-            repo_url: global.repo.clone().or_else(|| section.url.clone()),
+            repo_url: section.url.clone(),
+            repo_flag: global.repo.clone(),
             jobs,
             output: global.output,
             quiet: global.quiet,
             compression,
             repo_section: section,
+            repo_name,
+            secondaries: sections,
             passphrase_file: match &passphrase {
                 PassphraseSource::File(path) => Some(path.clone()),
                 _ => None,
@@ -146,8 +171,7 @@ impl Context {
         Location::parse(url).map_err(|e| anyhow::anyhow!(e))
     }
 
-    fn s3_config(&self) -> Result<S3Config> {
-        let s = &self.repo_section;
+    fn s3_config(s: &RepoSection) -> Result<S3Config> {
         let secret = match &s.s3_secret_access_key_file {
             Some(path) => Some(read_secret_file(path, "S3 secret access key")?),
             None => None,
@@ -166,12 +190,15 @@ impl Context {
     }
 
     pub fn storage(&self) -> Result<DynStorage> {
-        let location = self.location()?;
+        Context::storage_of(self.location()?, &self.repo_section)
+    }
+
+    fn storage_of(location: Location, section: &RepoSection) -> Result<DynStorage> {
         let mut options = repo::BackendOptions::default();
         match location {
-            Location::S3 { .. } => options.s3 = self.s3_config()?,
+            Location::S3 { .. } => options.s3 = Context::s3_config(section)?,
             Location::Azblob { .. } => {
-                if let Some(path) = &self.repo_section.azure_connection_string_file {
+                if let Some(path) = &section.azure_connection_string_file {
                     options.azblob.connection_string =
                         Some(read_secret_file(path, "Azure connection string")?);
                 }
@@ -182,11 +209,9 @@ impl Context {
                         .clone()
                         .or_else(|| std::env::var_os(variable).map(PathBuf::from))
                 };
-                options.sftp.key_file = file(&self.repo_section.sftp_key, "PGVAULT_SFTP_KEY");
-                options.sftp.known_hosts = file(
-                    &self.repo_section.sftp_known_hosts,
-                    "PGVAULT_SFTP_KNOWN_HOSTS",
-                );
+                options.sftp.key_file = file(&section.sftp_key, "PGVAULT_SFTP_KEY");
+                options.sftp.known_hosts =
+                    file(&section.sftp_known_hosts, "PGVAULT_SFTP_KNOWN_HOSTS");
             }
             Location::Local(_) => {}
         }
@@ -204,8 +229,61 @@ impl Context {
 
     /// Opens the repository, prompting for the passphrase on a terminal if none is configured.
     pub fn open(&self) -> Result<Repository> {
-        let storage = self.storage()?;
-        let passphrase = self.configured_passphrase()?;
+        self.open_storage(self.storage()?, self.configured_passphrase()?)
+    }
+
+    /// The names of every configured repository, first one first.
+    pub fn repo_names(&self) -> Vec<String> {
+        std::iter::once(self.repo_name.clone())
+            .chain(self.secondaries.iter().map(|(name, _)| name.clone()))
+            .collect()
+    }
+
+    /// Opens a configured repository by name, or a repository URL (reached with the
+    /// first repository's settings and passphrase).
+    pub fn open_named(&self, name: &str) -> Result<Repository> {
+        if name == self.repo_name {
+            return self.open();
+        }
+        if let Some((_, section)) = self.secondaries.iter().find(|(n, _)| n == name) {
+            let url = section
+                .url
+                .as_deref()
+                .with_context(|| format!("[repos.{name}] has no url"))?;
+            let location = Location::parse(url).map_err(|e| anyhow::anyhow!(e))?;
+            let passphrase = match &section.passphrase_file {
+                Some(path) => Some(read_secret_file(path, "passphrase")?),
+                None => self.configured_passphrase()?,
+            };
+            return self
+                .open_storage(Context::storage_of(location, section)?, passphrase)
+                .with_context(|| format!("repository {name} ({url})"));
+        }
+        if name.contains('/') || name.contains(':') {
+            let location = Location::parse(name).map_err(|e| anyhow::anyhow!(e))?;
+            return self.open_storage(
+                Context::storage_of(location, &self.repo_section)?,
+                self.configured_passphrase()?,
+            );
+        }
+        bail!(
+            "no repository {name:?}: use one of {} (the [repos.NAME] tables of the config) or a URL",
+            self.repo_names().join(", ")
+        )
+    }
+
+    /// How long the first repository's writers wait for repository `name` (a secondary).
+    pub fn push_timeout(&self, name: &str) -> Result<std::time::Duration> {
+        let text = self
+            .secondaries
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, s)| s.push_timeout.clone())
+            .unwrap_or_else(|| "10s".to_string());
+        crate::commands::archive::parse_duration(&text, &format!("[repos.{name}] push-timeout"))
+    }
+
+    fn open_storage(&self, storage: DynStorage, passphrase: Option<String>) -> Result<Repository> {
         let cache = key_cache_dir();
         let opened = Repository::open_with_key_cache(
             storage.clone(),
@@ -243,9 +321,9 @@ impl Context {
             args.push("--config".into());
             args.push(config.into());
         }
-        if let Some(url) = &self.repo_url {
+        if let Some(repo) = &self.repo_flag {
             args.push("--repo".into());
-            args.push(url.into());
+            args.push(repo.into());
         }
         if let Some(file) = &self.passphrase_file {
             args.push("--passphrase-file".into());

@@ -92,6 +92,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Info => commands::info::info(&ctx)?,
         Command::Expire(args) => commands::expire::expire(&ctx, args)?,
         Command::Daemon(args) => commands::daemon::daemon(ctx, args)?,
+        Command::Repo(cli::RepoCommand::Copy(args)) => commands::copy::repo_copy(&ctx, args)?,
         Command::Standby(cli::StandbyCommand::Create(args)) => {
             commands::replication::standby_create(&ctx, args)?
         }

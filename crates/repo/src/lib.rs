@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod chunker;
 pub mod compression;
+pub mod copy;
 pub mod crypto;
 mod error;
 mod files;

@@ -401,3 +401,89 @@ proptest! {
         }
     }
 }
+
+/// A snapshot copied into a repository with another key, compression and chunk size
+/// reads back identically; copying again adds nothing; named files follow, and a name
+/// the target already holds is left alone.
+#[test]
+fn copy_between_repositories_re_encrypts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open_local =
+        |name: &str| -> DynStorage { Arc::new(LocalStorage::new(dir.path().join(name))) };
+    let source = Repository::init(
+        open_local("a"),
+        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
+        Some(PASSPHRASE),
+    )
+    .expect("init a");
+    let target = Repository::init(
+        open_local("b"),
+        &options(Encryption::Aes256Gcm, Compression::Lz4),
+        Some("another passphrase"),
+    )
+    .expect("init b");
+    let data = payload(11, 2 << 20);
+    store(&source, &data);
+    store(&source, &data[..1 << 20]);
+    source
+        .store_file("wal/main/one", b"first file")
+        .expect("file");
+    source
+        .store_file("wal/main/two", b"second file")
+        .expect("file");
+    target
+        .store_file("wal/main/two", b"other content")
+        .expect("file");
+
+    let already = repo::copy::copied_ids(&target).expect("ids");
+    assert!(already.is_empty());
+    let copier = repo::copy::SnapshotCopier::new(&source, &target, 2).expect("copier");
+    let mut copied = Vec::new();
+    for (id, _) in Snapshot::load_all(&source).expect("list") {
+        copied.push((id, copier.copy(&id, None).expect("copy")));
+    }
+    let stats = copier.stats();
+    // 3 MiB of snapshots, the second a prefix of the first: its data is read once.
+    assert!(
+        stats.blobs_new > 0 && stats.bytes_new < (3 << 20) * 3 / 4,
+        "{stats:?}"
+    );
+    for (source_id, target_id) in &copied {
+        let original = Snapshot::load(&source, source_id).expect("source");
+        let copy = Snapshot::load(&target, target_id).expect("copy");
+        assert_eq!(copy.tags["copied-from"], source_id.to_hex());
+        assert_eq!(copy.summary, original.summary);
+        let tree = Tree::load(&target, &copy.tree).expect("tree");
+        let bytes = read_back(&target, &tree.nodes[0].content).expect("read copy");
+        let source_tree = Tree::load(&source, &original.tree).expect("tree");
+        assert_eq!(
+            bytes,
+            read_back(&source, &source_tree.nodes[0].content).expect("read")
+        );
+    }
+    let ids = repo::copy::copied_ids(&target).expect("ids");
+    assert!(copied.iter().all(|(s, _)| ids.contains(&s.to_hex())));
+
+    let files = repo::copy::copy_files(&source, &target, "wal/main/", 2).expect("files");
+    // Names the target has are left alone (not compared: copying is a LIST, not a read).
+    assert_eq!((files.files, files.conflicts), (1, 0), "{files:?}");
+    assert_eq!(
+        target
+            .find_file("wal/main/one")
+            .expect("read")
+            .map(|f| f.data),
+        Some(b"first file".to_vec())
+    );
+    assert_eq!(
+        target
+            .find_file("wal/main/two")
+            .expect("read")
+            .map(|f| f.data),
+        Some(b"other content".to_vec())
+    );
+    let again = repo::copy::copy_files(&source, &target, "wal/main/", 2).expect("files");
+    assert_eq!(again.files, 0);
+    // The copy is a complete repository of its own.
+    let report = verify(&target, &VerifyOptions::default()).expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

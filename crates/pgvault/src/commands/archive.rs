@@ -220,6 +220,11 @@ impl Spool {
         self.dir("archive-in")
     }
 
+    /// Markers of WAL files the secondary repository `repo` still lacks.
+    pub fn secondary_pending(&self, repo: &str) -> Result<PathBuf> {
+        self.dir(&format!("secondary/{repo}"))
+    }
+
     /// Creates the directory if needed: it may have been deleted under a running worker.
     fn dir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.root.join(name);

@@ -559,7 +559,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     };
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;
-    report(ctx, &id, &meta, &summary, &label)
+    drop(lock);
+    let copies = super::copy::replicate(ctx, &repo);
+    report(ctx, &id, &meta, &summary, &label, copies)
 }
 
 /// PostgreSQL 17+ with `summarize_wal`: the blocks modified since `previous` started,
@@ -708,7 +710,14 @@ fn wait_for_wal(
     }
 }
 
-fn report(ctx: &Context, id: &Id, meta: &BackupMeta, summary: &Summary, label: &str) -> Result<()> {
+fn report(
+    ctx: &Context,
+    id: &Id,
+    meta: &BackupMeta,
+    summary: &Summary,
+    label: &str,
+    copies: Vec<serde_json::Value>,
+) -> Result<()> {
     let seconds = (summary.duration_ms as f64 / 1000.0).max(0.001);
     let read = summary.bytes - summary.bytes_unchanged;
     if ctx.json() {
@@ -732,6 +741,7 @@ fn report(ctx: &Context, id: &Id, meta: &BackupMeta, summary: &Summary, label: &
             "corrupted_pages": meta.corrupted_pages,
             "from_standby": meta.from_standby,
             "wal_summary_blocks": meta.wal_summary_blocks,
+            "copies": copies,
         }));
     }
     println!("{id}");

@@ -458,10 +458,13 @@ fn dump(ctx: &Context, args: &DumpArgs) -> Result<()> {
     };
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;
+    drop(lock);
+    let copies = super::copy::replicate(ctx, &repo);
     if ctx.json() {
         return print_json(&json!({
             "id": id,
             "cluster": ctx.cluster,
+            "copies": copies,
             "databases": meta.databases.iter().map(|d| &d.name).collect::<Vec<_>>(),
             "size_bytes": summary.bytes,
             "stored_bytes": summary.save.bytes_stored,

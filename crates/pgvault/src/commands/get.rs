@@ -56,9 +56,7 @@ pub fn archive_get(ctx: &Context, args: &ArchiveGetArgs) -> Result<Fetched> {
             }
         }
     }
-    let repo = ctx.open()?;
-    let identity = load_identity(&repo, &ctx.cluster)?;
-    let Some(data) = fetch_file(&repo, &identity.name, &wal)? else {
+    let Some(data) = fetch_from_any(ctx, &wal)? else {
         return Ok(Fetched::Missing);
     };
     write_atomically(&args.destination, &data, false)?;
@@ -66,6 +64,32 @@ pub fn archive_get(ctx: &Context, args: &ArchiveGetArgs) -> Result<Fetched> {
         start_prefetch(ctx, &spool, &wal);
     }
     Ok(Fetched::Written)
+}
+
+/// `wal` from the first repository that has it. Missing everywhere is `None`; an error
+/// only when no repository could answer.
+fn fetch_from_any(ctx: &Context, wal: &WalFileName) -> Result<Option<Vec<u8>>> {
+    let mut first_error = None;
+    let mut answered = false;
+    for name in ctx.repo_names() {
+        let found = ctx.open_named(&name).and_then(|repo| {
+            let identity = load_identity(&repo, &ctx.cluster)?;
+            fetch_file(&repo, &identity.name, wal)
+        });
+        match found {
+            Ok(Some(data)) => return Ok(Some(data)),
+            Ok(None) => answered = true,
+            Err(e) if ctx.secondaries.is_empty() => return Err(e),
+            Err(e) => {
+                tracing::warn!("repository {name}: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if !answered => Err(e),
+        _ => Ok(None),
+    }
 }
 
 fn start_prefetch(ctx: &Context, spool: &Spool, wal: &WalFileName) {

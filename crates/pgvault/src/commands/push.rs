@@ -33,6 +33,7 @@ pub fn archive_push(ctx: &Context, args: &ArchivePushArgs) -> Result<()> {
     let repo = ctx.open()?;
     let identity = load_identity(&repo, &ctx.cluster)?;
     let (wal, outcome) = push_file(&repo, &identity, &path)?;
+    super::copy::push_to_secondaries(ctx, std::slice::from_ref(&wal));
     let elapsed = started.elapsed();
     if ctx.json() {
         return print_json(&json!({
@@ -196,6 +197,10 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
         })
         .unwrap_or_else(|never| match never {});
         let mut failed = false;
+        let durable: Vec<WalFileName> = results
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|(wal, _)| wal.clone()))
+            .collect();
         for (name, result) in results {
             let (status, text) = match result {
                 Ok((_, Pushed::Created { .. })) => ("ok", String::new()),
@@ -214,6 +219,8 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
                 false,
             )?;
         }
+        // After the answers: copies come from the first repository, not from pg_wal.
+        super::copy::push_to_secondaries(ctx, &durable);
         if !failed {
             backoff = Duration::from_millis(500);
             continue;

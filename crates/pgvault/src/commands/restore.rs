@@ -204,6 +204,35 @@ fn tablespace_locations(args: &RestoreArgs, meta: &BackupMeta) -> Result<Vec<(u3
     Ok(out)
 }
 
+/// The first repository that opens and has a backup for the target (several are
+/// configured when one may be lost).
+fn open_with_backup(
+    ctx: &Context,
+    args: &RestoreArgs,
+    target: &Target,
+) -> Result<(Repository, (Id, Snapshot, BackupMeta))> {
+    let mut first_error = None;
+    for name in ctx.repo_names() {
+        let found = ctx
+            .open_named(&name)
+            .and_then(|repo| choose_backup(&repo, ctx, args, target).map(|c| (repo, c)));
+        match found {
+            Ok(found) => {
+                if let Some(e) = &first_error {
+                    tracing::warn!("restoring from repository {name}: the first one failed: {e:#}");
+                }
+                return Ok(found);
+            }
+            Err(e) if ctx.secondaries.is_empty() => return Err(e),
+            Err(e) => {
+                tracing::warn!("repository {name}: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| anyhow::anyhow!("no repository configured")))
+}
+
 pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let started = Instant::now();
     let pgdata = ctx
@@ -228,8 +257,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     }
     let target = target_of(args)?;
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
-    let repo = ctx.open()?;
-    let (id, snapshot, meta) = choose_backup(&repo, ctx, args, &target)?;
+    let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let tablespaces = tablespace_locations(args, &meta)?;
     for (oid, dir) in &tablespaces {
         if !is_empty_or_missing(dir)? && !args.delta {
