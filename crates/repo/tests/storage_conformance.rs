@@ -355,6 +355,13 @@ fn local_backend() -> Option<(Box<dyn Storage>, Guard)> {
     Some((Box::new(storage), Box::new(dir)))
 }
 
+/// The local backend as it runs on mounts without hard links (CIFS, some NFS).
+fn local_without_links_backend() -> Option<(Box<dyn Storage>, Guard)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = LocalStorage::without_hard_links(dir.path().join("repo"));
+    Some((Box::new(storage), Box::new(dir)))
+}
+
 const BUCKET: &str = "pgvault-conformance";
 
 fn s3_config(moto: &testkit::s3::Moto, bucket: &str, prefix: &str) -> S3Config {
@@ -507,6 +514,7 @@ macro_rules! backend_tests {
 }
 
 backend_tests!(local, local_backend);
+backend_tests!(local_without_hard_links, local_without_links_backend);
 backend_tests!(s3, s3_backend);
 backend_tests!(azblob, azblob_backend);
 backend_tests!(sftp, sftp_backend);

@@ -4,22 +4,54 @@
 //! directory, fsync it, hard-link it to the final name (fails if the name exists), fsync
 //! the directory, unlink the temporary. A crash leaves at most a `.tmp-*` file, which
 //! `list` ignores and `gc` removes.
+//!
+//! Mounts without hard links (CIFS without Unix extensions, some NFS servers, FAT) answer
+//! the link with EPERM/EOPNOTSUPP/ENOSYS. From then on this storage publishes with a
+//! claim instead: create `.claim-<name>` with `O_EXCL` (atomic on local filesystems,
+//! NFSv3+ and SMB), check the name is still free, rename the temporary onto it, fsync,
+//! remove the claim. Concurrent writers of one name wait for the claim; a claim older
+//! than [`CLAIM_STALE`] with no object behind it was left by a crash and is taken over.
 
 use super::{check_key, ObjectMeta, PutOutcome, Storage, StorageError, StorageResult};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
+const CLAIM_PREFIX: &str = ".claim-";
+/// A claim this old whose object does not exist was left by a crashed writer.
+const CLAIM_STALE: Duration = Duration::from_secs(60);
+/// How long a writer waits for another writer's claim on the same name.
+const CLAIM_WAIT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
+    /// Publish with claims instead of hard links (detected, or forced).
+    claims: Arc<AtomicBool>,
 }
 
 impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> LocalStorage {
-        LocalStorage { root: root.into() }
+        LocalStorage {
+            root: root.into(),
+            claims: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Publishes with claims from the start, for mounts known to lack hard links.
+    pub fn without_hard_links(root: impl Into<PathBuf>) -> LocalStorage {
+        let storage = LocalStorage::new(root);
+        storage.claims.store(true, Ordering::Relaxed);
+        storage
+    }
+
+    /// Whether this storage publishes with claims (the mount lacks hard links).
+    pub fn uses_claims(&self) -> bool {
+        self.claims.load(Ordering::Relaxed)
     }
 
     pub fn root(&self) -> &Path {
@@ -70,12 +102,29 @@ impl LocalStorage {
             file.write_all(data)?;
             file.sync_all()?;
             drop(file);
-            let outcome = match fs::hard_link(&tmp, path) {
-                Ok(()) => PutOutcome::Created,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
-                Err(e) => return Err(e),
+            let outcome = if self.uses_claims() {
+                publish_with_claim(&tmp, path)?
+            } else {
+                match fs::hard_link(&tmp, path) {
+                    Ok(()) => PutOutcome::Created,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                    Err(e) if links_unsupported(&e) => {
+                        tracing::warn!(
+                            "{} does not support hard links ({e}): publishing with exclusive claim files instead",
+                            self.root.display()
+                        );
+                        self.claims.store(true, Ordering::Relaxed);
+                        publish_with_claim(&tmp, path)?
+                    }
+                    Err(e) => return Err(e),
+                }
             };
-            fs::remove_file(&tmp)?;
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                // Renamed onto the final name by the claim protocol.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             sync_dir(dir)?;
             if created_dirs {
                 // New directories must themselves be durable entries of their parents.
@@ -95,6 +144,68 @@ impl LocalStorage {
         }
         result.map_err(|e| self.map_err(key, e))
     }
+}
+
+/// The errors Linux gives for `link(2)` on filesystems without hard links.
+fn links_unsupported(e: &io::Error) -> bool {
+    const EPERM: i32 = 1;
+    const ENOSYS: i32 = 38;
+    const EOPNOTSUPP: i32 = 95;
+    e.kind() == io::ErrorKind::Unsupported
+        || matches!(e.raw_os_error(), Some(EPERM | ENOSYS | EOPNOTSUPP))
+}
+
+/// Publishes `tmp` (written and fsynced) as `path` unless `path` exists, without hard
+/// links: see the module documentation.
+fn publish_with_claim(tmp: &Path, path: &Path) -> io::Result<PutOutcome> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let claim = dir.join(format!("{CLAIM_PREFIX}{name}"));
+    let started = Instant::now();
+    loop {
+        match OpenOptions::new().write(true).create_new(true).open(&claim) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if path.exists() {
+                    return Ok(PutOutcome::AlreadyExists);
+                }
+                let age = fs::metadata(&claim)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_some_and(|a| a > CLAIM_STALE) {
+                    let _ = fs::remove_file(&claim);
+                    continue;
+                }
+                if started.elapsed() > CLAIM_WAIT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{} is being written by another process (claim {})",
+                            path.display(),
+                            claim.display()
+                        ),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let published = if path.exists() {
+        Ok(PutOutcome::AlreadyExists)
+    } else {
+        fs::rename(tmp, path).map(|()| PutOutcome::Created)
+    };
+    let synced = sync_dir(dir);
+    let released = fs::remove_file(&claim);
+    let outcome = published?;
+    synced?;
+    released?;
+    Ok(outcome)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -174,7 +285,7 @@ impl Storage for LocalStorage {
                 let entry = entry.map_err(|e| self.map_err(prefix, e))?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with(TEMP_PREFIX) {
+                if name.starts_with(TEMP_PREFIX) || name.starts_with(CLAIM_PREFIX) {
                     continue;
                 }
                 let file_type = entry.file_type().map_err(|e| self.map_err(prefix, e))?;
@@ -230,5 +341,51 @@ impl Storage for LocalStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.map_err(key, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+
+    #[test]
+    fn a_crashed_writers_claim_is_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::without_hard_links(dir.path());
+        let claim = dir.path().join(format!("{CLAIM_PREFIX}wal"));
+        let file = File::create(&claim).expect("claim");
+        file.set_modified(std::time::SystemTime::now() - CLAIM_STALE * 2)
+            .expect("age the claim");
+        drop(file);
+        assert_eq!(
+            storage.put_if_absent("wal", b"x").expect("put"),
+            PutOutcome::Created
+        );
+        assert_eq!(storage.get("wal").expect("get"), b"x");
+        assert!(!claim.exists(), "claim released");
+        assert_eq!(
+            storage.put_if_absent("wal", b"y").expect("put"),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(storage.get("wal").expect("get"), b"x");
+        // Claims and temporaries are never listed as objects.
+        File::create(dir.path().join(format!("{CLAIM_PREFIX}other"))).expect("claim");
+        let keys: Vec<String> = storage
+            .list("")
+            .expect("list")
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(keys, vec!["wal".to_string()]);
+    }
+
+    #[test]
+    fn link_errors_of_mounts_without_links_are_recognised() {
+        assert!(links_unsupported(&io::Error::from_raw_os_error(1)));
+        assert!(links_unsupported(&io::Error::from_raw_os_error(95)));
+        assert!(!links_unsupported(&io::Error::from_raw_os_error(17)));
+        assert!(!links_unsupported(&io::Error::from(
+            io::ErrorKind::NotFound
+        )));
     }
 }
