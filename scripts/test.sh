@@ -10,6 +10,7 @@ ensure_apt_packages
 ensure_rust
 ensure_moto
 ensure_azurite
+ensure_fake_gcs
 ensure_pg_versions
 
 echo "==> cargo fmt --check"

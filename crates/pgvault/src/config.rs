@@ -35,6 +35,10 @@ pub struct RepoSection {
     pub sftp_key: Option<PathBuf>,
     pub sftp_known_hosts: Option<PathBuf>,
     pub azure_connection_string_file: Option<PathBuf>,
+    /// Service-account key of a gcs:// repository (else GOOGLE_APPLICATION_CREDENTIALS).
+    pub gcs_credentials_file: Option<PathBuf>,
+    /// Another GCS endpoint, e.g. an emulator (else STORAGE_EMULATOR_HOST).
+    pub gcs_endpoint: Option<String>,
     /// When this is not the first of several repositories: how long archive-push waits
     /// for it before leaving the file for a later push to copy (default 10s).
     pub push_timeout: Option<String>,

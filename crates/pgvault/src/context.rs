@@ -197,6 +197,10 @@ impl Context {
         let mut options = repo::BackendOptions::default();
         match location {
             Location::S3 { .. } => options.s3 = Context::s3_config(section)?,
+            Location::Gcs { .. } => {
+                options.gcs.credentials_file = section.gcs_credentials_file.clone();
+                options.gcs.endpoint = section.gcs_endpoint.clone();
+            }
             Location::Azblob { .. } => {
                 if let Some(path) = &section.azure_connection_string_file {
                     options.azblob.connection_string =

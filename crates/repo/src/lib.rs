@@ -36,8 +36,8 @@ pub use repository::{InitOptions, Repository};
 
 use std::sync::Arc;
 use storage::{
-    AzblobConfig, AzblobStorage, DynStorage, LocalStorage, Location, RetryPolicy, RetryingStorage,
-    S3Config, S3Storage, SftpConfig, SftpStorage,
+    AzblobConfig, AzblobStorage, DynStorage, GcsConfig, GcsStorage, LocalStorage, Location,
+    RetryPolicy, RetryingStorage, S3Config, S3Storage, SftpConfig, SftpStorage,
 };
 
 /// Settings of the object-store backends beyond what the location URL says.
@@ -45,6 +45,7 @@ use storage::{
 pub struct BackendOptions {
     pub s3: S3Config,
     pub azblob: AzblobConfig,
+    pub gcs: GcsConfig,
     /// Key and known_hosts files for SFTP (the URL gives user, host, port and path).
     pub sftp: SftpConfig,
 }
@@ -74,6 +75,17 @@ pub fn open_storage(location: &Location, options: &BackendOptions) -> Result<Dyn
             };
             Arc::new(RetryingStorage::new(
                 SftpStorage::new(config)?,
+                RetryPolicy::default(),
+            ))
+        }
+        Location::Gcs { bucket, prefix } => {
+            let config = GcsConfig {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                ..options.gcs.clone()
+            };
+            Arc::new(RetryingStorage::new(
+                GcsStorage::new(config)?,
                 RetryPolicy::default(),
             ))
         }

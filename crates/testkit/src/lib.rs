@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub mod azurite;
+pub mod gcs;
 pub mod pg;
 pub mod s3;
 pub mod sftp;

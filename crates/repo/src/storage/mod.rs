@@ -13,6 +13,7 @@
 //! - `delete` of an absent object succeeds (deletes are idempotent).
 
 mod azblob;
+mod gcs;
 mod local;
 mod object;
 mod retry;
@@ -20,6 +21,7 @@ mod s3;
 mod sftp;
 
 pub use azblob::{AzblobConfig, AzblobStorage};
+pub use gcs::{GcsConfig, GcsStorage};
 pub use local::LocalStorage;
 pub use object::ObjectStore;
 pub use retry::{retry, RetryPolicy, RetryingStorage};
@@ -170,12 +172,13 @@ pub enum Location {
     Local(std::path::PathBuf),
     S3 { bucket: String, prefix: String },
     Azblob { container: String, prefix: String },
+    Gcs { bucket: String, prefix: String },
     Sftp(SftpConfig),
 }
 
 impl Location {
-    /// Parses `/path`, `file:///path`, `s3://bucket/prefix`, `azblob://container/prefix`
-    /// and `sftp://user@host[:port]/path`.
+    /// Parses `/path`, `file:///path`, `s3://bucket/prefix`, `azblob://container/prefix`,
+    /// `gcs://bucket/prefix` and `sftp://user@host[:port]/path`.
     pub fn parse(url: &str) -> Result<Location, String> {
         if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
@@ -214,9 +217,24 @@ impl Location {
                 prefix: prefix.trim_matches('/').to_string(),
             });
         }
+        if let Some(rest) = url
+            .strip_prefix("gcs://")
+            .or_else(|| url.strip_prefix("gs://"))
+        {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!(
+                    "repository URL {url:?}: missing bucket name (gcs://bucket/prefix)"
+                ));
+            }
+            return Ok(Location::Gcs {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
         if let Some((scheme, _)) = url.split_once("://") {
             return Err(format!(
-                "repository URL {url:?}: scheme {scheme}:// is not supported yet (use a path, file://, s3://, azblob:// or sftp://)"
+                "repository URL {url:?}: scheme {scheme}:// is not supported (use a path, file://, s3://, azblob://, gcs:// or sftp://)"
             ));
         }
         if url.is_empty() {
