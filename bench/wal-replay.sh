@@ -46,7 +46,7 @@ echo "==> source server, backup, $SEGMENTS segments of WAL" >&2
 PORT=$(free_port)
 new_server "$WORK/source" "$PORT" "wal_level = replica" "archive_mode = on" "archive_command = ''"
 pgvault --repo local setup --apply --pg-conn "host=127.0.0.1 port=$PORT user=postgres" >/dev/null
-pgvault --repo local backup --fast --pg-conn "host=127.0.0.1 port=$PORT user=postgres" --pgdata "$WORK/source" >/dev/null
+pgvault --repo local backup --fast --pg-conn "host=127.0.0.1 port=$PORT user=postgres" --pgdata "$WORK/source" >/dev/null 2>>"$WORK/steps.log"
 sql "$PORT" "CREATE TABLE filler (id bigint, pad text)"
 start_lsn=$(sql "$PORT" "SELECT pg_current_wal_lsn()")
 target=$((SEGMENTS * 16 * 1024 * 1024))
@@ -58,13 +58,13 @@ last=$(sql "$PORT" "SELECT pg_walfile_name(pg_switch_wal())")
 while [ "$(sql "$PORT" "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")" \< "$last" ]; do sleep 0.2; done
 stop_server "$WORK/source"
 echo "==> copying backup and WAL to S3" >&2
-pgvault repo copy --from local --to s3 >/dev/null
+pgvault repo copy --from local --to s3 >/dev/null 2>>"$WORK/steps.log"
 
 header "WAL replay through archive-get: $SEGMENTS segments, prefetch $PREFETCH, local directory vs loopback S3 (moto)"
 printf '%-14s %10s %10s\n' "repository" "seconds" "MB/s"
 for repo in local s3; do
     dir="$WORK/restore-$repo"
-    pgvault --repo "$repo" restore --pgdata "$dir" --archive-mode off >/dev/null
+    pgvault --repo "$repo" restore --pgdata "$dir" --archive-mode off >/dev/null 2>>"$WORK/steps.log"
     rm -rf "$WORK/spool/main/archive-in"
     port=$(free_port)
     printf "port = %s\nunix_socket_directories = '%s'\n" "$port" "$WORK" | as_pg tee -a "$dir/postgresql.conf" >/dev/null

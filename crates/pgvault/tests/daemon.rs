@@ -206,6 +206,10 @@ spool-path = \"{spool}\"
 [clusters.alpha.schedule]
 backup = \"*/4 * * * * *\"
 dump = \"@every 3s\"
+verify = \"@every 5s\"
+expire = \"@every 7s\"
+[clusters.alpha.retention]
+keep-last = 2
 [clusters.beta]
 pg-conn = \"{beta_conn}\"
 spool-path = \"{spool}\"
@@ -240,6 +244,8 @@ refresh-interval = \"1s\"
     let metrics = wait_for_metrics(port, None, "alpha's backup and dump, beta failing", |m| {
         sample(m, "pgvault_job_last_ok{cluster=\"alpha\",job=\"backup\"}") == Some(1.0)
             && sample(m, "pgvault_job_last_ok{cluster=\"alpha\",job=\"dump\"}") == Some(1.0)
+            && sample(m, "pgvault_job_last_ok{cluster=\"alpha\",job=\"verify\"}") == Some(1.0)
+            && sample(m, "pgvault_job_last_ok{cluster=\"alpha\",job=\"expire\"}") == Some(1.0)
             && sample(m, "pgvault_job_last_ok{cluster=\"beta\",job=\"backup\"}") == Some(0.0)
             && sample(m, "pgvault_backups{cluster=\"alpha\"}").is_some_and(|n| n >= 1.0)
             && sample(m, "pgvault_dumps{cluster=\"alpha\"}").is_some_and(|n| n >= 1.0)

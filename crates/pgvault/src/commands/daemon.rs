@@ -805,6 +805,78 @@ mod tests {
         assert!(err.contains("127.0.0.1:9187"), "{err}");
     }
 
+    fn state(last: Option<(Outcome, &str)>, last_success: Option<&str>) -> DaemonState {
+        let at = |t: &str| {
+            DateTime::parse_from_rfc3339(t)
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        let spec = JobSpec {
+            cluster: "main".into(),
+            kind: JobKind::Backup,
+            schedule: Schedule::parse("0 2 * * *").expect("cron"),
+        };
+        let record = last.map(|(outcome, started)| JobRecord {
+            cluster: "main".into(),
+            kind: "backup".into(),
+            trigger: "schedule".into(),
+            started: at(started),
+            finished: at(started),
+            outcome,
+            stored_bytes: None,
+            result_id: None,
+            error: Some("boom".into()),
+            hostname: "h".into(),
+        });
+        let job = JobState {
+            last: record,
+            last_success: last_success.map(at),
+            ..JobState::default()
+        };
+        DaemonState {
+            settings: Settings {
+                listen: DEFAULT_LISTEN.parse().expect("addr"),
+                token: None,
+                jitter: Duration::ZERO,
+                run_missed: true,
+                shutdown_timeout: Duration::from_secs(1),
+                refresh: Duration::from_secs(1),
+                late_after: Duration::from_secs(3600),
+                history_keep: 10,
+            },
+            started: at("2026-11-20T00:00:00Z"),
+            specs: vec![spec],
+            jobs: [(("main".to_string(), JobKind::Backup), job)].into(),
+            history: BTreeMap::new(),
+            info: None,
+            info_error: None,
+            refreshed: None,
+        }
+    }
+
+    #[test]
+    fn health_is_failing_late_or_healthy() {
+        let now = DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        // Today's 02:00 run succeeded.
+        let ok = state(Some((Outcome::Ok, "2026-11-25T02:00:01Z")), Some("2026-11-25T02:00:01Z"));
+        assert_eq!(ok.health("main", now).0, Health::Healthy);
+        // The last run failed: failing, with the error.
+        let failed = state(Some((Outcome::Failed, "2026-11-25T02:00:01Z")), Some("2026-11-24T02:00:01Z"));
+        let (health, reason) = failed.health("main", now);
+        assert_eq!(health, Health::Failing);
+        assert!(reason.contains("boom"), "{reason}");
+        // Yesterday's success, nothing today although 02:00 is 8 hours past: late.
+        let late = state(Some((Outcome::Ok, "2026-11-24T02:00:01Z")), Some("2026-11-24T02:00:01Z"));
+        assert_eq!(late.health("main", now).0, Health::Late);
+        // Within late-after of the due time: not late yet.
+        let early = DateTime::parse_from_rfc3339("2026-11-25T02:30:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        assert_eq!(late.health("main", early).0, Health::Healthy);
+    }
+
     #[test]
     fn tokens_compare_whole() {
         assert!(constant_time_eq(b"secret", b"secret"));
