@@ -860,15 +860,24 @@ mod tests {
             .expect("time")
             .with_timezone(&Utc);
         // Today's 02:00 run succeeded.
-        let ok = state(Some((Outcome::Ok, "2026-11-25T02:00:01Z")), Some("2026-11-25T02:00:01Z"));
+        let ok = state(
+            Some((Outcome::Ok, "2026-11-25T02:00:01Z")),
+            Some("2026-11-25T02:00:01Z"),
+        );
         assert_eq!(ok.health("main", now).0, Health::Healthy);
         // The last run failed: failing, with the error.
-        let failed = state(Some((Outcome::Failed, "2026-11-25T02:00:01Z")), Some("2026-11-24T02:00:01Z"));
+        let failed = state(
+            Some((Outcome::Failed, "2026-11-25T02:00:01Z")),
+            Some("2026-11-24T02:00:01Z"),
+        );
         let (health, reason) = failed.health("main", now);
         assert_eq!(health, Health::Failing);
         assert!(reason.contains("boom"), "{reason}");
         // Yesterday's success, nothing today although 02:00 is 8 hours past: late.
-        let late = state(Some((Outcome::Ok, "2026-11-24T02:00:01Z")), Some("2026-11-24T02:00:01Z"));
+        let late = state(
+            Some((Outcome::Ok, "2026-11-24T02:00:01Z")),
+            Some("2026-11-24T02:00:01Z"),
+        );
         assert_eq!(late.health("main", now).0, Health::Late);
         // Within late-after of the due time: not late yet.
         let early = DateTime::parse_from_rfc3339("2026-11-25T02:30:00Z")
