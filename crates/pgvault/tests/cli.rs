@@ -905,14 +905,32 @@ fn azblob_repository_round_trip() {
         .expect("config")
     };
     write_config(&format!("azblob://pgvault-cli/{}", testkit::unique("cli")));
-    let run = |args: &[&str]| {
-        let mut cmd = s.cmd(args);
-        cmd.env_remove("PGVAULT_REPO")
-            .env("PGVAULT_CONFIG", &config);
-        cmd.output().expect("run")
-    };
+    round_trip_through_config(&s, &config);
+
+    write_config("azblob://no-such-container/x");
+    let out = run_with_config(&s, &config, &["init"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("container no-such-container does not exist"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+}
+
+fn run_with_config(s: &Scratch, config: &Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = s.cmd(args);
+    cmd.env_remove("PGVAULT_REPO")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env("PGVAULT_CONFIG", config);
+    cmd.output().expect("run")
+}
+
+/// init, snapshot, verify, restore (compared), forget, gc, verify on the repository the
+/// config file names.
+fn round_trip_through_config(s: &Scratch, config: &Path) {
     let ok = |args: &[&str]| {
-        let out = run(args);
+        let out = run_with_config(s, config, args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -937,20 +955,10 @@ fn azblob_repository_round_trip() {
     ok(&["snapshot", "forget", id]);
     ok(&["gc"]);
     ok(&["verify"]);
-
-    write_config("azblob://no-such-container/x");
-    let out = run(&["init"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("container no-such-container does not exist"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
 }
 
-/// A gcs:// repository on the loopback GCS emulator: init, snapshot, restore, forget,
-/// gc, verify — the same round trip as the other object stores.
+/// A gcs:// repository on the loopback GCS emulator: the same round trip as the other
+/// object stores.
 #[test]
 fn gcs_repository_round_trip() {
     let Some(server) = testkit::gcs::fake_gcs() else {
@@ -968,34 +976,5 @@ fn gcs_repository_round_trip() {
         ),
     )
     .expect("config");
-    let ok = |args: &[&str]| {
-        let mut cmd = s.cmd(args);
-        cmd.env_remove("PGVAULT_REPO")
-            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-            .env("PGVAULT_CONFIG", &config);
-        let out = cmd.output().expect("run");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    ok(&["init"]);
-    let data = s.path("data");
-    make_tree(&data);
-    let id = ok(&["snapshot", "create", "--path", &data.display().to_string()]);
-    let id = id.trim();
-    ok(&["verify"]);
-    ok(&[
-        "snapshot",
-        "restore",
-        id,
-        "--target",
-        &s.path("out").display().to_string(),
-    ]);
-    assert_same_tree(&data, &s.path("out"));
-    ok(&["snapshot", "forget", id]);
-    ok(&["gc"]);
-    ok(&["verify"]);
+    round_trip_through_config(&s, &config);
 }

@@ -84,25 +84,16 @@ fn start_azurite() -> Result<Azurite, String> {
     let data = std::env::temp_dir().join(format!("pgvault-azurite-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     let log = data.with_extension("log");
-    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
-    // A `static` is never dropped: the shell stops Azurite once this test binary is gone
-    // (SIGKILL: Azurite can hang in its SIGTERM handler while clients keep connections).
-    let watchdog = format!(
-        "{} --blobHost 127.0.0.1 --blobPort {port} --location {} --skipApiVersionCheck --loose & \
-         child=$!; while kill -0 $PPID 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
-         kill -9 $child 2>/dev/null; rm -rf {}",
-        binary.display(),
-        data.display(),
-        data.display()
-    );
-    let child = Command::new("sh")
-        .args(["-c", &watchdog])
-        .stdin(Stdio::null())
-        .stdout(log_file)
-        .stderr(log_err)
-        .spawn()
-        .map_err(|e| format!("spawn azurite: {e}"))?;
+    let child = crate::spawn_watched(
+        "azurite",
+        &format!(
+            "{} --blobHost 127.0.0.1 --blobPort {port} --location {} --skipApiVersionCheck --loose",
+            binary.display(),
+            data.display()
+        ),
+        &format!("rm -rf {}", data.display()),
+        &log,
+    )?;
     let azurite = Azurite {
         _child: child,
         port,

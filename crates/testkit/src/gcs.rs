@@ -4,7 +4,7 @@
 //! `ifGenerationMatch` preconditions, which create-if-absent relies on.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -62,22 +62,15 @@ fn start() -> Result<FakeGcs, String> {
         "pgvault-fake-gcs-{}-{port}.log",
         std::process::id()
     ));
-    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
-    // A `static` is never dropped: the shell stops the server once this test binary is gone.
-    let watchdog = format!(
-        "{} -scheme http -host 127.0.0.1 -port {port} -backend memory -log-level warn & \
-         child=$!; while kill -0 $PPID 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
-         kill -9 $child 2>/dev/null",
-        binary.display()
-    );
-    let child = Command::new("sh")
-        .args(["-c", &watchdog])
-        .stdin(Stdio::null())
-        .stdout(log_file)
-        .stderr(log_err)
-        .spawn()
-        .map_err(|e| format!("spawn fake-gcs-server: {e}"))?;
+    let child = crate::spawn_watched(
+        "fake-gcs-server",
+        &format!(
+            "{} -scheme http -host 127.0.0.1 -port {port} -backend memory -log-level warn",
+            binary.display()
+        ),
+        "",
+        &log,
+    )?;
     let server = FakeGcs {
         _child: child,
         port,

@@ -12,6 +12,32 @@ pub mod pg;
 pub mod s3;
 pub mod sftp;
 
+/// Starts the shell command `server` in the background for the life of this test binary:
+/// its servers live in `static`s, which are never dropped, so a watchdog shell kills the
+/// server (SIGKILL: some emulators hang in their SIGTERM handler while clients keep
+/// connections) and runs `cleanup` once the test process is gone. Output goes to `log`.
+pub(crate) fn spawn_watched(
+    what: &str,
+    server: &str,
+    cleanup: &str,
+    log: &std::path::Path,
+) -> Result<std::process::Child, String> {
+    let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
+    let watchdog = format!(
+        "{server} & child=$!; \
+         while kill -0 $PPID 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
+         kill -9 $child 2>/dev/null; {cleanup}"
+    );
+    std::process::Command::new("sh")
+        .args(["-c", &watchdog])
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("spawn {what}: {e}"))
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

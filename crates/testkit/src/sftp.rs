@@ -5,7 +5,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -119,24 +119,12 @@ fn start_sshd() -> Result<SshServer, String> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let log = fs::File::create(dir.join("sshd.log")).map_err(|e| e.to_string())?;
-    let log_err = log.try_clone().map_err(|e| e.to_string())?;
-    // A `static` is never dropped: the shell stops sshd once this test binary is gone.
-    let watchdog = format!(
-        "/usr/sbin/sshd -D -e -f {} & child=$!; \
-         while kill -0 $PPID 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
-         kill -9 $child 2>/dev/null; rm -rf {} {}",
-        config.display(),
-        dir.display(),
-        chroot.display()
-    );
-    let child = Command::new("sh")
-        .args(["-c", &watchdog])
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        .spawn()
-        .map_err(|e| format!("spawn sshd: {e}"))?;
+    let child = crate::spawn_watched(
+        "sshd",
+        &format!("/usr/sbin/sshd -D -e -f {}", config.display()),
+        &format!("rm -rf {} {}", dir.display(), chroot.display()),
+        &dir.join("sshd.log"),
+    )?;
     let server = SshServer {
         _child: child,
         port,

@@ -16,7 +16,6 @@
 
 use super::object::{checked_prefix, config_error, env_nonempty, ObjectStore, Service};
 use super::{ObjectMeta, PutOutcome, Storage, StorageResult};
-use opendal::Operator;
 use std::time::Duration;
 
 const SERVICE: Service = Service {
@@ -117,16 +116,13 @@ impl AzblobStorage {
             }
         };
         let builder = builder.container(&container).root(&format!("/{prefix}"));
-        let op = Operator::new(builder)
-            .map_err(|e| config_error(format!("invalid Azure configuration for {endpoint}: {e}")))?
-            .finish();
         Ok(AzblobStorage(ObjectStore::new(
             SERVICE,
             container,
             prefix,
             endpoint,
             config.request_timeout,
-            op,
+            builder,
         )?))
     }
 }

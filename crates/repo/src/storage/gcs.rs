@@ -17,7 +17,6 @@
 
 use super::object::{checked_prefix, config_error, env_nonempty, ObjectStore, Service};
 use super::{ObjectMeta, PutOutcome, Storage, StorageResult};
-use opendal::Operator;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -87,16 +86,13 @@ impl GcsStorage {
             }
             None => builder = builder.allow_anonymous(),
         }
-        let op = Operator::new(builder)
-            .map_err(|e| config_error(format!("invalid GCS configuration for {endpoint}: {e}")))?
-            .finish();
         Ok(GcsStorage(ObjectStore::new(
             SERVICE,
             bucket,
             prefix,
             endpoint,
             config.request_timeout,
-            op,
+            builder,
         )?))
     }
 }

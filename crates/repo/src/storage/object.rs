@@ -129,16 +129,25 @@ pub(crate) fn checked_prefix(
 }
 
 impl ObjectStore {
+    /// An operator from a configured OpenDAL `builder` (rooted at `container/prefix`).
     pub(crate) fn new(
         service: Service,
         container: String,
         prefix: String,
         endpoint: String,
         timeout: Option<Duration>,
-        op: Operator,
+        builder: impl opendal::Builder,
     ) -> StorageResult<ObjectStore> {
-        let runtime =
-            shared_runtime().map_err(|e| config_error(service.scheme, &container, &prefix, e))?;
+        let error = |detail: String| config_error(service.scheme, &container, &prefix, detail);
+        let op = Operator::new(builder)
+            .map_err(|e| {
+                error(format!(
+                    "invalid {} configuration for {endpoint}: {e}",
+                    service.scheme
+                ))
+            })?
+            .finish();
+        let runtime = shared_runtime().map_err(error)?;
         Ok(ObjectStore {
             service,
             container,

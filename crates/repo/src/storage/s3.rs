@@ -24,7 +24,6 @@
 
 use super::object::{checked_prefix, config_error, env_nonempty, ObjectStore, Service};
 use super::{ObjectMeta, PutOutcome, Storage, StorageResult};
-use opendal::Operator;
 use std::time::Duration;
 
 const SERVICE: Service = Service {
@@ -132,16 +131,13 @@ impl S3Storage {
         if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
             builder = builder.access_key_id(id).secret_access_key(secret);
         }
-        let op = Operator::new(builder)
-            .map_err(|e| config_error(format!("invalid S3 configuration for {endpoint}: {e}")))?
-            .finish();
         Ok(S3Storage(ObjectStore::new(
             SERVICE,
             bucket,
             prefix,
             endpoint,
             config.request_timeout,
-            op,
+            builder,
         )?))
     }
 }
