@@ -78,31 +78,12 @@ pub enum DecompressError {
     Corrupt(String),
 }
 
-/// Payloads from this size on (WAL segments, large named files) are compressed by zstd
-/// on two threads: one `archive-push` of a 16 MiB segment is then about twice as fast.
-/// Chunks of backups are smaller and already compressed in parallel by the pipeline.
-const MULTITHREAD_FROM: usize = 4 << 20;
-
-fn zstd_multithreaded(data: &[u8], level: i32) -> Option<Vec<u8>> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2)) as u32;
-    let mut compressor = zstd::bulk::Compressor::new(level).ok()?;
-    if workers > 1 {
-        compressor
-            .set_parameter(zstd::zstd_safe::CParameter::NbWorkers(workers))
-            .ok()?;
-    }
-    compressor.compress(data).ok()
-}
-
 impl Compression {
     /// Compresses `data`, prefixed with the algorithm tag. Stores it uncompressed when
     /// compression would not save space (restores of such blobs then cost no CPU).
     pub fn compress(&self, data: &[u8]) -> Vec<u8> {
         let compressed = match self {
             Compression::None => None,
-            Compression::Zstd(level) if data.len() >= MULTITHREAD_FROM => {
-                zstd_multithreaded(data, *level).map(|c| (TAG_ZSTD, c))
-            }
             Compression::Zstd(level) => zstd::bulk::compress(data, *level)
                 .ok()
                 .map(|c| (TAG_ZSTD, c)),
@@ -182,21 +163,6 @@ mod tests {
         crate::crypto::fill_random(&mut data);
         let out = Compression::Zstd(3).compress(&data);
         assert_eq!(out[0], TAG_NONE);
-        assert_eq!(decompress(&out, data.len()).expect("decompress"), data);
-    }
-
-    #[test]
-    fn large_payloads_round_trip_through_multithreaded_zstd() {
-        // Half random, half text: compressible, and long enough for two zstd workers.
-        let mut data = vec![0u8; 3 << 20];
-        crate::crypto::fill_random(&mut data);
-        for i in 0..(3u32 << 18) {
-            data.extend_from_slice(format!("{i:07}\n").as_bytes());
-        }
-        assert!(data.len() >= MULTITHREAD_FROM);
-        let out = Compression::Zstd(3).compress(&data);
-        assert_eq!(out[0], TAG_ZSTD);
-        assert!(out.len() < data.len());
         assert_eq!(decompress(&out, data.len()).expect("decompress"), data);
     }
 }
