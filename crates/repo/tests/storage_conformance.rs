@@ -948,3 +948,157 @@ fn expect_ok_str(r: Result<(), String>) {
         panic!("{e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Interrupted uploads
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP proxy to `target` on 127.0.0.1 that cuts every connection after the client has
+/// sent `limit` bytes: a network drop in the middle of an upload.
+fn cutting_proxy(target: u16, limit: usize) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let (Ok(mut back_from), Ok(mut back_to)) = (server.try_clone(), client.try_clone())
+            else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+            });
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                let mut sent = 0;
+                while let Ok(n) = client.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let take = n.min(limit - sent);
+                    if server.write_all(&buf[..take]).is_err() {
+                        break;
+                    }
+                    sent += take;
+                    if sent >= limit {
+                        let _ = server.shutdown(Shutdown::Both);
+                        let _ = client.shutdown(Shutdown::Both);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An 8 MiB upload through a connection that drops after 1 MiB fails, and the object is
+/// not there — not in a listing, not by name — for a direct client; uploading it again
+/// then works.
+fn check_interrupted_upload(through_proxy: &dyn Storage, direct: &dyn Storage) {
+    let data = payload(77, 8 << 20);
+    let result = through_proxy.put_if_absent("cut/object", &data);
+    assert!(result.is_err(), "upload through a cut connection succeeded");
+    assert_eq!(expect_ok("size", direct.size("cut/object")), None);
+    assert!(expect_ok("list", direct.list("cut/")).is_empty());
+    assert_eq!(
+        expect_ok("retry", direct.put_if_absent("cut/object", &data)),
+        PutOutcome::Created
+    );
+    assert!(expect_ok("get", direct.get("cut/object")) == data);
+}
+
+const CUT_AFTER: usize = 1 << 20;
+
+#[test]
+fn s3_interrupted_upload_leaves_nothing() {
+    let Some(moto) = moto_with_bucket() else {
+        return;
+    };
+    let prefix = format!("cut/{}", testkit::unique("t"));
+    let direct = expect_ok("direct", S3Storage::new(s3_config(moto, BUCKET, &prefix)));
+    let proxied = S3Config {
+        endpoint: Some(format!(
+            "http://127.0.0.1:{}",
+            cutting_proxy(moto.port, CUT_AFTER)
+        )),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..s3_config(moto, BUCKET, &prefix)
+    };
+    let through = expect_ok("proxied", S3Storage::new(proxied));
+    check_interrupted_upload(&through, &direct);
+}
+
+#[test]
+fn azblob_interrupted_upload_leaves_nothing() {
+    let Some(azurite) = azurite_with_container() else {
+        return;
+    };
+    let prefix = format!("cut/{}", testkit::unique("t"));
+    let direct = expect_ok(
+        "direct",
+        AzblobStorage::new(azblob_config(azurite, CONTAINER, &prefix)),
+    );
+    let proxy = cutting_proxy(azurite.port, CUT_AFTER);
+    let mut proxied = azblob_config(azurite, CONTAINER, &prefix);
+    proxied.connection_string = proxied
+        .connection_string
+        .map(|c| c.replace(&format!(":{}/", azurite.port), &format!(":{proxy}/")));
+    proxied.request_timeout = Some(Duration::from_secs(10));
+    let through = expect_ok("proxied", AzblobStorage::new(proxied));
+    check_interrupted_upload(&through, &direct);
+}
+
+#[test]
+fn gcs_interrupted_upload_leaves_nothing() {
+    let Some(server) = gcs_with_bucket() else {
+        return;
+    };
+    let prefix = format!("cut/{}", testkit::unique("t"));
+    let direct = expect_ok(
+        "direct",
+        GcsStorage::new(gcs_config(server, GCS_BUCKET, &prefix)),
+    );
+    let proxied = GcsConfig {
+        endpoint: Some(format!(
+            "http://127.0.0.1:{}",
+            cutting_proxy(server.port, CUT_AFTER)
+        )),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..gcs_config(server, GCS_BUCKET, &prefix)
+    };
+    let through = expect_ok("proxied", GcsStorage::new(proxied));
+    check_interrupted_upload(&through, &direct);
+}
+
+#[test]
+fn sftp_interrupted_upload_leaves_nothing() {
+    let Some(server) = testkit::sftp::sshd() else {
+        return;
+    };
+    let sub = testkit::unique("cut");
+    let direct = expect_ok("direct", SftpStorage::new(sftp_config(server, &sub)));
+    // SSH to the proxy's port: the same host key, known under that port.
+    let proxy = cutting_proxy(server.port, CUT_AFTER);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let known_hosts = dir.path().join("known_hosts");
+    let line = std::fs::read_to_string(&server.known_hosts).expect("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        line.replace(&format!("]:{} ", server.port), &format!("]:{proxy} ")),
+    )
+    .expect("write known_hosts");
+    let proxied = SftpConfig {
+        port: Some(proxy),
+        known_hosts: Some(known_hosts),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..sftp_config(server, &sub)
+    };
+    let through = expect_ok("proxied", SftpStorage::new(proxied));
+    check_interrupted_upload(&through, &direct);
+}
