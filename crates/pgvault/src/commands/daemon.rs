@@ -510,6 +510,10 @@ async fn run_job(job: &mut JobLoop, trigger: &str) {
     } else {
         (None, Some(gate.read().await))
     };
+    // A shutdown may have come while this job waited for `expire` (or expire for it).
+    if *job.shutdown.borrow() {
+        return;
+    }
     let key = (job.spec.cluster.clone(), job.spec.kind);
     let started = Utc::now();
     if let Some(state) = lock(&job.shared).jobs.get_mut(&key) {
