@@ -102,25 +102,18 @@ impl<R: Read> Iterator for Chunker<R> {
                 if *done {
                     return None;
                 }
-                let mut buf = vec![0u8; *size];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    match reader.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            *done = true;
-                            return Some(Err(e));
-                        }
-                    }
-                }
-                if filled < buf.len() {
+                // Not `vec![0; size]`: zeroing every chunk before reading over it cost
+                // as much CPU as hashing it.
+                let mut buf = Vec::with_capacity(*size);
+                if let Err(e) = reader.by_ref().take(*size as u64).read_to_end(&mut buf) {
                     *done = true;
-                    if filled == 0 {
+                    return Some(Err(e));
+                }
+                if buf.len() < *size {
+                    *done = true;
+                    if buf.is_empty() {
                         return None;
                     }
-                    buf.truncate(filled);
                 }
                 Some(Ok(buf))
             }
