@@ -464,6 +464,24 @@ fn gcs_backend() -> Option<(Box<dyn Storage>, Guard)> {
     Some((Box::new(storage), Box::new(())))
 }
 
+#[test]
+fn gcs_missing_bucket_is_a_clear_permanent_error() {
+    let Some(server) = testkit::gcs::fake_gcs() else {
+        return;
+    };
+    let bucket = testkit::unique("absent").to_lowercase();
+    let storage = expect_ok("new", GcsStorage::new(gcs_config(server, &bucket, "repo")));
+    let Some(err) = storage.put_if_absent("k", b"v").err() else {
+        panic!("put into a missing bucket succeeded")
+    };
+    assert!(!err.is_retryable(), "retryable: {err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("bucket {bucket} does not exist")),
+        "unclear message: {message}"
+    );
+}
+
 /// The GCS backend against fake-gcs-server: everything but create-if-absent. The
 /// emulator ignores `ifGenerationMatch=0` on uploads (a second conditional upload of one
 /// name answers 200), so the put-if-absent and racing-writer checks cannot run against

@@ -203,11 +203,14 @@ impl ObjectStore {
         let key = key.to_string();
         let text = err.to_string();
         let word = self.service.container_word;
+        // A create answered "not found" can only mean the bucket is missing, whatever
+        // words the service (or an emulator) uses for it.
         let missing_container = self
             .service
             .missing_container
             .iter()
-            .any(|code| text.contains(code));
+            .any(|code| text.contains(code))
+            || (what == "put" && err.kind() == ErrorKind::NotFound);
         match err.kind() {
             _ if missing_container => StorageError::Permanent {
                 location,
