@@ -935,3 +935,71 @@ fn wal_summaries_limit_reads_to_modified_blocks() {
     judge(&mut restored);
     source.stop();
 }
+
+/// Peak memory of `backup` and the number of relation files: a directory's entries are
+/// held as names and encoded tree nodes (about 0.16 KiB each), so 200,000 (empty)
+/// relation files in one database directory add about 31 MiB — bounded here at 48 MiB,
+/// and under the 128 MiB of the pipeline bound (docs/benchmarks.md). Not flat: a tree
+/// blob per directory is the format's unit.
+#[test]
+fn backup_memory_is_flat_in_the_number_of_relation_files() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let measured_backup = || {
+        let mut cmd = std::process::Command::new("/usr/bin/time");
+        let inner = setup.cmd(&[
+            "--jobs",
+            "2",
+            "backup",
+            "--fast",
+            "--pg-conn",
+            &cluster.conninfo(),
+            "--pgdata",
+            &cluster.pgdata().display().to_string(),
+            "--output",
+            "json",
+        ]);
+        cmd.args(["-f", "maxrss_kib=%M"])
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .envs(inner.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+            .stdin(std::process::Stdio::null());
+        for (key, value) in inner.get_envs() {
+            if value.is_none() {
+                cmd.env_remove(key);
+            }
+        }
+        let out = cmd.output().expect("run backup");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let kib: u64 = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("maxrss_kib="))
+            .next_back()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no max RSS in {stderr}"));
+        (kib / 1024, report)
+    };
+    measured_backup(); // the key cache and the page cache are warm from here on
+    let (baseline, first) = measured_backup();
+    let database = cluster.psql("SELECT oid FROM pg_database WHERE datname = 'postgres'");
+    let dir = cluster.pgdata().join("base").join(&database);
+    for i in 0..200_000u32 {
+        fs::write(dir.join(format!("{}", 900_000_000 + i)), b"").expect("relation file");
+    }
+    let (many, report) = measured_backup();
+    eprintln!("backup max RSS: {baseline} MiB, with 200,000 more relation files {many} MiB");
+    assert_eq!(
+        report["files"].as_u64().unwrap_or(0),
+        first["files"].as_u64().unwrap_or(0) + 200_000,
+        "{report}"
+    );
+    assert!(
+        many <= baseline + 48 && many <= 128,
+        "200,000 relation files raised the peak from {baseline} MiB to {many} MiB"
+    );
+}

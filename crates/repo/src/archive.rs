@@ -21,7 +21,7 @@ use crate::id::Id;
 use crate::pack::BlobType;
 use crate::repository::Repository;
 use crate::saver::BlobSaver;
-use crate::snapshot::{Node, NodeKind, Summary, Tree};
+use crate::snapshot::{Node, NodeKind, Summary, Tree, TreeWriter};
 
 /// Whether to store a directory entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,15 +212,18 @@ impl Walker<'_, '_> {
     }
 
     fn archive_dir(&mut self, dir: &Path, relative: &Path, parent: Option<&Tree>) -> Result<Id> {
-        let mut entries: Vec<_> = fs::read_dir(dir)
+        // Names only (not `DirEntry`s) and nodes written out as they come: memory for a
+        // directory of many relation files is a name and an encoded node per entry.
+        let mut names: Vec<std::ffi::OsString> = fs::read_dir(dir)
             .map_err(|e| RepoError::io(dir, e))?
+            .map(|entry| entry.map(|e| e.file_name()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| RepoError::io(dir, e))?;
-        entries.sort_by_key(|e| e.file_name());
-        let mut tree = Tree::default();
-        for entry in entries {
-            let path = entry.path();
-            let name = entry.file_name().into_string().map_err(|n| {
+        names.sort();
+        let mut tree = TreeWriter::default();
+        for os_name in names {
+            let path = dir.join(&os_name);
+            let name = os_name.into_string().map_err(|n| {
                 RepoError::Invalid(format!("{}: file name {n:?} is not UTF-8", dir.display()))
             })?;
             let meta = match fs::symlink_metadata(&path) {
@@ -309,7 +312,7 @@ impl Walker<'_, '_> {
                 tracing::debug!("skipping special file {}", path.display());
                 continue;
             }
-            tree.nodes.push(node);
+            tree.push(&node)?;
         }
         tree.save(self.saver)
     }
