@@ -109,15 +109,20 @@ pub struct RelationFile {
     pub temporary: bool,
 }
 
+/// The names of a relative path's components; `None` for anything but plain UTF-8 names.
+pub(crate) fn path_parts(relative: &Path) -> Option<Vec<&str>> {
+    relative
+        .components()
+        .map(|c| match c {
+            Component::Normal(s) => s.to_str(),
+            _ => None,
+        })
+        .collect()
+}
+
 impl RelationFile {
     pub fn parse(relative: &Path) -> Option<RelationFile> {
-        let parts: Vec<&str> = relative
-            .components()
-            .map(|c| match c {
-                Component::Normal(s) => s.to_str(),
-                _ => None,
-            })
-            .collect::<Option<_>>()?;
+        let parts = path_parts(relative)?;
         let in_relation_dir = match parts.as_slice() {
             ["global", _] => true,
             ["base", db, _] => is_oid(db),

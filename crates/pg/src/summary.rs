@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::path::{Component, Path};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::conn::{ConnError, Connection};
@@ -126,13 +126,7 @@ impl ChangedBlocks {
         if relation.temporary || relation.fork == Fork::FreeSpace {
             return None;
         }
-        let parts: Vec<&str> = relative
-            .components()
-            .map(|c| match c {
-                Component::Normal(s) => s.to_str(),
-                _ => None,
-            })
-            .collect::<Option<_>>()?;
+        let parts = crate::pgdata::path_parts(relative)?;
         let (tablespace, database) = match (tablespace, parts.as_slice()) {
             (None, ["global", _]) => (GLOBAL_TABLESPACE, 0),
             (None, ["base", db, _]) => (DEFAULT_TABLESPACE, db.parse().ok()?),

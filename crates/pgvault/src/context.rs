@@ -23,7 +23,6 @@ enum PassphraseSource {
 
 #[derive(Debug, Clone)]
 pub struct Context {
-    pub repo_url: Option<String>,
     /// `--repo` as given (flag or `PGVAULT_REPO`), passed on to child processes.
     repo_flag: Option<String>,
     pub jobs: usize,
@@ -112,7 +111,6 @@ impl Context {
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
         Ok(Context {
-            repo_url: section.url.clone(),
             repo_flag: global.repo.clone(),
             jobs,
             output: global.output,
@@ -163,7 +161,7 @@ impl Context {
     }
 
     pub fn location(&self) -> Result<Location> {
-        let url = self.repo_url.as_deref().ok_or_else(|| {
+        let url = self.repo_section.url.as_deref().ok_or_else(|| {
             anyhow::anyhow!(
                 "no repository given: pass --repo URL, set PGVAULT_REPO, or set url in the [repo] section of the config file"
             )

@@ -845,38 +845,15 @@ fn s3_repository_round_trip() {
     moto.create_bucket(bucket).expect("bucket");
     let s = Scratch::new();
     let url = format!("s3://{bucket}/{}", testkit::unique("cli"));
-    let with_s3 = |args: &[&str]| {
+    round_trip(&s, |args| {
         let mut cmd = s.cmd(args);
         cmd.env("PGVAULT_REPO", &url)
             .env("AWS_ENDPOINT_URL", moto.endpoint())
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1");
-        let out = cmd.output().expect("run");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    with_s3(&["init"]);
-    let data = s.path("data");
-    make_tree(&data);
-    let id = with_s3(&["snapshot", "create", "--path", &data.display().to_string()]);
-    let id = id.trim();
-    with_s3(&["verify"]);
-    with_s3(&[
-        "snapshot",
-        "restore",
-        id,
-        "--target",
-        &s.path("out").display().to_string(),
-    ]);
-    assert_same_tree(&data, &s.path("out"));
-    with_s3(&["snapshot", "forget", id]);
-    with_s3(&["gc"]);
-    with_s3(&["verify"]);
+        cmd.output().expect("run")
+    });
 }
 
 /// An Azure Blob repository (Azurite), its connection string from a file named in the
@@ -905,7 +882,7 @@ fn azblob_repository_round_trip() {
         .expect("config")
     };
     write_config(&format!("azblob://pgvault-cli/{}", testkit::unique("cli")));
-    round_trip_through_config(&s, &config);
+    round_trip(&s, |args| run_with_config(&s, &config, args));
 
     write_config("azblob://no-such-container/x");
     let out = run_with_config(&s, &config, &["init"]);
@@ -926,11 +903,10 @@ fn run_with_config(s: &Scratch, config: &Path, args: &[&str]) -> std::process::O
     cmd.output().expect("run")
 }
 
-/// init, snapshot, verify, restore (compared), forget, gc, verify on the repository the
-/// config file names.
-fn round_trip_through_config(s: &Scratch, config: &Path) {
+/// init, snapshot, verify, restore (compared), forget, gc, verify, each through `run`.
+fn round_trip(s: &Scratch, run: impl Fn(&[&str]) -> std::process::Output) {
     let ok = |args: &[&str]| {
-        let out = run_with_config(s, config, args);
+        let out = run(args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -976,5 +952,5 @@ fn gcs_repository_round_trip() {
         ),
     )
     .expect("config");
-    round_trip_through_config(&s, &config);
+    round_trip(&s, |args| run_with_config(&s, &config, args));
 }

@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{free_port, in_ci};
+use crate::free_port;
 
 /// Azurite's fixed development account.
 pub const ACCOUNT: &str = "devstoreaccount1";
@@ -99,12 +99,10 @@ fn start_azurite() -> Result<Azurite, String> {
         port,
         log,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if crate::s3::http_request(port, "GET", "/").is_ok() {
-            return Ok(azurite);
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if crate::wait_until(Duration::from_secs(60), || {
+        crate::s3::http_request(port, "GET", "/").is_ok()
+    }) {
+        return Ok(azurite);
     }
     Err(format!(
         "Azurite did not answer on port {port} within 60 s (log: {})",
@@ -116,12 +114,5 @@ fn start_azurite() -> Result<Azurite, String> {
 /// why) when it is unavailable outside CI; under `CI=true` that is a test failure.
 pub fn azurite() -> Option<&'static Azurite> {
     static AZURITE: OnceLock<Result<Azurite, String>> = OnceLock::new();
-    match AZURITE.get_or_init(start_azurite) {
-        Ok(azurite) => Some(azurite),
-        Err(reason) if in_ci() => panic!("Azure tests need Azurite under CI=true: {reason}"),
-        Err(reason) => {
-            eprintln!("SKIPPED: Azure tests need Azurite: {reason}");
-            None
-        }
-    }
+    crate::shared_server(&AZURITE, start_azurite, "Azure tests need Azurite")
 }

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{free_port, in_ci};
+use crate::free_port;
 
 pub struct FakeGcs {
     _child: Child,
@@ -76,12 +76,10 @@ fn start() -> Result<FakeGcs, String> {
         port,
         log,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if crate::s3::http_request(port, "GET", "/storage/v1/b").is_ok() {
-            return Ok(server);
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if crate::wait_until(Duration::from_secs(30), || {
+        crate::s3::http_request(port, "GET", "/storage/v1/b").is_ok()
+    }) {
+        return Ok(server);
     }
     Err(format!(
         "fake-gcs-server did not answer on port {port} within 30 s (log: {})",
@@ -93,12 +91,5 @@ fn start() -> Result<FakeGcs, String> {
 /// when it is unavailable outside CI; under `CI=true` that is a test failure.
 pub fn fake_gcs() -> Option<&'static FakeGcs> {
     static SERVER: OnceLock<Result<FakeGcs, String>> = OnceLock::new();
-    match SERVER.get_or_init(start) {
-        Ok(server) => Some(server),
-        Err(reason) if in_ci() => panic!("GCS tests need fake-gcs-server under CI=true: {reason}"),
-        Err(reason) => {
-            eprintln!("SKIPPED: GCS tests need fake-gcs-server: {reason}");
-            None
-        }
-    }
+    crate::shared_server(&SERVER, start, "GCS tests need fake-gcs-server")
 }

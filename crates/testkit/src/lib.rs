@@ -38,6 +38,38 @@ pub(crate) fn spawn_watched(
         .map_err(|e| format!("spawn {what}: {e}"))
 }
 
+/// Polls `ready` every 100 ms until it holds or `timeout` passes; whether it held.
+pub(crate) fn wait_until(timeout: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if ready() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The server in `cell`, started by `start` on first use and shared by the test binary.
+/// `None` (after printing why) when it cannot run outside CI; under `CI=true` a missing
+/// component fails the test, it never skips it.
+pub(crate) fn shared_server<T: Send + Sync>(
+    cell: &'static std::sync::OnceLock<Result<T, String>>,
+    start: fn() -> Result<T, String>,
+    what: &str,
+) -> Option<&'static T> {
+    match cell.get_or_init(start) {
+        Ok(server) => Some(server),
+        Err(reason) if in_ci() => panic!("{what} under CI=true: {reason}"),
+        Err(reason) => {
+            eprintln!("SKIPPED: {what}: {reason}");
+            None
+        }
+    }
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

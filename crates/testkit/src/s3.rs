@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::{free_port, in_ci};
+use crate::free_port;
 
 /// Runs moto's server in-process with a watchdog thread that exits once the parent (this test
 /// binary) is gone: a `static` is never dropped, so `Drop` alone would leak the server.
@@ -161,12 +161,5 @@ fn start_moto() -> Result<Moto, String> {
 /// when moto is unavailable outside CI; under `CI=true` that is a test failure instead.
 pub fn moto() -> Option<&'static Moto> {
     static MOTO: OnceLock<Result<Moto, String>> = OnceLock::new();
-    match MOTO.get_or_init(start_moto) {
-        Ok(moto) => Some(moto),
-        Err(reason) if in_ci() => panic!("S3 tests need a moto server under CI=true: {reason}"),
-        Err(reason) => {
-            eprintln!("SKIPPED: S3 tests need a moto server: {reason}");
-            None
-        }
-    }
+    crate::shared_server(&MOTO, start_moto, "S3 tests need a moto server")
 }

@@ -7,9 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{free_port, in_ci};
+use crate::free_port;
 
 /// The account the tests log in as.
 pub const USER: &str = "pgvault-sftp";
@@ -133,12 +133,10 @@ fn start_sshd() -> Result<SshServer, String> {
         chroot,
         dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(server);
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if crate::wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }) {
+        return Ok(server);
     }
     Err(format!(
         "sshd did not listen on port {port} within 20 s (log: {})",
@@ -158,12 +156,5 @@ fn nix_is_root() -> bool {
 /// when it cannot run outside CI; under `CI=true` that is a test failure.
 pub fn sshd() -> Option<&'static SshServer> {
     static SSHD: OnceLock<Result<SshServer, String>> = OnceLock::new();
-    match SSHD.get_or_init(start_sshd) {
-        Ok(server) => Some(server),
-        Err(reason) if in_ci() => panic!("SFTP tests need sshd under CI=true: {reason}"),
-        Err(reason) => {
-            eprintln!("SKIPPED: SFTP tests need sshd: {reason}");
-            None
-        }
-    }
+    crate::shared_server(&SSHD, start_sshd, "SFTP tests need sshd")
 }

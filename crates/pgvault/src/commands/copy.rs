@@ -5,6 +5,7 @@
 //! itself ([`push_to_secondaries`]), bounded by their `push-timeout`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -217,7 +218,7 @@ pub fn replicate(ctx: &Context, primary: &Repository) -> Vec<Value> {
 /// in every secondary within its push-timeout, with the files earlier pushes left
 /// behind. Failures are warnings plus a marker, so PostgreSQL is never held up by a far
 /// repository beyond that bound.
-pub fn push_to_secondaries(ctx: &Context, wals: &[WalFileName]) {
+pub fn push_to_secondaries(ctx: &Context, primary: &Arc<Repository>, wals: &[WalFileName]) {
     if wals.is_empty() {
         return;
     }
@@ -245,7 +246,7 @@ pub fn push_to_secondaries(ctx: &Context, wals: &[WalFileName]) {
                 Duration::from_secs(10)
             }
         };
-        let outcome = copy_with_deadline(ctx, name, &names, timeout);
+        let outcome = copy_with_deadline(ctx, primary, name, &names, timeout);
         let failed: Vec<String> = match outcome {
             Ok(()) => Vec::new(),
             Err((done, e)) => {
@@ -273,17 +274,18 @@ pub fn push_to_secondaries(ctx: &Context, wals: &[WalFileName]) {
 /// ends with it — storage never shows a partial object.
 fn copy_with_deadline(
     ctx: &Context,
+    primary: &Arc<Repository>,
     name: &str,
     files: &[String],
     timeout: Duration,
 ) -> std::result::Result<(), (usize, String)> {
     let (sender, receiver) = std::sync::mpsc::channel();
     let ctx = ctx.clone();
+    let primary = Arc::clone(primary);
     let name = name.to_string();
     let files = files.to_vec();
     std::thread::spawn(move || {
         let run = || -> std::result::Result<(), (usize, String)> {
-            let primary = ctx.open().map_err(|e| (0, format!("{e:#}")))?;
             let target = ctx.open_named(&name).map_err(|e| (0, format!("{e:#}")))?;
             for (done, file) in files.iter().enumerate() {
                 let wal = WalFileName::parse(file).map_err(|e| (done, e.to_string()))?;

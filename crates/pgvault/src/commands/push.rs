@@ -30,10 +30,10 @@ pub fn archive_push(ctx: &Context, args: &ArchivePushArgs) -> Result<()> {
         return push_async(ctx, &path);
     }
     let started = Instant::now();
-    let repo = ctx.open()?;
+    let repo = std::sync::Arc::new(ctx.open()?);
     let identity = load_identity(&repo, &ctx.cluster)?;
     let (wal, outcome) = push_file(&repo, &identity, &path)?;
-    super::copy::push_to_secondaries(ctx, std::slice::from_ref(&wal));
+    super::copy::push_to_secondaries(ctx, &repo, std::slice::from_ref(&wal));
     let elapsed = started.elapsed();
     if ctx.json() {
         return print_json(&json!({
@@ -170,7 +170,7 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
         Some(text) => Some(super::archive::parse_size(text, "archive-push-queue-max")?),
         None => None,
     };
-    let repo = ctx.open()?;
+    let repo = std::sync::Arc::new(ctx.open()?);
     let identity = load_identity(&repo, &ctx.cluster)?;
     tracing::info!("archive-push worker started for {}", pg_wal.display());
     let mut idle_since = Instant::now();
@@ -220,7 +220,7 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
             )?;
         }
         // After the answers: copies come from the first repository, not from pg_wal.
-        super::copy::push_to_secondaries(ctx, &durable);
+        super::copy::push_to_secondaries(ctx, &repo, &durable);
         if !failed {
             backoff = Duration::from_millis(500);
             continue;

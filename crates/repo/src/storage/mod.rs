@@ -109,6 +109,21 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// A call to `peer` that did not finish within its deadline: worth retrying.
+    pub(crate) fn no_answer(
+        location: String,
+        key: &str,
+        what: &str,
+        peer: &str,
+        deadline: std::time::Duration,
+    ) -> StorageError {
+        StorageError::Transient {
+            location,
+            key: key.to_string(),
+            detail: format!("{what}: no answer from {peer} within {deadline:?}"),
+        }
+    }
+
     /// True when the same call may succeed if repeated later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StorageError::Transient { .. })

@@ -179,14 +179,13 @@ impl ObjectStore {
         };
         match outcome {
             Ok(result) => result.map_err(|e| self.map_err(what, key, e)),
-            Err(_elapsed) => Err(StorageError::Transient {
-                location: self.location(),
-                key: key.to_string(),
-                detail: format!(
-                    "{what}: no answer from {} within {deadline:?}",
-                    self.endpoint
-                ),
-            }),
+            Err(_elapsed) => Err(StorageError::no_answer(
+                self.location(),
+                key,
+                what,
+                &self.endpoint,
+                deadline,
+            )),
         }
     }
 

@@ -269,14 +269,13 @@ impl SftpStorage {
             }
             match outcome {
                 Ok(result) => result.map_err(|e| self.map_err(what, key, e)),
-                Err(_elapsed) => Err(StorageError::Transient {
-                    location: self.location(),
-                    key: key.to_string(),
-                    detail: format!(
-                        "{what}: no answer from {} within {deadline:?}",
-                        self.config.host
-                    ),
-                }),
+                Err(_elapsed) => Err(StorageError::no_answer(
+                    self.location(),
+                    key,
+                    what,
+                    &self.config.host,
+                    deadline,
+                )),
             }
         };
         if tokio::runtime::Handle::try_current().is_ok() {
