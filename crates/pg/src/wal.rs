@@ -293,6 +293,8 @@ pub fn major_for_magic(magic: u16) -> Option<u32> {
 const XLP_LONG_HEADER: u16 = 0x0002;
 /// sizeof(XLogLongPageHeaderData): short header (20 bytes, padded to 24) + sysid, seg size, page size.
 const LONG_HEADER_LEN: usize = 40;
+/// Bytes of a segment [`validate_segment`] looks at.
+pub const SEGMENT_HEAD_LEN: usize = LONG_HEADER_LEN;
 
 /// The long header at the start of a segment. WAL is written in the server's byte
 /// order; pgvault runs on the database host, so that is ours (little-endian on x86-64
@@ -349,24 +351,27 @@ pub struct SegmentExpectation {
     pub server_major: u32,
 }
 
-/// Checks that `data`, archived as `name`, is a whole segment of the expected cluster:
-/// length, page magic, long header, system identifier, segment size and start position.
+/// Checks that a file of `file_len` bytes starting with `head` (at least its first
+/// [`SEGMENT_HEAD_LEN`] bytes), archived as `name`, is a whole segment of the expected
+/// cluster: length, page magic, long header, system identifier, segment size and start
+/// position.
 /// The timeline in the header is not checked: after a promotion the first segment of the
 /// new timeline legitimately starts with pages written on the old one.
 pub fn validate_segment(
-    data: &[u8],
+    head: &[u8],
+    file_len: u64,
     expected: &SegmentExpectation,
     name: &WalFileName,
 ) -> Result<SegmentHeader, WalError> {
     let name_text = name.to_string();
-    if data.len() as u64 != expected.segment_size {
+    if file_len != expected.segment_size {
         return Err(WalError::WrongLength {
             name: name_text,
-            actual: data.len() as u64,
+            actual: file_len,
             expected: expected.segment_size,
         });
     }
-    let header = SegmentHeader::read(data).ok_or_else(|| WalError::NoLongHeader {
+    let header = SegmentHeader::read(head).ok_or_else(|| WalError::NoLongHeader {
         name: name_text.clone(),
     })?;
     if let Some(magic) = page_magic(expected.server_major) {
@@ -578,28 +583,28 @@ mod tests {
         };
         let name = WalFileName::parse("000000010000000000000003").expect("name");
         let good = segment(expected.system_identifier, 3 * SEG, 0xD110);
-        let header = validate_segment(&good, &expected, &name).expect("valid");
+        let header = validate_segment(&good, good.len() as u64, &expected, &name).expect("valid");
         assert_eq!(header.page_size, 8192);
 
-        let err = validate_segment(&good[..1000], &expected, &name).expect_err("short");
+        let err = validate_segment(&good[..1000], 1000, &expected, &name).expect_err("short");
         assert!(matches!(err, WalError::WrongLength { actual: 1000, .. }));
         let other = segment(42, 3 * SEG, 0xD110);
         assert!(matches!(
-            validate_segment(&other, &expected, &name),
+            validate_segment(&other, other.len() as u64, &expected, &name),
             Err(WalError::WrongSystem { found: 42, .. })
         ));
         let pg16 = segment(expected.system_identifier, 3 * SEG, 0xD113);
-        let err = validate_segment(&pg16, &expected, &name).expect_err("magic");
+        let err = validate_segment(&pg16, pg16.len() as u64, &expected, &name).expect_err("magic");
         assert!(err.to_string().contains("PostgreSQL 16"), "{err}");
         let moved = segment(expected.system_identifier, 4 * SEG, 0xD110);
         assert!(matches!(
-            validate_segment(&moved, &expected, &name),
+            validate_segment(&moved, moved.len() as u64, &expected, &name),
             Err(WalError::WrongPosition { .. })
         ));
         let mut short_header = good.clone();
         short_header[2] = 0;
         assert!(matches!(
-            validate_segment(&short_header, &expected, &name),
+            validate_segment(&short_header, short_header.len() as u64, &expected, &name),
             Err(WalError::NoLongHeader { .. })
         ));
     }

@@ -11,7 +11,7 @@
 //! plaintext binds the content to its key, so swapping two objects in storage is
 //! detected even though each one authenticates.
 
-use crate::compression::decompress;
+use crate::compression::{decompress, ReadAt};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::repository::Repository;
@@ -45,6 +45,15 @@ pub struct StoredFile {
     pub data: Vec<u8>,
 }
 
+/// Bytes hashed at a time by [`Repository::store_file_from`].
+const HASH_PIECE: usize = 1 << 20;
+
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 fn object_key(name: &str) -> String {
     format!("{FILES_DIR}{name}")
 }
@@ -54,15 +63,66 @@ impl Repository {
     pub fn store_file(&self, name: &str, data: &[u8]) -> Result<StoreOutcome> {
         let name_len = u16::try_from(name.len())
             .map_err(|_| RepoError::Invalid(format!("file name too long: {name}")))?;
-        let content_id = self.crypto().blob_id(data);
-        let compressed = self.compression().compress(data);
+        // Hashing runs beside the compressor's threads rather than before them.
+        let (content_id, compressed) = std::thread::scope(|scope| {
+            let compressing =
+                scope.spawn(|| self.compression().compress_on(data, self.file_threads()));
+            let content_id = self.crypto().blob_id(data);
+            (content_id, joined(compressing))
+        });
+        self.store_compressed(name, name_len, content_id, &compressed)
+    }
+
+    /// [`Repository::store_file`] for `len` bytes read from `source` in pieces, so a
+    /// large file is never held in memory whole. The source must not change meanwhile
+    /// (PostgreSQL guarantees that for a WAL file being archived); if it did, the stored
+    /// object would fail its checksum when read — never silently restore other bytes.
+    pub fn store_file_from(&self, name: &str, len: u64, source: &ReadAt) -> Result<StoreOutcome> {
+        let name_len = u16::try_from(name.len())
+            .map_err(|_| RepoError::Invalid(format!("file name too long: {name}")))?;
+        let (content_id, compressed) = std::thread::scope(|scope| {
+            let compressing = scope.spawn(|| {
+                self.compression()
+                    .compress_from(len, self.file_threads(), source)
+            });
+            let content_id = self.content_id_from(len, source);
+            (content_id, joined(compressing))
+        });
+        let read_error = |e: std::io::Error| RepoError::io(name, e);
+        self.store_compressed(
+            name,
+            name_len,
+            content_id.map_err(read_error)?,
+            &compressed.map_err(read_error)?,
+        )
+    }
+
+    fn content_id_from(&self, len: u64, source: &ReadAt) -> std::io::Result<Id> {
+        let mut hasher = self.crypto().id_hasher();
+        let mut piece = vec![0u8; HASH_PIECE];
+        let mut at = 0;
+        while at < len {
+            let n = usize::try_from(len - at).map_or(HASH_PIECE, |left| left.min(HASH_PIECE));
+            source(&mut piece[..n], at)?;
+            hasher.update(&piece[..n]);
+            at += n as u64;
+        }
+        Ok(Id(*hasher.finalize().as_bytes()))
+    }
+
+    fn store_compressed(
+        &self,
+        name: &str,
+        name_len: u16,
+        content_id: Id,
+        compressed: &[u8],
+    ) -> Result<StoreOutcome> {
         let mut plain = Vec::with_capacity(4 + 2 + name.len() + 32 + compressed.len());
         plain.extend_from_slice(FILE_MAGIC);
         plain.extend_from_slice(&name_len.to_le_bytes());
         plain.extend_from_slice(name.as_bytes());
         plain.extend_from_slice(&content_id.0);
-        plain.extend_from_slice(&compressed);
-        drop(compressed);
+        plain.extend_from_slice(compressed);
         let sealed = self.crypto().seal(&plain);
         drop(plain);
         match self.storage().put_if_absent(&object_key(name), &sealed)? {

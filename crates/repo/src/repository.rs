@@ -100,6 +100,8 @@ pub struct Repository {
     crypto: Crypto,
     key_id: Option<Id>,
     compression: Compression,
+    /// Threads that compress one large named file (a WAL segment) as parallel frames.
+    file_threads: usize,
     index: RwLock<Index>,
     index_loaded: RwLock<bool>,
 }
@@ -298,6 +300,7 @@ impl Repository {
             config,
             key_id,
             compression,
+            file_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             index: RwLock::new(Index::default()),
             index_loaded: RwLock::new(false),
         }
@@ -326,6 +329,16 @@ impl Repository {
     /// Overrides the compression used for new blobs (old blobs keep theirs).
     pub fn set_compression(&mut self, compression: Compression) {
         self.compression = compression;
+    }
+
+    pub fn file_threads(&self) -> usize {
+        self.file_threads
+    }
+
+    /// How many threads compress one large named file (default: the CPU count); callers
+    /// storing several files at once divide the CPUs between them.
+    pub fn set_file_threads(&mut self, threads: usize) {
+        self.file_threads = threads.max(1);
     }
 
     /// The key file this session unlocked with (`None` for unencrypted repositories).

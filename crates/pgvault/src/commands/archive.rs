@@ -12,6 +12,7 @@
 //! is only ever reported for segments that are in the repository.
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -124,13 +125,23 @@ pub fn push_file(
             path.display()
         )
     })?;
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cannot_read = || format!("cannot read {}", path.display());
+    let file = fs::File::open(path).with_context(cannot_read)?;
+    let len = file.metadata().with_context(cannot_read)?.len();
     if wal.has_segment_header() {
-        pg::wal::validate_segment(&data, &identity.expectation()?, &wal)
+        let mut head = vec![0u8; pg::wal::SEGMENT_HEAD_LEN.min(len as usize)];
+        file.read_exact_at(&mut head, 0).with_context(cannot_read)?;
+        pg::wal::validate_segment(&head, len, &identity.expectation()?, &wal)
             .with_context(|| format!("refusing {}", path.display()))?;
     }
     let name = wal_name(&identity.name, &wal);
-    match repo.store_file(&name, &data)? {
+    // Read in pieces by the compressing threads: PostgreSQL does not change a segment
+    // while it is being archived.
+    let source = |buf: &mut [u8], at: u64| {
+        file.read_exact_at(buf, at)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", cannot_read())))
+    };
+    match repo.store_file_from(&name, len, &source)? {
         StoreOutcome::Created { stored_bytes, .. } => Ok((wal, Pushed::Created { stored_bytes })),
         StoreOutcome::AlreadyStored { .. } => Ok((wal, Pushed::AlreadyThere)),
         StoreOutcome::Conflict { existing, new } => bail!(

@@ -170,7 +170,10 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
         Some(text) => Some(super::archive::parse_size(text, "archive-push-queue-max")?),
         None => None,
     };
-    let repo = std::sync::Arc::new(ctx.open()?);
+    let mut repo = ctx.open()?;
+    // `--jobs` segments are compressed at once: the CPUs are shared between them.
+    repo.set_file_threads(repo.file_threads() / ctx.jobs.max(1));
+    let repo = std::sync::Arc::new(repo);
     let identity = load_identity(&repo, &ctx.cluster)?;
     tracing::info!("archive-push worker started for {}", pg_wal.display());
     let mut idle_since = Instant::now();
