@@ -102,7 +102,7 @@ fn zstd_compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
 /// independent zstd frames of this size, spread over threads: zstd on one core was most
 /// of what archiving a 16 MiB segment cost. Any zstd decoder reads the frames as one
 /// stream, and 1 MiB frames compress WAL as well as one 16 MiB frame.
-const FRAME_LEN: u64 = 1 << 20;
+pub const FRAME_LEN: u64 = 1 << 20;
 
 /// Positional reads of a source several threads share (for a file: `read_exact_at`).
 pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> std::io::Result<()> + Sync + 'a;
@@ -111,45 +111,54 @@ pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> std::io::Result<()> + Sync + 'a;
 /// calling thread keeps between frames.
 type FrameFn<'a> = dyn Fn(&mut Vec<u8>, u64, u64) -> std::io::Result<Vec<u8>> + Sync + 'a;
 
-/// The frames of a `len`-byte input, each thread compressing a contiguous run of them
-/// (so the output is in order once the runs are joined).
+/// The tagged zstd body of a `len`-byte input: its frames, compressed by up to
+/// `threads` threads (the caller's included) taking the next frame as they finish one,
+/// so frames that compress slower do not leave a thread idle.
 fn zstd_frames(len: u64, threads: usize, frame: &FrameFn) -> std::io::Result<Vec<u8>> {
-    let frames = len.div_ceil(FRAME_LEN).max(1);
-    let workers = u64::try_from(threads).unwrap_or(1).clamp(1, frames);
-    let per_worker = frames.div_ceil(workers);
-    let run = |worker: u64| -> std::io::Result<Vec<u8>> {
+    let count = len.div_ceil(FRAME_LEN).max(1);
+    let workers = u64::try_from(threads).unwrap_or(1).clamp(1, count);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let work = || -> std::io::Result<Vec<(u64, Vec<u8>)>> {
         let mut scratch = Vec::new();
-        let mut out = Vec::new();
-        let first = worker * per_worker;
-        for index in first..frames.min(first + per_worker) {
+        let mut done = Vec::new();
+        loop {
+            let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if index >= count {
+                return Ok(done);
+            }
             let start = index * FRAME_LEN;
-            out.extend_from_slice(&frame(&mut scratch, start, len.min(start + FRAME_LEN))?);
+            done.push((
+                index,
+                frame(&mut scratch, start, len.min(start + FRAME_LEN))?,
+            ));
         }
-        Ok(out)
     };
-    if workers == 1 {
-        return run(0);
-    }
-    let run = &run;
-    let runs: Vec<std::io::Result<Vec<u8>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|worker| scope.spawn(move || run(worker)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    let runs = runs.into_iter().collect::<std::io::Result<Vec<_>>>()?;
-    let mut out = Vec::with_capacity(runs.iter().map(Vec::len).sum());
-    for run in runs {
-        out.extend_from_slice(&run);
+    let mut frames = std::thread::scope(|scope| -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(work)).collect();
+        let mut frames = work()?;
+        for helper in helpers {
+            let more = helper
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            frames.extend(more);
+        }
+        Ok(frames)
+    })?;
+    frames.sort_unstable_by_key(|(index, _)| *index);
+    let mut out = Vec::with_capacity(1 + frames.iter().map(|(_, f)| f.len()).sum::<usize>());
+    out.push(TAG_ZSTD);
+    for (_, frame) in frames {
+        out.extend_from_slice(&frame);
     }
     Ok(out)
+}
+
+/// `body` behind its algorithm tag.
+fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 1);
+    out.push(tag);
+    out.extend_from_slice(body);
+    out
 }
 
 fn zstd_failed() -> std::io::Error {
@@ -197,12 +206,15 @@ impl Compression {
 
     /// [`Compression::compress_on`] for `len` bytes read from `source` a frame at a
     /// time into one reused buffer per thread: reading a 16 MiB file into fresh memory
-    /// first cost half as much again as compressing it (page faults).
+    /// first cost half as much again as compressing it (page faults). `each_frame` sees
+    /// every [`FRAME_LEN`]-aligned piece once with its offset, on the thread that read
+    /// it (to hash the input without reading it again).
     pub fn compress_from(
         &self,
         len: u64,
         threads: usize,
         source: &ReadAt,
+        each_frame: &(dyn Fn(u64, &[u8]) + Sync),
     ) -> std::io::Result<Vec<u8>> {
         let read_all = || -> std::io::Result<Vec<u8>> {
             let mut data = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
@@ -210,22 +222,27 @@ impl Compression {
             Ok(data)
         };
         let Compression::Zstd(level) = *self else {
-            return Ok(self.compress(&read_all()?));
+            let data = read_all()?;
+            for (index, piece) in data.chunks(FRAME_LEN as usize).enumerate() {
+                each_frame(index as u64 * FRAME_LEN, piece);
+            }
+            if data.is_empty() {
+                each_frame(0, &data);
+            }
+            return Ok(self.compress(&data));
         };
-        let frames = zstd_frames(len, threads, &|scratch, start, end| {
+        let out = zstd_frames(len, threads, &|scratch, start, end| {
             scratch.resize(
                 usize::try_from(end - start).map_err(std::io::Error::other)?,
                 0,
             );
             source(scratch, start)?;
+            each_frame(start, scratch);
             zstd_compress(scratch, level).ok_or_else(zstd_failed)
         })?;
-        if frames.len() as u64 >= len {
+        if out.len() as u64 > len {
             return Ok(Compression::None.compress(&read_all()?));
         }
-        let mut out = Vec::with_capacity(frames.len() + 1);
-        out.push(TAG_ZSTD);
-        out.extend_from_slice(&frames);
         Ok(out)
     }
 
@@ -240,31 +257,20 @@ impl Compression {
                         .ok_or_else(zstd_failed)
                 })
                 .ok()
-                .map(|c| (TAG_ZSTD, c))
             }
-            Compression::Lz4 => Some((TAG_LZ4, lz4_flex::compress_prepend_size(data))),
+            Compression::Lz4 => Some(tagged(TAG_LZ4, &lz4_flex::compress_prepend_size(data))),
             Compression::Gzip(level) => {
                 let mut enc =
                     flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
                 enc.write_all(data)
                     .and_then(|_| enc.finish())
                     .ok()
-                    .map(|c| (TAG_GZIP, c))
+                    .map(|c| tagged(TAG_GZIP, &c))
             }
         };
         match compressed {
-            Some((tag, c)) if c.len() < data.len() => {
-                let mut out = Vec::with_capacity(c.len() + 1);
-                out.push(tag);
-                out.extend_from_slice(&c);
-                out
-            }
-            _ => {
-                let mut out = Vec::with_capacity(data.len() + 1);
-                out.push(TAG_NONE);
-                out.extend_from_slice(data);
-                out
-            }
+            Some(out) if out.len() <= data.len() => out,
+            _ => tagged(TAG_NONE, data),
         }
     }
 }
@@ -355,9 +361,18 @@ mod tests {
         };
         for compression in [Compression::Zstd(3), Compression::Lz4, Compression::None] {
             for threads in [1, 2] {
+                let seen = std::sync::Mutex::new(Vec::new());
                 let out = compression
-                    .compress_from(data.len() as u64, threads, &source)
+                    .compress_from(data.len() as u64, threads, &source, &|at, piece| {
+                        seen.lock().expect("lock").push((at, piece.len()));
+                    })
                     .expect("compress");
+                let mut seen = seen.into_inner().expect("lock");
+                seen.sort();
+                let expected: Vec<(u64, usize)> = (0..9)
+                    .map(|i| (i * FRAME_LEN, FRAME_LEN as usize))
+                    .collect();
+                assert_eq!(seen, expected, "{compression}");
                 assert_eq!(
                     decompress(&out, 0).expect("decompress"),
                     data,
@@ -368,14 +383,21 @@ mod tests {
         let mut random = vec![0u8; 100_000];
         crate::crypto::fill_random(&mut random);
         let out = Compression::Zstd(3)
-            .compress_from(random.len() as u64, 2, &|buf: &mut [u8], at: u64| {
-                buf.copy_from_slice(&random[at as usize..at as usize + buf.len()]);
-                Ok(())
-            })
+            .compress_from(
+                random.len() as u64,
+                2,
+                &|buf: &mut [u8], at: u64| {
+                    buf.copy_from_slice(&random[at as usize..at as usize + buf.len()]);
+                    Ok(())
+                },
+                &|_, _| {},
+            )
             .expect("compress");
         assert_eq!(out[0], TAG_NONE);
         let failing = |_: &mut [u8], _: u64| Err(std::io::Error::other("gone"));
-        assert!(Compression::Zstd(3).compress_from(10, 1, &failing).is_err());
+        assert!(Compression::Zstd(3)
+            .compress_from(10, 1, &failing, &|_, _| {})
+            .is_err());
     }
 
     #[test]

@@ -149,11 +149,6 @@ impl Crypto {
         Id(*blake3::keyed_hash(&self.key.id_key, plaintext).as_bytes())
     }
 
-    /// An incremental [`Crypto::blob_id`], for content fed in pieces.
-    pub fn id_hasher(&self) -> blake3::Hasher {
-        blake3::Hasher::new_keyed(&self.key.id_key)
-    }
-
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
         seal_with(self.encryption, &self.key.data_key, plaintext)
     }
@@ -249,9 +244,109 @@ pub(crate) fn open_with(
     }
 }
 
+/// [`Crypto::blob_id`] of a `len`-byte input hashed as pieces of `piece_len` bytes (a
+/// power of two, at least BLAKE3's 1 KiB chunk) on any threads in any order: each piece
+/// is a subtree of BLAKE3's own tree, merged as BLAKE3 merges them, so the id is the
+/// same as hashing the whole input at once.
+pub struct PieceHasher<'a> {
+    crypto: &'a Crypto,
+    len: u64,
+    piece_len: u64,
+    pieces: std::sync::Mutex<Vec<Option<[u8; 32]>>>,
+}
+
+impl<'a> PieceHasher<'a> {
+    pub fn new(crypto: &'a Crypto, len: u64, piece_len: u64) -> PieceHasher<'a> {
+        assert!(piece_len.is_power_of_two() && piece_len >= blake3::CHUNK_LEN as u64);
+        let count = usize::try_from(len.div_ceil(piece_len).max(1)).unwrap_or(usize::MAX);
+        PieceHasher {
+            crypto,
+            len,
+            piece_len,
+            pieces: std::sync::Mutex::new(vec![None; count]),
+        }
+    }
+
+    /// Hashes the piece starting at `offset` (a multiple of the piece length).
+    pub fn add(&self, offset: u64, piece: &[u8]) {
+        let hash = if self.len <= self.piece_len {
+            self.crypto.blob_id(piece).0
+        } else {
+            use blake3::hazmat::HasherExt;
+            blake3::Hasher::new_keyed(&self.crypto.key.id_key)
+                .set_input_offset(offset)
+                .update(piece)
+                .finalize_non_root()
+        };
+        let index = usize::try_from(offset / self.piece_len).unwrap_or(usize::MAX);
+        let mut pieces = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = pieces.get_mut(index) {
+            *slot = Some(hash);
+        }
+    }
+
+    /// The id; `None` when a piece was never added.
+    pub fn finish(self) -> Option<Id> {
+        let pieces = self.pieces.into_inner().unwrap_or_else(|e| e.into_inner());
+        let pieces: Vec<[u8; 32]> = pieces.into_iter().collect::<Option<_>>()?;
+        if self.len <= self.piece_len {
+            return pieces.first().map(|hash| Id(*hash));
+        }
+        let mode = blake3::hazmat::Mode::KeyedHash(&self.crypto.key.id_key);
+        let left_len = blake3::hazmat::left_subtree_len(self.len);
+        let (left, right) = pieces.split_at((left_len / self.piece_len) as usize);
+        let left = subtree(left, self.piece_len, left_len, mode);
+        let right = subtree(right, self.piece_len, self.len - left_len, mode);
+        Some(Id(*blake3::hazmat::merge_subtrees_root(
+            &left, &right, mode,
+        )
+        .as_bytes()))
+    }
+}
+
+/// The chaining value of `len` bytes hashed as `pieces`, split where BLAKE3 splits.
+fn subtree(pieces: &[[u8; 32]], piece_len: u64, len: u64, mode: blake3::hazmat::Mode) -> [u8; 32] {
+    if pieces.len() <= 1 {
+        return pieces.first().copied().unwrap_or_default();
+    }
+    // Above one piece the left subtree is a power of two at least one piece long.
+    let left_len = blake3::hazmat::left_subtree_len(len);
+    let (left, right) = pieces.split_at((left_len / piece_len) as usize);
+    blake3::hazmat::merge_subtrees_non_root(
+        &subtree(left, piece_len, left_len, mode),
+        &subtree(right, piece_len, len - left_len, mode),
+        mode,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn piece_hashes_equal_the_whole_input_hash() {
+        let crypto = Crypto::new(Encryption::None, MasterKey::generate());
+        let piece = 4096u64;
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+        for len in [
+            0, 1, 1024, 1025, 4095, 4096, 4097, 8192, 12288, 12289, 16385, 28672, 40_000,
+        ] {
+            let input = &data[..len];
+            let hasher = PieceHasher::new(&crypto, len as u64, piece);
+            // Out of order, as threads deliver them.
+            let offsets: Vec<usize> = (0..len.max(1)).step_by(piece as usize).collect();
+            for &offset in offsets.iter().rev() {
+                hasher.add(
+                    offset as u64,
+                    &input[offset..len.min(offset + piece as usize)],
+                );
+            }
+            assert_eq!(hasher.finish(), Some(crypto.blob_id(input)), "len {len}");
+        }
+        let missing = PieceHasher::new(&crypto, 9000, piece);
+        missing.add(0, &data[..4096]);
+        assert_eq!(missing.finish(), None);
+    }
 
     #[test]
     fn seal_open_round_trip_and_tamper_detection() {

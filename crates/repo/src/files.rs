@@ -11,7 +11,8 @@
 //! plaintext binds the content to its key, so swapping two objects in storage is
 //! detected even though each one authenticates.
 
-use crate::compression::{decompress, ReadAt};
+use crate::compression::{decompress, ReadAt, FRAME_LEN};
+use crate::crypto::PieceHasher;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::repository::Repository;
@@ -45,9 +46,6 @@ pub struct StoredFile {
     pub data: Vec<u8>,
 }
 
-/// Bytes hashed at a time by [`Repository::store_file_from`].
-const HASH_PIECE: usize = 1 << 20;
-
 fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
     handle
         .join()
@@ -80,34 +78,18 @@ impl Repository {
     pub fn store_file_from(&self, name: &str, len: u64, source: &ReadAt) -> Result<StoreOutcome> {
         let name_len = u16::try_from(name.len())
             .map_err(|_| RepoError::Invalid(format!("file name too long: {name}")))?;
-        let (content_id, compressed) = std::thread::scope(|scope| {
-            let compressing = scope.spawn(|| {
-                self.compression()
-                    .compress_from(len, self.file_threads(), source)
-            });
-            let content_id = self.content_id_from(len, source);
-            (content_id, joined(compressing))
-        });
-        let read_error = |e: std::io::Error| RepoError::io(name, e);
-        self.store_compressed(
-            name,
-            name_len,
-            content_id.map_err(read_error)?,
-            &compressed.map_err(read_error)?,
-        )
-    }
-
-    fn content_id_from(&self, len: u64, source: &ReadAt) -> std::io::Result<Id> {
-        let mut hasher = self.crypto().id_hasher();
-        let mut piece = vec![0u8; HASH_PIECE];
-        let mut at = 0;
-        while at < len {
-            let n = usize::try_from(len - at).map_or(HASH_PIECE, |left| left.min(HASH_PIECE));
-            source(&mut piece[..n], at)?;
-            hasher.update(&piece[..n]);
-            at += n as u64;
-        }
-        Ok(Id(*hasher.finalize().as_bytes()))
+        // Each thread hashes the frames it reads for the compressor.
+        let hasher = PieceHasher::new(self.crypto(), len, FRAME_LEN);
+        let compressed = self
+            .compression()
+            .compress_from(len, self.file_threads(), source, &|offset, piece| {
+                hasher.add(offset, piece)
+            })
+            .map_err(|e| RepoError::io(name, e))?;
+        let content_id = hasher
+            .finish()
+            .ok_or_else(|| RepoError::Invalid(format!("{name}: a part was never read")))?;
+        self.store_compressed(name, name_len, content_id, &compressed)
     }
 
     fn store_compressed(

@@ -696,6 +696,9 @@ fn wait_for_wal(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let name = wal_name(cluster, segment);
+    // The archiver usually delivers the segment within tens of milliseconds: poll fast
+    // at first, then back off so a slow archive does not flood the storage with checks.
+    let mut pause = Duration::from_millis(10);
     loop {
         if repo.has_file(&name)? {
             return Ok(());
@@ -706,7 +709,8 @@ fn wait_for_wal(
                 humantime::format_duration(timeout)
             );
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
 
