@@ -192,26 +192,16 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
         }
         idle_since = Instant::now();
         let batch: Vec<String> = pending.into_iter().take(ctx.jobs * 4).collect();
+        // Each segment is answered as soon as it is durable (or failed): PostgreSQL
+        // archives one file at a time and should not wait for the rest of the batch.
         let results = repo::parallel::map(batch, ctx.jobs, |name| {
-            Ok::<_, std::convert::Infallible>((
-                name.clone(),
-                push_file(&repo, &identity, &pg_wal.join(&name)),
-            ))
-        })
-        .unwrap_or_else(|never| match never {});
-        let mut failed = false;
-        let durable: Vec<WalFileName> = results
-            .iter()
-            .filter_map(|(_, r)| r.as_ref().ok().map(|(wal, _)| wal.clone()))
-            .collect();
-        for (name, result) in results {
-            let (status, text) = match result {
-                Ok((_, Pushed::Created { .. })) => ("ok", String::new()),
-                Ok((_, Pushed::AlreadyThere)) => ("ok", String::new()),
+            let (status, text, durable) = match push_file(&repo, &identity, &pg_wal.join(&name)) {
+                Ok((wal, Pushed::Created { .. } | Pushed::AlreadyThere)) => {
+                    ("ok", String::new(), Some(wal))
+                }
                 Err(e) => {
-                    failed = true;
                     tracing::error!("{name}: {e:#}");
-                    ("error", format!("{e:#}"))
+                    ("error", format!("{e:#}"), None)
                 }
             };
             // The status file only routes the answer; a lost .ok makes PostgreSQL push
@@ -221,7 +211,10 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
                 text.as_bytes(),
                 false,
             )?;
-        }
+            Ok::<_, anyhow::Error>(durable)
+        })?;
+        let failed = results.iter().any(Option::is_none);
+        let durable: Vec<WalFileName> = results.into_iter().flatten().collect();
         // After the answers: copies come from the first repository, not from pg_wal.
         super::copy::push_to_secondaries(ctx, &repo, &durable);
         if !failed {
