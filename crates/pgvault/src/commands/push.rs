@@ -170,10 +170,9 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
         Some(text) => Some(super::archive::parse_size(text, "archive-push-queue-max")?),
         None => None,
     };
-    let mut repo = ctx.open()?;
-    // `--jobs` segments are compressed at once: the CPUs are shared between them.
-    repo.set_file_threads(repo.file_threads() / ctx.jobs.max(1));
-    let repo = std::sync::Arc::new(repo);
+    // Every segment is compressed on every CPU although `--jobs` are pushed at once:
+    // while one waits for its fsync, the others keep all CPUs busy.
+    let repo = std::sync::Arc::new(ctx.open()?);
     let identity = load_identity(&repo, &ctx.cluster)?;
     tracing::info!("archive-push worker started for {}", pg_wal.display());
     let mut idle_since = Instant::now();
