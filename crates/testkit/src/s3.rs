@@ -10,6 +10,10 @@ use crate::free_port;
 
 /// Runs moto's server in-process with a watchdog thread that exits once the parent (this test
 /// binary) is gone: a `static` is never dropped, so `Drop` alone would leak the server.
+///
+/// S3 evaluates `If-None-Match: *` and stores the object as one atomic step; moto checks,
+/// then spends a while storing a large body, so two racing conditional PUTs could both
+/// succeed. Its PUT handler runs under one lock here, making the emulator as strict as S3.
 const MOTO_LAUNCHER: &str = r#"
 import os, sys, threading, time
 parent = os.getppid()
@@ -18,6 +22,13 @@ def watch():
         time.sleep(0.5)
     os._exit(0)
 threading.Thread(target=watch, daemon=True).start()
+import moto.s3.responses as s3_responses
+unlocked_put = s3_responses.S3Response.put_object
+put_lock = threading.Lock()
+def atomic_put(self, *args, **kwargs):
+    with put_lock:
+        return unlocked_put(self, *args, **kwargs)
+s3_responses.S3Response.put_object = atomic_put
 from moto.server import main
 main(["-H", "127.0.0.1", "-p", sys.argv[1]])
 "#;
