@@ -172,6 +172,10 @@ fn suite_tree_round_trip(storage: DynStorage) {
         )
         .expect("write");
     }
+    // Large enough that restoring it starts writeback early (every 32 MiB) and then
+    // finishes with a partial stretch.
+    let large = payload(99, (40 << 20) + 1);
+    std::fs::write(source.path().join("base/1/16500"), &large).expect("write");
     std::fs::write(source.path().join("PG_VERSION"), "15\n").expect("write");
     let saver = BlobSaver::new(&repo);
     let archived =
@@ -187,6 +191,10 @@ fn suite_tree_round_trip(storage: DynStorage) {
             "{name}"
         );
     }
+    assert!(
+        std::fs::read(restored.join("base/1/16500")).expect("read") == large,
+        "the large file differs after restore"
+    );
     assert_eq!(
         std::fs::read_to_string(restored.join("PG_VERSION")).expect("read"),
         "15\n"
