@@ -24,7 +24,9 @@ fi
 port=$(free_port)
 pgdata="$WORK/pgdata"
 as_pg mkdir -p "$WORK/pgv-repo" "$WORK/pgbr/repo" "$WORK/pgbr/log" "$WORK/pgbr/lock" "$WORK/pgbr/spool" "$WORK/basebackup"
-as_pg env PGVAULT_REPO="$WORK/pgv-repo" "$PGVAULT" init --encryption none --compression zstd:3 >/dev/null
+# pgvault encrypts (its default, XChaCha20-Poly1305); pgBackRest and pg_basebackup do not.
+as_pg bash -c "umask 077; echo bench-passphrase > $WORK/passphrase"
+as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" init --compression zstd:3 >/dev/null
 as_pg tee "$WORK/pgbackrest.conf" >/dev/null <<CONF
 [global]
 repo1-path=$WORK/pgbr/repo
@@ -44,15 +46,15 @@ pg1-path=$pgdata
 pg1-port=$port
 pg1-socket-path=$WORK
 CONF
-pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --jobs 2 -q)
+pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" --jobs 2 -q)
 pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
 basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:workers=2 --checkpoint=fast -D)
 untar=$(wrapper untar bash -c 'zstd -q -d -c "$0" | tar -x -C "$1"')
 # Both tools archive: pgvault's archive_command pushes to its repository, then pgBackRest's.
 new_server "$pgdata" "$port" "archive_mode = on" "wal_level = replica" \
-    "archive_command = '$PGVAULT --repo $WORK/pgv-repo --jobs 2 archive-push %p && pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench archive-push %p'"
+    "archive_command = '$PGVAULT --repo $WORK/pgv-repo --passphrase-file $WORK/passphrase --jobs 2 archive-push %p && pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench archive-push %p'"
 conninfo="host=127.0.0.1 port=$port user=postgres"
-as_pg "$PGVAULT" --repo "$WORK/pgv-repo" setup --pg-conn "$conninfo" >/dev/null
+as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" setup --pg-conn "$conninfo" >/dev/null
 "$pgbr" stanza-create >/dev/null
 # 100,000 rows per scale unit of ~150 bytes: 32 random hex digits and a repeated word.
 TEXT_ROWS=$((SCALE * 100000))
