@@ -331,14 +331,10 @@ impl Repository {
         self.compression = compression;
     }
 
+    /// How many threads compress one large named file: the CPU count, also when several
+    /// files are stored at once (one waiting for its fsync leaves the CPUs to the others).
     pub fn file_threads(&self) -> usize {
         self.file_threads
-    }
-
-    /// How many threads compress one large named file (default: the CPU count); callers
-    /// storing several files at once divide the CPUs between them.
-    pub fn set_file_threads(&mut self, threads: usize) {
-        self.file_threads = threads.max(1);
     }
 
     /// The key file this session unlocked with (`None` for unencrypted repositories).
