@@ -140,21 +140,21 @@ pub fn restore_tree(
 
 fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
     let path = &file.path;
-    let out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| RepoError::io(path, e))?;
-    let mut out = EarlyWriteback::new(out);
+    let mut out = EarlyWriteback::new(
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| RepoError::io(path, e))?,
+    );
     let written = write_content(repo, &file.node.content, &mut out)?;
-    let out = out.file;
     if written != file.node.size {
         return Err(repo.corrupt(
             path.display().to_string(),
             format!("restored {written} bytes, snapshot says {}", file.node.size),
         ));
     }
-    out.sync_all().map_err(|e| RepoError::io(path, e))?;
+    out.file.sync_all().map_err(|e| RepoError::io(path, e))?;
     drop(out);
     apply_metadata(path, &file.node)
 }
