@@ -18,7 +18,6 @@ use chrono::{DateTime, Utc};
 use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
-use crate::pack::BlobType;
 use crate::repository::Repository;
 use crate::saver::BlobSaver;
 use crate::snapshot::{Node, NodeKind, Summary, Tree, TreeWriter};
@@ -102,7 +101,8 @@ pub struct Archived {
 
 struct Walker<'a, 's> {
     saver: &'a BlobSaver<'s>,
-    tx: crossbeam_channel::Sender<(Id, Vec<u8>)>,
+    /// New chunks, each with the chunk it replaces in the parent snapshot's copy.
+    tx: crossbeam_channel::Sender<(Id, Vec<u8>, Option<Id>)>,
     failure: &'a Mutex<Option<RepoError>>,
     options: &'a ArchiveOptions,
     summary: Summary,
@@ -118,14 +118,14 @@ fn with_workers<T>(
     saver.repository().load_index()?;
     let failure: Mutex<Option<RepoError>> = Mutex::new(None);
     let jobs = options.jobs.max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(jobs * 2);
+    let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>, Option<Id>)>(jobs * 2);
     let result = std::thread::scope(|scope| {
         for _ in 0..jobs {
             let rx = rx.clone();
             let failure = &failure;
             scope.spawn(move || {
-                for (id, data) in rx {
-                    if let Err(e) = saver.store(BlobType::Data, id, &data) {
+                for (id, data, previous) in rx {
+                    if let Err(e) = saver.store_changed(id, &data, previous) {
                         failure
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -167,20 +167,23 @@ impl Walker<'_, '_> {
         }
     }
 
+    /// Stores chunks; `previous` lists the chunks they replace, by position, for deltas.
     fn store_chunks(
         &mut self,
         chunks: impl Iterator<Item = io::Result<Vec<u8>>>,
         path: &Path,
+        previous: &[Id],
     ) -> Result<(Vec<Id>, u64)> {
         let mut ids = Vec::new();
         let mut size = 0u64;
-        for chunk in chunks {
+        for (position, chunk) in chunks.enumerate() {
             let chunk = chunk.map_err(|e| RepoError::io(path, e))?;
             size += chunk.len() as u64;
             let (id, new) = self.saver.reserve(&chunk);
             if new {
                 self.check_failure()?;
-                if self.tx.send((id, chunk)).is_err() {
+                let replaced = previous.get(position).copied();
+                if self.tx.send((id, chunk, replaced)).is_err() {
                     self.check_failure()?;
                     return Err(RepoError::Invalid("all storage workers stopped".into()));
                 }
@@ -197,9 +200,10 @@ impl Walker<'_, '_> {
         path: &Path,
         relative: &Path,
         first_offset: u64,
+        previous: &[Id],
     ) -> Result<(Vec<Id>, u64)> {
         let Some(inspector) = self.options.inspector.clone() else {
-            return self.store_chunks(chunks, path);
+            return self.store_chunks(chunks, path, previous);
         };
         let mut offset = first_offset;
         let inspected = chunks.inspect(move |chunk| {
@@ -208,7 +212,7 @@ impl Walker<'_, '_> {
                 offset += data.len() as u64;
             }
         });
-        self.store_chunks(inspected, path)
+        self.store_chunks(inspected, path, previous)
     }
 
     fn archive_dir(&mut self, dir: &Path, relative: &Path, parent: Option<&Tree>) -> Result<Id> {
@@ -298,8 +302,9 @@ impl Walker<'_, '_> {
                         file.take(meta.len()),
                         &self.saver.repository().config().chunker,
                     );
+                    let replaced = self.fixed_content(previous);
                     let (content, size) =
-                        self.store_file_chunks(chunker, &path, &relative_path, 0)?;
+                        self.store_file_chunks(chunker, &path, &relative_path, 0, replaced)?;
                     node.content = content;
                     node.size = size;
                 }
@@ -315,6 +320,21 @@ impl Walker<'_, '_> {
             tree.push(&node)?;
         }
         tree.save(self.saver)
+    }
+
+    /// The parent's content list of a file when it is in whole fixed chunks, so that its
+    /// chunk N held the same bytes of the file as chunk N read now; else empty.
+    fn fixed_content<'n>(&self, previous: Option<&'n Node>) -> &'n [Id] {
+        let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
+        match previous {
+            Some(node)
+                if node.kind == NodeKind::File
+                    && node.content.len() as u64 == node.size.div_ceil(fixed) =>
+            {
+                &node.content
+            }
+            _ => &[],
+        }
     }
 
     /// The parent's copy of a changed file and the ranges that may differ from it, when
@@ -373,8 +393,14 @@ impl Walker<'_, '_> {
             if chunk.is_empty() {
                 break; // truncated since stat: the rest belongs to WAL replay
             }
-            let (ids, length) =
-                self.store_file_chunks(std::iter::once(Ok(chunk)), path, relative, start)?;
+            let replaced = previous.content.get(index as usize..=index as usize);
+            let (ids, length) = self.store_file_chunks(
+                std::iter::once(Ok(chunk)),
+                path,
+                relative,
+                start,
+                replaced.unwrap_or_default(),
+            )?;
             content.extend(ids);
             stored += length;
             if (read as u64) < end - start {
@@ -552,7 +578,7 @@ pub fn archive_stream<R: Read>(
 ) -> Result<Archived> {
     let (node, summary) = with_workers(saver, options, |walker| {
         let chunker = Chunker::content_defined(reader, &saver.repository().config().chunker);
-        let (content, size) = walker.store_chunks(chunker, Path::new(name))?;
+        let (content, size) = walker.store_chunks(chunker, Path::new(name), &[])?;
         walker.summary.files = 1;
         walker.summary.bytes = size;
         Ok(Node {

@@ -45,7 +45,8 @@ pub struct GcResult {
     pub index_files_written: usize,
 }
 
-/// Every blob (tree and data) referenced by any snapshot.
+/// Every blob (tree and data) referenced by any snapshot, and the bases of those stored
+/// as deltas (they are read to read the delta). Needs the index loaded.
 pub fn referenced_blobs(repo: &Repository) -> Result<(usize, HashSet<Id>)> {
     let snapshots = Snapshot::load_all(repo)?;
     let mut used = HashSet::new();
@@ -63,6 +64,12 @@ pub fn referenced_blobs(repo: &Repository) -> Result<(usize, HashSet<Id>)> {
         })?;
         used.extend(visited_here);
     }
+    let index = repo.index();
+    let bases: Vec<Id> = used
+        .iter()
+        .filter_map(|id| index.get(id).and_then(|loc| loc.base))
+        .collect();
+    used.extend(bases);
     Ok((snapshots.len(), used))
 }
 

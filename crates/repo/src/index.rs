@@ -7,12 +7,13 @@
 //! ```text
 //! index = "PVI1" pack_count:u32le (pack_id:[32] entry_count:u32le entry*)*
 //! ```
-//! (entries as in pack headers). The whole object is compressed and sealed.
+//! (entries as in pack headers, delta bases included). The whole object is compressed
+//! and sealed.
 
 use std::collections::HashMap;
 
 use crate::id::Id;
-use crate::pack::{BlobType, PackEntry, ENTRY_LEN};
+use crate::pack::{BlobType, PackEntry};
 
 const INDEX_MAGIC: &[u8; 4] = b"PVI1";
 
@@ -24,8 +25,12 @@ pub struct IndexFile {
 
 impl IndexFile {
     pub fn encode(&self) -> Vec<u8> {
-        let entries: usize = self.packs.iter().map(|(_, e)| e.len()).sum();
-        let mut out = Vec::with_capacity(8 + self.packs.len() * 36 + entries * ENTRY_LEN);
+        let entries: usize = self
+            .packs
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(PackEntry::encoded_len))
+            .sum();
+        let mut out = Vec::with_capacity(8 + self.packs.len() * 36 + entries);
         out.extend_from_slice(INDEX_MAGIC);
         out.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
         for (pack, entries) in &self.packs {
@@ -42,30 +47,15 @@ impl IndexFile {
         let mut rest = buf
             .strip_prefix(INDEX_MAGIC)
             .ok_or_else(|| "bad index magic".to_string())?;
-        let mut take = |n: usize| -> Result<&[u8], String> {
-            if rest.len() < n {
-                return Err("index is truncated".to_string());
-            }
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            Ok(head)
-        };
-        let read_u32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let pack_count = read_u32(take(4)?);
+        let pack_count = take_u32(&mut rest)?;
         let mut packs = Vec::with_capacity(pack_count.min(1 << 20));
         for _ in 0..pack_count {
             let mut pack = [0u8; 32];
-            pack.copy_from_slice(take(32)?);
-            let count = read_u32(take(4)?);
-            let raw = take(
-                count
-                    .checked_mul(ENTRY_LEN)
-                    .ok_or("index entry count overflows")?,
-            )?;
-            let entries = raw
-                .chunks_exact(ENTRY_LEN)
-                .map(|e| PackEntry::decode(e).ok_or_else(|| "bad blob type in index".to_string()))
-                .collect::<Result<Vec<_>, _>>()?;
+            pack.copy_from_slice(take(&mut rest, 32)?);
+            let count = take_u32(&mut rest)?;
+            let (entries, tail) = PackEntry::decode_many(rest, count)
+                .map_err(|e| format!("index of pack {}: {e}", Id(pack).short()))?;
+            rest = tail;
             packs.push((Id(pack), entries));
         }
         if !rest.is_empty() {
@@ -73,6 +63,20 @@ impl IndexFile {
         }
         Ok(IndexFile { packs })
     }
+}
+
+fn take<'b>(rest: &mut &'b [u8], n: usize) -> Result<&'b [u8], String> {
+    if rest.len() < n {
+        return Err("index is truncated".to_string());
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Ok(head)
+}
+
+fn take_u32(rest: &mut &[u8]) -> Result<usize, String> {
+    let b = take(rest, 4)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
 }
 
 /// Where a blob is stored.
@@ -83,6 +87,8 @@ pub struct BlobLocation {
     pub offset: u32,
     pub length: u32,
     pub raw_length: u32,
+    /// For a delta: the blob whose plaintext XORs with this one's to give the blob.
+    pub base: Option<Id>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +107,8 @@ pub struct Index {
     packs: Vec<Id>,
     pack_numbers: HashMap<Id, u32>,
     blobs: HashMap<Id, CompactLocation>,
+    /// Bases of the blobs stored as deltas (few, so kept apart from `blobs`).
+    bases: HashMap<Id, Id>,
     /// Index objects this index was loaded from.
     pub files: Vec<Id>,
 }
@@ -112,15 +120,45 @@ impl Index {
             (self.packs.len() - 1) as u32
         });
         for entry in entries {
-            // The first location wins: duplicates (after an interrupted gc) are harmless.
-            self.blobs.entry(entry.id).or_insert(CompactLocation {
+            let location = CompactLocation {
                 pack: number,
                 blob_type: entry.blob_type,
                 offset: entry.offset,
                 length: entry.length,
                 raw_length: entry.raw_length,
-            });
+            };
+            // The first location wins: duplicates (after an interrupted gc) are harmless.
+            // Except that a whole copy beats a delta, which depends on a second blob.
+            let replaces_delta = entry.base.is_none() && self.bases.contains_key(&entry.id);
+            if replaces_delta {
+                self.bases.remove(&entry.id);
+                self.blobs.insert(entry.id, location);
+            } else if let std::collections::hash_map::Entry::Vacant(slot) =
+                self.blobs.entry(entry.id)
+            {
+                slot.insert(location);
+                if let Some(base) = entry.base {
+                    self.bases.insert(entry.id, base);
+                }
+            }
         }
+    }
+
+    /// Forgets deltas whose base is not indexed (its pack was deleted by `gc` because
+    /// nothing used either blob), so such a blob counts as absent and is stored again
+    /// whole rather than referenced and found unreadable later. Returns how many.
+    pub fn drop_orphan_deltas(&mut self) -> usize {
+        let orphans: Vec<Id> = self
+            .bases
+            .iter()
+            .filter(|(_, base)| !self.blobs.contains_key(base) || self.bases.contains_key(base))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &orphans {
+            self.bases.remove(id);
+            self.blobs.remove(id);
+        }
+        orphans.len()
     }
 
     pub fn add_file(&mut self, file_id: Id, file: &IndexFile) {
@@ -137,6 +175,7 @@ impl Index {
             offset: loc.offset,
             length: loc.length,
             raw_length: loc.raw_length,
+            base: self.bases.get(id).copied(),
         })
     }
 
@@ -175,7 +214,38 @@ mod tests {
             offset: n as u32 * 10,
             length: 10,
             raw_length: 20,
+            base: None,
         }
+    }
+
+    fn delta(n: u8, base: u8) -> PackEntry {
+        PackEntry {
+            base: Some(Id([base; 32])),
+            ..entry(n)
+        }
+    }
+
+    #[test]
+    fn deltas_round_trip_and_whole_copies_win() {
+        let file = IndexFile {
+            packs: vec![(Id([1; 32]), vec![entry(1), delta(2, 1), delta(3, 7)])],
+        };
+        let decoded = IndexFile::decode(&file.encode()).expect("decode");
+        assert_eq!(decoded, file);
+        let mut index = Index::default();
+        index.add_file(Id([9; 32]), &decoded);
+        assert_eq!(
+            index.get(&Id([2; 32])).and_then(|l| l.base),
+            Some(Id([1; 32]))
+        );
+        // Blob 3's base was never stored: it must not look present.
+        assert_eq!(index.drop_orphan_deltas(), 1);
+        assert!(!index.contains(&Id([3; 32])));
+        // A whole copy of blob 2 replaces the delta; another delta does not replace it.
+        index.add_pack(Id([2; 32]), &[entry(2)]);
+        index.add_pack(Id([3; 32]), &[delta(2, 1)]);
+        let location = index.get(&Id([2; 32])).expect("indexed");
+        assert_eq!((location.pack, location.base), (Id([2; 32]), None));
     }
 
     #[test]

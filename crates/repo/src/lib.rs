@@ -13,6 +13,7 @@ pub mod chunker;
 pub mod compression;
 pub mod copy;
 pub mod crypto;
+pub mod delta;
 mod error;
 mod files;
 pub mod gc;

@@ -29,7 +29,10 @@ use crate::index::{Index, IndexFile};
 use crate::keys::{KdfParams, KeyError, KeyFile};
 use crate::storage::{DynStorage, PutOutcome, StorageError};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added data blobs stored as deltas (see `pack`); version 1 repositories are
+/// read and written as before, without deltas, so older pgvault keeps reading them.
+pub const FORMAT_VERSION: u32 = 2;
+const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,7 +199,7 @@ impl Repository {
         };
         let version: VersionOnly =
             serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
-        if version.version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version.version) {
             return Err(RepoError::UnsupportedVersion {
                 location,
                 found: version.version,
@@ -335,6 +338,11 @@ impl Repository {
     /// files are stored at once (one waiting for its fsync leaves the CPUs to the others).
     pub fn file_threads(&self) -> usize {
         self.file_threads
+    }
+
+    /// Whether changed data blobs may be stored as deltas (format version 2 and later).
+    pub fn stores_deltas(&self) -> bool {
+        self.config.version >= 2
     }
 
     /// The key file this session unlocked with (`None` for unencrypted repositories).
@@ -511,6 +519,10 @@ impl Repository {
         for (id, file) in files {
             index.add_file(id, &file);
         }
+        let orphans = index.drop_orphan_deltas();
+        if orphans > 0 {
+            tracing::debug!("{orphans} indexed deltas have no base any more; ignoring them");
+        }
         *loaded = true;
         Ok(())
     }
@@ -533,18 +545,52 @@ impl Repository {
 
     // ---- blobs ----
 
-    /// Opens one stored blob: authenticates, decompresses and checks its keyed hash.
-    pub fn open_blob(&self, id: &Id, sealed: &[u8], pack: &Id) -> Result<Vec<u8>> {
+    /// Opens one stored blob: authenticates, decompresses, applies the delta `base` when
+    /// it is stored as one, and checks the keyed hash of the result.
+    pub fn open_blob(
+        &self,
+        id: &Id,
+        sealed: &[u8],
+        pack: &Id,
+        base: Option<&Id>,
+    ) -> Result<Vec<u8>> {
         let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
-        let compressed = self
-            .crypto
-            .open(sealed)
+        let mut plain = self
+            .unseal_blob(sealed)
             .map_err(|e| self.corrupt(object(), e))?;
-        let plain = decompress(&compressed, 0).map_err(|e| self.corrupt(object(), e))?;
+        if let Some(base) = base {
+            // The base's own hash is not checked: a damaged base fails the check below.
+            let base_plain = self.read_base(base)?;
+            crate::delta::apply(&mut plain, &base_plain).map_err(|e| {
+                self.corrupt(object(), format!("delta against {}: {e}", base.short()))
+            })?;
+        }
         if self.crypto.blob_id(&plain) != *id {
             return Err(self.corrupt(object(), "content does not match its id"));
         }
         Ok(plain)
+    }
+
+    fn unseal_blob(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        let compressed = self.crypto.open(sealed).map_err(|e| e.to_string())?;
+        decompress(&compressed, 0).map_err(|e| e.to_string())
+    }
+
+    /// The plaintext of a delta's base, which is always stored whole.
+    fn read_base(&self, base: &Id) -> Result<Vec<u8>> {
+        let loc = self
+            .index()
+            .get(base)
+            .ok_or(RepoError::MissingBlob(*base))?;
+        let object = || format!("blob {} in pack {}", base.short(), pack_key(&loc.pack));
+        if loc.base.is_some() {
+            return Err(self.corrupt(object(), "a delta base is itself a delta"));
+        }
+        let sealed =
+            self.storage
+                .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?;
+        self.unseal_blob(&sealed)
+            .map_err(|e| self.corrupt(object(), e))
     }
 
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
@@ -553,7 +599,7 @@ impl Repository {
         let sealed =
             self.storage
                 .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?;
-        self.open_blob(id, &sealed, &loc.pack)
+        self.open_blob(id, &sealed, &loc.pack, loc.base.as_ref())
     }
 }
 

@@ -60,7 +60,7 @@ pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> 
         for (id, loc) in &run {
             let start = (loc.offset - first.offset) as usize;
             let sealed = &bytes[start..start + loc.length as usize];
-            let plain = repo.open_blob(id, sealed, &loc.pack)?;
+            let plain = repo.open_blob(id, sealed, &loc.pack, loc.base.as_ref())?;
             out.write_all(&plain)
                 .map_err(|e| RepoError::io("output", e))?;
             written += plain.len() as u64;

@@ -30,6 +30,9 @@ pub struct SaveStats {
     pub blobs_reused: u64,
     pub bytes_reused: u64,
     pub packs_written: u64,
+    /// New blobs stored as a delta against the blob they replace (counted in `blobs_new`).
+    #[serde(default)]
+    pub blobs_delta: u64,
 }
 
 #[derive(Default)]
@@ -40,7 +43,13 @@ struct Counters {
     blobs_reused: AtomicU64,
     bytes_reused: AtomicU64,
     packs_written: AtomicU64,
+    blobs_delta: AtomicU64,
 }
+
+/// Store a changed blob as a delta only when at most this fraction of its bytes differ
+/// from its base: beyond that the XOR is about as dense as the data and compresses no
+/// better, while reading it back costs a second blob.
+const DELTA_MAX_DIFFERING: usize = 8;
 
 pub struct BlobSaver<'r> {
     repo: &'r Repository,
@@ -89,10 +98,65 @@ impl<'r> BlobSaver<'r> {
 
     /// Compresses, seals and packs a blob that [`reserve`](Self::reserve) said is new.
     pub fn store(&self, blob_type: BlobType, id: Id, data: &[u8]) -> Result<()> {
+        self.add(blob_type, id, data, data, None)
+    }
+
+    /// [`store`](Self::store) for a data blob that replaces `previous`, the blob at the
+    /// same place in the previous version of its file: stored as a delta against the
+    /// whole copy behind `previous` when few bytes differ (so deltas are never chained).
+    pub fn store_changed(&self, id: Id, data: &[u8], previous: Option<Id>) -> Result<()> {
+        match previous.and_then(|previous| self.delta_against(previous, data)) {
+            Some((base, delta)) => {
+                self.counters.blobs_delta.fetch_add(1, Ordering::Relaxed);
+                self.add(BlobType::Data, id, data, &delta, Some(base))
+            }
+            None => self.store(BlobType::Data, id, data),
+        }
+    }
+
+    /// The base and the delta of `data` against the whole blob behind `previous`, when a
+    /// delta is allowed and worth it.
+    fn delta_against(&self, previous: Id, data: &[u8]) -> Option<(Id, Vec<u8>)> {
+        if !self.repo.stores_deltas() {
+            return None;
+        }
+        let base = self.repo.index().get(&previous)?.base.unwrap_or(previous);
+        let location = self.repo.index().get(&base)?;
+        if location.blob_type != BlobType::Data
+            || location.base.is_some()
+            || location.raw_length as usize != data.len()
+        {
+            return None;
+        }
+        let base_plain = match self.repo.load_blob(&base) {
+            Ok(plain) => plain,
+            Err(e) => {
+                // Storing the blob whole is always correct; verify reports the damage.
+                tracing::warn!("storing a blob whole: its delta base is unreadable: {e}");
+                return None;
+            }
+        };
+        if crate::delta::differing_bytes(data, &base_plain) > data.len() / DELTA_MAX_DIFFERING {
+            return None;
+        }
+        let mut delta = data.to_vec();
+        crate::delta::apply(&mut delta, &base_plain).ok()?;
+        Some((base, delta))
+    }
+
+    /// Packs `stored` (the blob itself, or its delta against `base`) under `id`.
+    fn add(
+        &self,
+        blob_type: BlobType,
+        id: Id,
+        data: &[u8],
+        stored: &[u8],
+        base: Option<Id>,
+    ) -> Result<()> {
         let sealed = self
             .repo
             .crypto()
-            .seal(&self.repo.compression().compress(data));
+            .seal(&self.repo.compression().compress(stored));
         self.counters.blobs_new.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_new
@@ -105,7 +169,7 @@ impl<'r> BlobSaver<'r> {
                 .packer(blob_type)
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            packer.add(blob_type, id, &sealed, data.len());
+            packer.add(blob_type, id, &sealed, data.len(), base);
             if packer.len() >= self.repo.config().pack_size as usize {
                 Some(std::mem::take(&mut *packer))
             } else {
@@ -190,6 +254,7 @@ impl<'r> BlobSaver<'r> {
             blobs_reused: c.blobs_reused.load(Ordering::Relaxed),
             bytes_reused: c.bytes_reused.load(Ordering::Relaxed),
             packs_written: c.packs_written.load(Ordering::Relaxed),
+            blobs_delta: c.blobs_delta.load(Ordering::Relaxed),
         }
     }
 }

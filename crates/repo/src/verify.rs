@@ -122,6 +122,10 @@ pub fn verify(repo: &Repository, options: &VerifyOptions) -> Result<VerifyReport
             match index.get(&blob) {
                 Some(loc) => {
                     pack_users.entry(loc.pack).or_default().insert(*snap_id);
+                    // A delta is read through its base, so the snapshot needs that too.
+                    if let Some(base) = loc.base.and_then(|base| index.get(&base)) {
+                        pack_users.entry(base.pack).or_default().insert(*snap_id);
+                    }
                 }
                 None => missing += 1,
             }
@@ -222,11 +226,15 @@ fn check_pack(repo: &Repository, pack: &Id) -> Result<(u64, u64), String> {
         return Err("content does not match its name (truncated or modified)".into());
     }
     let entries = parse_pack(repo.crypto(), &bytes).map_err(|e| e.to_string())?;
-    let index = repo.index();
     let mut checked = 0;
     for entry in &entries {
-        if let Some(loc) = index.get(&entry.id) {
-            if loc.pack == *pack && (loc.offset != entry.offset || loc.length != entry.length) {
+        let indexed = repo.index().get(&entry.id);
+        if let Some(loc) = indexed {
+            if loc.pack == *pack
+                && (loc.offset != entry.offset
+                    || loc.length != entry.length
+                    || loc.base != entry.base)
+            {
                 return Err(format!(
                     "index disagrees with pack header for blob {}",
                     entry.id.short()
@@ -235,7 +243,7 @@ fn check_pack(repo: &Repository, pack: &Id) -> Result<(u64, u64), String> {
         }
         let sealed = &bytes[entry.offset as usize..(entry.offset + entry.length) as usize];
         let plain = repo
-            .open_blob(&entry.id, sealed, pack)
+            .open_blob(&entry.id, sealed, pack, entry.base.as_ref())
             .map_err(|e| e.to_string())?;
         if plain.len() != entry.raw_length as usize {
             return Err(format!("blob {} has the wrong length", entry.id.short()));

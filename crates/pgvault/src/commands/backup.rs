@@ -738,6 +738,7 @@ fn report(
             "read_bytes": read,
             "new_bytes": summary.save.bytes_new,
             "stored_bytes": summary.save.bytes_stored,
+            "delta_blobs": summary.save.blobs_delta,
             "files": summary.files,
             "duration_ms": summary.duration_ms,
             "mb_per_second": read as f64 / 1e6 / seconds,

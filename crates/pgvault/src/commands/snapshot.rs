@@ -107,6 +107,7 @@ fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
             "new_blobs": s.save.blobs_new,
             "reused_blobs": s.save.blobs_reused,
             "packs_written": s.save.packs_written,
+            "delta_blobs": s.save.blobs_delta,
             "duration_ms": s.duration_ms,
         }));
     }
