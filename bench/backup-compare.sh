@@ -104,8 +104,12 @@ measure pgbackrest-restore "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate re
 as_pg mkdir -p "$WORK/r-bb"
 measure basebackup-restore "$untar" "$WORK/basebackup/2/base.tar.zst" "$WORK/r-bb"
 # Delta restores over the restored copies (here: of the same backup, so nearly nothing
-# differs; the cost is reading and hashing every file).
+# differs; the cost is reading and hashing every file). The page cache is dropped first:
+# a data directory being repaired is not still cached from its restore, and a tool that
+# restores with direct I/O would otherwise be measured against one whose copy is cached.
+drop_caches
 measure pgvault-delta "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
+drop_caches
 measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
 
 header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; pgBackRest $(pgbackrest version | awk '{print $2}')"

@@ -46,6 +46,12 @@ bench_cleanup() {
 }
 trap bench_cleanup EXIT
 
+# Writes back and drops the page cache (root only), so the next step reads from disk.
+drop_caches() {
+    sync
+    echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "warning: cannot drop the page cache (not root)" >&2
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # new_server DIR PORT [postgresql.conf lines...]: initdb with checksums and start.

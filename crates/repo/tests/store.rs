@@ -172,8 +172,8 @@ fn suite_tree_round_trip(storage: DynStorage) {
         )
         .expect("write");
     }
-    // Large enough that restoring it starts writeback early (every 32 MiB) and then
-    // finishes with a partial stretch.
+    // Large enough to be restored with direct I/O: several whole blocks, then a last
+    // one padded to the alignment and cut back to the file's size.
     let large = payload(99, (40 << 20) + 1);
     std::fs::write(source.path().join("base/1/16500"), &large).expect("write");
     std::fs::write(source.path().join("PG_VERSION"), "15\n").expect("write");
