@@ -9,7 +9,6 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::repository::{pack_key, Repository};
@@ -300,6 +299,7 @@ impl Write for DirectWriter {
 pub struct DeltaStats {
     /// Files whose content already matched (read and hashed, not written).
     pub files_kept: u64,
+    /// Files replaced, or patched where only some chunks differed.
     pub files_written: u64,
     pub bytes_written: u64,
     /// Entries removed because the snapshot does not have them.
@@ -316,10 +316,11 @@ impl DeltaStats {
     }
 }
 
-/// Makes `target` equal to the tree `root`, rewriting only files whose content differs
-/// (judged by hashing the existing file's chunks into blob ids, the same way they were
-/// stored) and removing what the snapshot does not have. Much faster than a full restore
-/// when little changed; the result is the same.
+/// Makes `target` equal to the tree `root`, rewriting only the chunks whose content
+/// differs (judged by hashing the existing file's chunks into blob ids, the same way they
+/// were stored; see [`Repair`] for when a whole file is replaced instead) and removing
+/// what the snapshot does not have. Much faster than a full restore when little changed;
+/// the result is the same.
 pub fn restore_tree_delta(
     repo: &Repository,
     root: &Id,
@@ -384,14 +385,23 @@ pub fn restore_tree_delta(
             }
         }
     }
-    let outcomes = crate::parallel::map(files, jobs.max(1), |f| {
-        if content_matches(repo, &f.path, &f.node)? {
+    let repairs = plan_repairs(repo, &files, jobs.max(1))?;
+    let work: Vec<(PendingFile, Repair)> = files.into_iter().zip(repairs).collect();
+    let outcomes = crate::parallel::map(work, jobs.max(1), |(f, repair)| match repair {
+        Repair::Nothing => {
             apply_metadata(&f.path, &f.node)?;
-            return Ok((false, 0));
+            Ok((false, 0))
         }
-        let _ = fs::remove_file(&f.path);
-        restore_file(repo, &f)?;
-        Ok::<_, RepoError>((true, f.node.size))
+        Repair::Chunks(chunks) => {
+            let written = patch_chunks(repo, &f, &chunks)?;
+            apply_metadata(&f.path, &f.node)?;
+            Ok((true, written))
+        }
+        Repair::Whole => {
+            let _ = fs::remove_file(&f.path);
+            restore_file(repo, &f)?;
+            Ok::<_, RepoError>((true, f.node.size))
+        }
     })?;
     for (written, bytes) in outcomes {
         if written {
@@ -410,25 +420,149 @@ pub fn restore_tree_delta(
     Ok(stats)
 }
 
-/// Whether the file at `path` has exactly the content `node` names.
-fn content_matches(repo: &Repository, path: &Path, node: &Node) -> Result<bool> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(RepoError::io(path, e)),
-    };
-    let size = file.metadata().map_err(|e| RepoError::io(path, e))?.len();
-    if size != node.size {
-        return Ok(false);
-    }
-    let mut expected = node.content.iter();
-    for chunk in Chunker::fixed(file, &repo.config().chunker) {
-        let chunk = chunk.map_err(|e| RepoError::io(path, e))?;
-        if expected.next() != Some(&repo.crypto().blob_id(&chunk)) {
-            return Ok(false);
+/// What a delta restore does to a file that the snapshot has.
+enum Repair {
+    /// Its content is the snapshot's already.
+    Nothing,
+    /// Rewrite these chunks (by index, ascending) in place.
+    Chunks(Vec<usize>),
+    /// Replace the file: missing, another size, mostly different, or hard-linked (a
+    /// write in place would also change the other name, e.g. after `pg_upgrade --link`).
+    Whole,
+}
+
+/// Existing files are compared with the snapshot in pieces of this many chunks, on all
+/// threads at once, so that a 1 GiB relation segment is not read by one thread alone.
+const CHECK_PIECE: usize = 256;
+
+/// Decides each file's [`Repair`] by hashing its chunks the way they were stored.
+fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result<Vec<Repair>> {
+    use std::os::unix::fs::MetadataExt;
+    let fixed = u64::from(repo.config().chunker.fixed_size);
+    let mut repairs = Vec::with_capacity(files.len());
+    let mut linked = vec![false; files.len()];
+    let mut pieces = Vec::new();
+    for (number, file) in files.iter().enumerate() {
+        let node = &file.node;
+        let meta = match fs::metadata(&file.path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                repairs.push(Repair::Whole);
+                continue;
+            }
+            Err(e) => return Err(RepoError::io(&file.path, e)),
+        };
+        // Only files in whole fixed chunks can be compared chunk by chunk.
+        if !meta.is_file()
+            || meta.len() != node.size
+            || node.content.len() as u64 != node.size.div_ceil(fixed)
+        {
+            repairs.push(Repair::Whole);
+            continue;
+        }
+        linked[number] = meta.nlink() > 1;
+        repairs.push(Repair::Nothing);
+        for start in (0..node.content.len()).step_by(CHECK_PIECE) {
+            pieces.push((number, start..(start + CHECK_PIECE).min(node.content.len())));
         }
     }
-    Ok(expected.next().is_none())
+    let differing = crate::parallel::map(pieces, jobs, |(number, chunks)| {
+        let file = &files[number];
+        differing_chunks(repo, file, fixed, chunks).map(|found| (number, found))
+    })?;
+    for (number, found) in differing {
+        if found.is_empty() {
+            continue;
+        }
+        match &mut repairs[number] {
+            Repair::Nothing => repairs[number] = Repair::Chunks(found),
+            Repair::Chunks(chunks) => chunks.extend(found),
+            Repair::Whole => {}
+        }
+    }
+    for (number, repair) in repairs.iter_mut().enumerate() {
+        if let Repair::Chunks(chunks) = repair {
+            // Most of it differs: the whole-file path writes faster (direct I/O).
+            if linked[number] || chunks.len() * 2 > files[number].node.content.len() {
+                *repair = Repair::Whole;
+            }
+        }
+    }
+    Ok(repairs)
+}
+
+/// Indexes of the chunks in `chunks` whose bytes in the existing file differ. (Read
+/// through the page cache: direct reads were measured slower here, 1.15 s against
+/// 1.0 s for a cold 1.5 GB cluster, and lose what is cached.)
+fn differing_chunks(
+    repo: &Repository,
+    file: &PendingFile,
+    fixed: u64,
+    chunks: std::ops::Range<usize>,
+) -> Result<Vec<usize>> {
+    use std::os::unix::fs::FileExt;
+    let path = &file.path;
+    let handle = File::open(path).map_err(|e| RepoError::io(path, e))?;
+    let mut buffer = vec![0u8; fixed as usize];
+    let mut differing = Vec::new();
+    for index in chunks {
+        let offset = index as u64 * fixed;
+        let len = fixed.min(file.node.size - offset) as usize;
+        handle
+            .read_exact_at(&mut buffer[..len], offset)
+            .map_err(|e| RepoError::io(path, e))?;
+        if repo.crypto().blob_id(&buffer[..len]) != file.node.content[index] {
+            differing.push(index);
+        }
+    }
+    Ok(differing)
+}
+
+/// Rewrites the given chunks of a file in place and fsyncs it; returns the bytes written.
+fn patch_chunks(repo: &Repository, file: &PendingFile, chunks: &[usize]) -> Result<u64> {
+    let path = &file.path;
+    let fixed = u64::from(repo.config().chunker.fixed_size);
+    let handle = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| RepoError::io(path, e))?;
+    let mut written = 0;
+    let mut rest = chunks;
+    while let Some(&first) = rest.first() {
+        // A run of consecutive chunks is one write_content call (coalesced reads).
+        let run = rest
+            .iter()
+            .enumerate()
+            .take_while(|(i, index)| **index == first + i)
+            .count();
+        let mut out = WriteAt {
+            file: &handle,
+            offset: first as u64 * fixed,
+        };
+        written += write_content(repo, &file.node.content[first..first + run], &mut out)?;
+        rest = &rest[run..];
+    }
+    handle.sync_all().map_err(|e| RepoError::io(path, e))?;
+    Ok(written)
+}
+
+/// Writes sequentially from `offset` on through positioned writes.
+struct WriteAt<'f> {
+    file: &'f File,
+    offset: u64,
+}
+
+impl Write for WriteAt<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.write_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Gives a restored directory the owner, mode and mtime its snapshot recorded for the

@@ -11,7 +11,7 @@ use repo::chunker::ChunkerParams;
 use repo::compression::Compression;
 use repo::crypto::Encryption;
 use repo::keys::KdfParams;
-use repo::restore::{restore_tree, write_content};
+use repo::restore::{restore_tree, restore_tree_delta, write_content};
 use repo::saver::BlobSaver;
 use repo::snapshot::{Snapshot, Tree, SNAPSHOT_VERSION};
 use repo::storage::{DynStorage, LocalStorage, PutOutcome, S3Config, S3Storage};
@@ -677,4 +677,68 @@ fn changed_chunks_are_stored_as_deltas() {
     bytes[at] ^= 0x10;
     overwrite(&storage, &base_pack, &bytes);
     assert!(read_back(&repo, &second_content[2..3]).is_err());
+}
+
+/// A delta restore rewrites only the chunks that differ, in place; a file with another
+/// hard link, or of another size, is replaced whole (the other name keeps its bytes).
+#[test]
+fn delta_restore_patches_only_differing_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
+    let repo = Repository::init(
+        storage,
+        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
+        Some(PASSPHRASE),
+    )
+    .expect("init");
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    let large = payload(21, 64 * 16384 + 100);
+    let small = payload(22, 5000);
+    std::fs::write(source.join("large"), &large).expect("write");
+    std::fs::write(source.join("small"), &small).expect("write");
+    let archived =
+        archive_tree(&BlobSaver::new(&repo), &source, &ArchiveOptions::default()).expect("archive");
+    let target = dir.path().join("target");
+    restore_tree(&repo, &archived.tree, &target, 2).expect("restore");
+
+    let flip = |name: &str, offsets: &[usize]| {
+        let mut bytes = std::fs::read(target.join(name)).expect("read");
+        for offset in offsets {
+            bytes[*offset] ^= 0x01;
+        }
+        // In place, so that a hard link sees the change too.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(target.join(name))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+            .expect("write in place");
+    };
+    flip("large", &[5 * 16384 + 7, 40 * 16384, 64 * 16384 + 99]);
+    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    assert_eq!(
+        (stats.files_kept, stats.files_written, stats.bytes_written),
+        (1, 1, 2 * 16384 + 100),
+        "{stats:?}"
+    );
+    assert!(std::fs::read(target.join("large")).expect("read") == large);
+
+    let other_name = dir.path().join("other-name");
+    std::fs::hard_link(target.join("large"), &other_name).expect("link");
+    flip("large", &[7 * 16384]);
+    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    assert_eq!(stats.bytes_written, large.len() as u64, "{stats:?}");
+    assert!(std::fs::read(target.join("large")).expect("read") == large);
+    assert!(std::fs::read(&other_name).expect("read") != large);
+
+    std::fs::write(target.join("small"), &small[..4000]).expect("shorten");
+    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    assert_eq!(
+        (stats.files_written, stats.bytes_written),
+        (1, 5000),
+        "{stats:?}"
+    );
+    assert_eq!(std::fs::read(target.join("small")).expect("read"), small);
+    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
 }
