@@ -554,13 +554,32 @@ impl Repository {
         pack: &Id,
         base: Option<&Id>,
     ) -> Result<Vec<u8>> {
+        match base {
+            Some(base) => {
+                let sealed_base = self.read_base(base)?;
+                self.open_blob_with_base(id, sealed, pack, Some((base, &sealed_base)))
+            }
+            None => self.open_blob_with_base(id, sealed, pack, None),
+        }
+    }
+
+    /// [`open_blob`](Self::open_blob) with the delta base's stored bytes already read.
+    pub fn open_blob_with_base(
+        &self,
+        id: &Id,
+        sealed: &[u8],
+        pack: &Id,
+        base: Option<(&Id, &[u8])>,
+    ) -> Result<Vec<u8>> {
         let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
         let mut plain = self
             .unseal_blob(sealed)
             .map_err(|e| self.corrupt(object(), e))?;
-        if let Some(base) = base {
+        if let Some((base, sealed_base)) = base {
             // The base's own hash is not checked: a damaged base fails the check below.
-            let base_plain = self.read_base(base)?;
+            let base_plain = self.unseal_blob(sealed_base).map_err(|e| {
+                self.corrupt(object(), format!("its delta base {}: {e}", base.short()))
+            })?;
             crate::delta::apply(&mut plain, &base_plain).map_err(|e| {
                 self.corrupt(object(), format!("delta against {}: {e}", base.short()))
             })?;
@@ -576,21 +595,19 @@ impl Repository {
         decompress(&compressed, 0).map_err(|e| e.to_string())
     }
 
-    /// The plaintext of a delta's base, which is always stored whole.
+    /// The stored bytes of a delta's base, which is always stored whole.
     fn read_base(&self, base: &Id) -> Result<Vec<u8>> {
         let loc = self
             .index()
             .get(base)
             .ok_or(RepoError::MissingBlob(*base))?;
-        let object = || format!("blob {} in pack {}", base.short(), pack_key(&loc.pack));
         if loc.base.is_some() {
-            return Err(self.corrupt(object(), "a delta base is itself a delta"));
+            let object = format!("blob {} in pack {}", base.short(), pack_key(&loc.pack));
+            return Err(self.corrupt(object, "a delta base is itself a delta"));
         }
-        let sealed =
-            self.storage
-                .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?;
-        self.unseal_blob(&sealed)
-            .map_err(|e| self.corrupt(object(), e))
+        Ok(self
+            .storage
+            .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?)
     }
 
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {

@@ -1,7 +1,9 @@
 //! Reading snapshots back: a tree into a directory, or a single-file tree to a writer.
 //!
-//! Blobs of a file that sit next to each other in a pack are fetched with one ranged
-//! read, so restoring from object storage costs few requests per pack, not per chunk.
+//! A file's blobs are read a window at a time: the stored bytes of the window's blobs and
+//! of their delta bases are sorted by pack and offset and fetched with one ranged read
+//! per stretch of a pack, so restoring from object storage costs few requests per pack,
+//! not per chunk (a delta's base usually sits between its unchanged neighbours).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -11,11 +13,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{RepoError, Result};
 use crate::id::Id;
+use crate::index::BlobLocation;
 use crate::repository::{pack_key, Repository};
 use crate::snapshot::{Node, NodeKind, Tree};
 
-/// Largest single ranged read when coalescing neighbouring blobs.
+/// Largest single ranged read when coalescing neighbouring blobs, and the most stored
+/// bytes one window of a file's blobs may need.
 const MAX_COALESCED_READ: u64 = 8 * 1024 * 1024;
+/// Blobs of one pack this close are fetched in one read, gap included: a request to
+/// object storage costs more than reading that much more.
+const MAX_GAP: u64 = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct RestoreStats {
@@ -30,43 +37,117 @@ pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> 
     let mut written = 0u64;
     let mut i = 0;
     while i < content.len() {
-        let first = repo
-            .index()
-            .get(&content[i])
-            .ok_or(RepoError::MissingBlob(content[i]))?;
-        // Extend the run while the next blob follows directly in the same pack.
-        let mut run = vec![(content[i], first)];
-        let mut end = first.offset as u64 + first.length as u64;
-        while i + run.len() < content.len() {
-            let next_id = content[i + run.len()];
-            let Some(next) = repo.index().get(&next_id) else {
-                break;
+        let window = next_window(repo, &content[i..])?;
+        let fetched = Fetched::read(repo, &window)?;
+        for (id, location, base) in &window {
+            let sealed = fetched.bytes(location)?;
+            let base = match base {
+                Some((base_id, base_location)) => Some((base_id, fetched.bytes(base_location)?)),
+                None => None,
             };
-            if next.pack != first.pack
-                || next.offset as u64 != end
-                || end + next.length as u64 - first.offset as u64 > MAX_COALESCED_READ
-            {
-                break;
-            }
-            end += next.length as u64;
-            run.push((next_id, next));
-        }
-        let bytes = repo.storage().get_range(
-            &pack_key(&first.pack),
-            first.offset as u64,
-            end - first.offset as u64,
-        )?;
-        for (id, loc) in &run {
-            let start = (loc.offset - first.offset) as usize;
-            let sealed = &bytes[start..start + loc.length as usize];
-            let plain = repo.open_blob(id, sealed, &loc.pack, loc.base.as_ref())?;
+            let plain = repo.open_blob_with_base(id, sealed, &location.pack, base)?;
             out.write_all(&plain)
                 .map_err(|e| RepoError::io("output", e))?;
             written += plain.len() as u64;
         }
-        i += run.len();
+        i += window.len();
     }
     Ok(written)
+}
+
+/// A blob, where it is stored, and its delta base with where that is stored.
+type WindowBlob = (Id, BlobLocation, Option<(Id, BlobLocation)>);
+
+/// The blobs from the start of `content` whose stored bytes, bases included, come to at
+/// most [`MAX_COALESCED_READ`] (always at least one blob).
+fn next_window(repo: &Repository, content: &[Id]) -> Result<Vec<WindowBlob>> {
+    let index = repo.index();
+    let mut window = Vec::new();
+    let mut stored = 0u64;
+    for id in content {
+        let location = index.get(id).ok_or(RepoError::MissingBlob(*id))?;
+        let base = match location.base {
+            Some(base) => {
+                let base_location = index.get(&base).ok_or(RepoError::MissingBlob(base))?;
+                if base_location.base.is_some() {
+                    let object =
+                        format!("blob {} in {}", base.short(), pack_key(&base_location.pack));
+                    return Err(repo.corrupt(object, "a delta base is itself a delta"));
+                }
+                Some((base, base_location))
+            }
+            None => None,
+        };
+        let cost = u64::from(location.length) + base.map_or(0, |(_, b)| u64::from(b.length));
+        if !window.is_empty() && stored + cost > MAX_COALESCED_READ {
+            break;
+        }
+        stored += cost;
+        window.push((*id, location, base));
+    }
+    Ok(window)
+}
+
+/// The stored bytes a window needs, read as few ranged reads as the gaps allow.
+struct Fetched {
+    /// (pack, offset of the first byte, bytes), sorted by pack and offset.
+    ranges: Vec<(Id, u64, Vec<u8>)>,
+}
+
+impl Fetched {
+    fn read(repo: &Repository, window: &[WindowBlob]) -> Result<Fetched> {
+        let mut spans: Vec<(Id, u64, u64)> = Vec::with_capacity(window.len() * 2);
+        for (_, location, base) in window {
+            for l in std::iter::once(location).chain(base.as_ref().map(|(_, b)| b)) {
+                let start = u64::from(l.offset);
+                spans.push((l.pack, start, start + u64::from(l.length)));
+            }
+        }
+        spans.sort();
+        let mut merged: Vec<(Id, u64, u64)> = Vec::new();
+        for (pack, start, end) in spans {
+            match merged.last_mut() {
+                Some((last_pack, last_start, last_end))
+                    if *last_pack == pack
+                        && start <= *last_end + MAX_GAP
+                        && end.max(*last_end) - *last_start <= MAX_COALESCED_READ =>
+                {
+                    *last_end = end.max(*last_end);
+                }
+                _ => merged.push((pack, start, end)),
+            }
+        }
+        let ranges = merged
+            .into_iter()
+            .map(|(pack, start, end)| {
+                let bytes = repo
+                    .storage()
+                    .get_range(&pack_key(&pack), start, end - start)?;
+                Ok((pack, start, bytes))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Fetched { ranges })
+    }
+
+    fn bytes(&self, location: &BlobLocation) -> Result<&[u8]> {
+        let offset = u64::from(location.offset);
+        let end = offset + u64::from(location.length);
+        let at = self
+            .ranges
+            .partition_point(|(pack, start, _)| (*pack, *start) <= (location.pack, offset));
+        at.checked_sub(1)
+            .map(|i| &self.ranges[i])
+            .filter(|(pack, start, bytes)| {
+                *pack == location.pack && end <= start + bytes.len() as u64
+            })
+            .map(|(_, start, bytes)| &bytes[(offset - start) as usize..(end - start) as usize])
+            .ok_or_else(|| {
+                RepoError::Invalid(format!(
+                    "{} is shorter than its index says",
+                    pack_key(&location.pack)
+                ))
+            })
+    }
 }
 
 struct PendingFile {

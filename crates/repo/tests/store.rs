@@ -496,6 +496,39 @@ fn copy_between_repositories_re_encrypts() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
+/// Local storage that counts ranged reads, to see how many requests a restore makes.
+#[derive(Debug)]
+struct CountingStorage {
+    inner: LocalStorage,
+    ranged_reads: std::sync::atomic::AtomicUsize,
+}
+
+impl repo::storage::Storage for CountingStorage {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> repo::storage::StorageResult<PutOutcome> {
+        self.inner.put_if_absent(key, data)
+    }
+    fn get(&self, key: &str) -> repo::storage::StorageResult<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> repo::storage::StorageResult<Vec<u8>> {
+        self.ranged_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> repo::storage::StorageResult<Vec<repo::storage::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    fn size(&self, key: &str) -> repo::storage::StorageResult<Option<u64>> {
+        self.inner.size(key)
+    }
+    fn delete(&self, key: &str) -> repo::storage::StorageResult<()> {
+        self.inner.delete(key)
+    }
+}
+
 /// Saves a tree snapshot the way the commands do, so `gc` sees its blobs.
 fn save_tree_snapshot(
     repo: &Repository,
@@ -535,7 +568,11 @@ fn restored_file(repo: &Repository, tree: &Id, name: &str) -> Vec<u8> {
 #[test]
 fn changed_chunks_are_stored_as_deltas() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
+    let counting = Arc::new(CountingStorage {
+        inner: LocalStorage::new(dir.path().join("repo")),
+        ranged_reads: Default::default(),
+    });
+    let storage: DynStorage = counting.clone();
     let repo = Repository::init(
         storage.clone(),
         &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
@@ -599,6 +636,32 @@ fn changed_chunks_are_stored_as_deltas() {
         .expect("indexed")
         .base
         .is_none());
+    // The bases sit between their unchanged neighbours in the first backup's packs, so
+    // reading the file costs a ranged read per pack, not one per delta and base.
+    let packs: std::collections::HashSet<Id> = second_content
+        .iter()
+        .flat_map(|id| {
+            let location = repo.index().get(id).expect("indexed");
+            let base = location
+                .base
+                .map(|b| repo.index().get(&b).expect("base").pack);
+            std::iter::once(location.pack).chain(base)
+        })
+        .collect();
+    let reads_before = counting
+        .ranged_reads
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(read_back(&repo, &second_content).expect("read"), changed);
+    let reads = counting
+        .ranged_reads
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - reads_before;
+    assert_eq!(
+        reads,
+        packs.len(),
+        "{reads} reads for {} packs",
+        packs.len()
+    );
     let second_time = chrono::Utc::now();
     save_tree_snapshot(&repo, &second, second_time);
     assert_eq!(restored_file(&repo, &second.tree, name), changed);
