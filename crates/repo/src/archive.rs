@@ -1,9 +1,11 @@
 //! Storing a directory tree or a stream.
 //!
 //! The calling thread walks the tree, reads and chunks files and hashes chunks (BLAKE3
-//! is several times faster than compression); chunks that are new go through a bounded
-//! channel to `jobs` workers that compress, encrypt and pack them. Memory is bounded by
-//! the channel depth × chunk size plus the open packs, whatever the input size.
+//! is several times faster than compression); chunks that are new go in batches through
+//! a bounded channel to `jobs` workers that compress, encrypt and pack them (changed
+//! chunks as deltas against the parent's, reading a batch's bases together). Memory is
+//! bounded by the channel depth × batch × chunk size plus the open packs, whatever the
+//! input size.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -19,8 +21,13 @@ use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::repository::Repository;
-use crate::saver::BlobSaver;
+use crate::saver::{BlobSaver, ChangedChunk};
 use crate::snapshot::{Node, NodeKind, Summary, Tree, TreeWriter};
+
+/// New chunks go to the workers in batches of this many (2 MiB of 128 KiB chunks), so a
+/// worker reads the delta bases of a stretch of changed chunks together (few requests to
+/// object storage rather than one per chunk).
+const BATCH: usize = 16;
 
 /// Whether to store a directory entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +108,9 @@ pub struct Archived {
 
 struct Walker<'a, 's> {
     saver: &'a BlobSaver<'s>,
-    /// New chunks, each with the chunk it replaces in the parent snapshot's copy.
-    tx: crossbeam_channel::Sender<(Id, Vec<u8>, Option<Id>)>,
+    /// Batches of new chunks, each with the chunk it replaces in the parent's copy.
+    tx: crossbeam_channel::Sender<Vec<ChangedChunk>>,
+    pending: Vec<ChangedChunk>,
     failure: &'a Mutex<Option<RepoError>>,
     options: &'a ArchiveOptions,
     summary: Summary,
@@ -118,14 +126,14 @@ fn with_workers<T>(
     saver.repository().load_index()?;
     let failure: Mutex<Option<RepoError>> = Mutex::new(None);
     let jobs = options.jobs.max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>, Option<Id>)>(jobs * 2);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<ChangedChunk>>(jobs * 2);
     let result = std::thread::scope(|scope| {
         for _ in 0..jobs {
             let rx = rx.clone();
             let failure = &failure;
             scope.spawn(move || {
-                for (id, data, previous) in rx {
-                    if let Err(e) = saver.store_changed(id, &data, previous) {
+                for batch in rx {
+                    if let Err(e) = saver.store_changed(&batch) {
                         failure
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -139,11 +147,12 @@ fn with_workers<T>(
         let mut walker = Walker {
             saver,
             tx,
+            pending: Vec::with_capacity(BATCH),
             failure: &failure,
             options,
             summary: Summary::default(),
         };
-        let out = body(&mut walker);
+        let out = body(&mut walker).and_then(|value| walker.send_pending().map(|()| value));
         let summary = walker.summary;
         drop(walker); // closes the channel so workers finish
         out.map(|v| (v, summary))
@@ -181,16 +190,32 @@ impl Walker<'_, '_> {
             size += chunk.len() as u64;
             let (id, new) = self.saver.reserve(&chunk);
             if new {
-                self.check_failure()?;
-                let replaced = previous.get(position).copied();
-                if self.tx.send((id, chunk, replaced)).is_err() {
-                    self.check_failure()?;
-                    return Err(RepoError::Invalid("all storage workers stopped".into()));
+                self.pending.push(ChangedChunk {
+                    id,
+                    data: chunk,
+                    previous: previous.get(position).copied(),
+                });
+                if self.pending.len() >= BATCH {
+                    self.send_pending()?;
                 }
             }
             ids.push(id);
         }
         Ok((ids, size))
+    }
+
+    /// Hands the chunks collected so far to the workers.
+    fn send_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.check_failure()?;
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
+        if self.tx.send(batch).is_err() {
+            self.check_failure()?;
+            return Err(RepoError::Invalid("all storage workers stopped".into()));
+        }
+        Ok(())
     }
 
     /// Like `store_chunks`, showing each chunk to the inspector first.

@@ -25,7 +25,7 @@ use crate::compression::{decompress, Compression};
 use crate::crypto::{Crypto, Encryption, MasterKey};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile};
+use crate::index::{BlobLocation, Index, IndexFile};
 use crate::keys::{KdfParams, KeyError, KeyFile};
 use crate::storage::{DynStorage, PutOutcome, StorageError};
 
@@ -34,6 +34,11 @@ use crate::storage::{DynStorage, PutOutcome, StorageError};
 pub const FORMAT_VERSION: u32 = 2;
 const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
+/// Largest single ranged read when coalescing the stored bytes of several blobs.
+pub const MAX_COALESCED_READ: u64 = 8 * 1024 * 1024;
+/// Blobs of one pack this close are fetched in one read, gap included: a request to
+/// object storage costs more than reading that much more.
+const MAX_GAP: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -610,6 +615,44 @@ impl Repository {
             .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?)
     }
 
+    /// Reads the stored bytes of several blobs with as few ranged reads as the gaps
+    /// between them allow (sorted by pack and offset, gaps up to 64 KiB read through).
+    pub fn read_stored(
+        &self,
+        locations: impl Iterator<Item = BlobLocation>,
+    ) -> Result<StoredBlobs> {
+        let mut spans: Vec<(Id, u64, u64)> = locations
+            .map(|l| {
+                let start = u64::from(l.offset);
+                (l.pack, start, start + u64::from(l.length))
+            })
+            .collect();
+        spans.sort();
+        let mut merged: Vec<(Id, u64, u64)> = Vec::new();
+        for (pack, start, end) in spans {
+            match merged.last_mut() {
+                Some((last_pack, last_start, last_end))
+                    if *last_pack == pack
+                        && start <= *last_end + MAX_GAP
+                        && end.max(*last_end) - *last_start <= MAX_COALESCED_READ =>
+                {
+                    *last_end = end.max(*last_end);
+                }
+                _ => merged.push((pack, start, end)),
+            }
+        }
+        let ranges = merged
+            .into_iter()
+            .map(|(pack, start, end)| {
+                let bytes = self
+                    .storage
+                    .get_range(&pack_key(&pack), start, end - start)?;
+                Ok((pack, start, bytes))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StoredBlobs { ranges })
+    }
+
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
         self.load_index()?;
         let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
@@ -617,6 +660,35 @@ impl Repository {
             self.storage
                 .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?;
         self.open_blob(id, &sealed, &loc.pack, loc.base.as_ref())
+    }
+}
+
+/// Stored (sealed) bytes of blobs, read by [`Repository::read_stored`].
+pub struct StoredBlobs {
+    /// (pack, offset of the first byte, bytes), sorted by pack and offset.
+    ranges: Vec<(Id, u64, Vec<u8>)>,
+}
+
+impl StoredBlobs {
+    /// The stored bytes of a blob that was asked for.
+    pub fn bytes(&self, location: &BlobLocation) -> Result<&[u8]> {
+        let offset = u64::from(location.offset);
+        let end = offset + u64::from(location.length);
+        let at = self
+            .ranges
+            .partition_point(|(pack, start, _)| (*pack, *start) <= (location.pack, offset));
+        at.checked_sub(1)
+            .map(|i| &self.ranges[i])
+            .filter(|(pack, start, bytes)| {
+                *pack == location.pack && end <= start + bytes.len() as u64
+            })
+            .map(|(_, start, bytes)| &bytes[(offset - start) as usize..(end - start) as usize])
+            .ok_or_else(|| {
+                RepoError::Invalid(format!(
+                    "blob at {} offset {offset} was not read",
+                    pack_key(&location.pack)
+                ))
+            })
     }
 }
 

@@ -17,12 +17,8 @@ use crate::index::BlobLocation;
 use crate::repository::{pack_key, Repository};
 use crate::snapshot::{Node, NodeKind, Tree};
 
-/// Largest single ranged read when coalescing neighbouring blobs, and the most stored
-/// bytes one window of a file's blobs may need.
-const MAX_COALESCED_READ: u64 = 8 * 1024 * 1024;
-/// Blobs of one pack this close are fetched in one read, gap included: a request to
-/// object storage costs more than reading that much more.
-const MAX_GAP: u64 = 64 * 1024;
+/// The most stored bytes one window of a file's blobs may need.
+const MAX_WINDOW: u64 = crate::repository::MAX_COALESCED_READ;
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct RestoreStats {
@@ -38,7 +34,9 @@ pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> 
     let mut i = 0;
     while i < content.len() {
         let window = next_window(repo, &content[i..])?;
-        let fetched = Fetched::read(repo, &window)?;
+        let fetched = repo.read_stored(window.iter().flat_map(|(_, location, base)| {
+            std::iter::once(*location).chain(base.map(|(_, b)| b))
+        }))?;
         for (id, location, base) in &window {
             let sealed = fetched.bytes(location)?;
             let base = match base {
@@ -59,7 +57,7 @@ pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> 
 type WindowBlob = (Id, BlobLocation, Option<(Id, BlobLocation)>);
 
 /// The blobs from the start of `content` whose stored bytes, bases included, come to at
-/// most [`MAX_COALESCED_READ`] (always at least one blob).
+/// most [`MAX_WINDOW`] (always at least one blob).
 fn next_window(repo: &Repository, content: &[Id]) -> Result<Vec<WindowBlob>> {
     let index = repo.index();
     let mut window = Vec::new();
@@ -79,75 +77,13 @@ fn next_window(repo: &Repository, content: &[Id]) -> Result<Vec<WindowBlob>> {
             None => None,
         };
         let cost = u64::from(location.length) + base.map_or(0, |(_, b)| u64::from(b.length));
-        if !window.is_empty() && stored + cost > MAX_COALESCED_READ {
+        if !window.is_empty() && stored + cost > MAX_WINDOW {
             break;
         }
         stored += cost;
         window.push((*id, location, base));
     }
     Ok(window)
-}
-
-/// The stored bytes a window needs, read as few ranged reads as the gaps allow.
-struct Fetched {
-    /// (pack, offset of the first byte, bytes), sorted by pack and offset.
-    ranges: Vec<(Id, u64, Vec<u8>)>,
-}
-
-impl Fetched {
-    fn read(repo: &Repository, window: &[WindowBlob]) -> Result<Fetched> {
-        let mut spans: Vec<(Id, u64, u64)> = Vec::with_capacity(window.len() * 2);
-        for (_, location, base) in window {
-            for l in std::iter::once(location).chain(base.as_ref().map(|(_, b)| b)) {
-                let start = u64::from(l.offset);
-                spans.push((l.pack, start, start + u64::from(l.length)));
-            }
-        }
-        spans.sort();
-        let mut merged: Vec<(Id, u64, u64)> = Vec::new();
-        for (pack, start, end) in spans {
-            match merged.last_mut() {
-                Some((last_pack, last_start, last_end))
-                    if *last_pack == pack
-                        && start <= *last_end + MAX_GAP
-                        && end.max(*last_end) - *last_start <= MAX_COALESCED_READ =>
-                {
-                    *last_end = end.max(*last_end);
-                }
-                _ => merged.push((pack, start, end)),
-            }
-        }
-        let ranges = merged
-            .into_iter()
-            .map(|(pack, start, end)| {
-                let bytes = repo
-                    .storage()
-                    .get_range(&pack_key(&pack), start, end - start)?;
-                Ok((pack, start, bytes))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Fetched { ranges })
-    }
-
-    fn bytes(&self, location: &BlobLocation) -> Result<&[u8]> {
-        let offset = u64::from(location.offset);
-        let end = offset + u64::from(location.length);
-        let at = self
-            .ranges
-            .partition_point(|(pack, start, _)| (*pack, *start) <= (location.pack, offset));
-        at.checked_sub(1)
-            .map(|i| &self.ranges[i])
-            .filter(|(pack, start, bytes)| {
-                *pack == location.pack && end <= start + bytes.len() as u64
-            })
-            .map(|(_, start, bytes)| &bytes[(offset - start) as usize..(end - start) as usize])
-            .ok_or_else(|| {
-                RepoError::Invalid(format!(
-                    "{} is shorter than its index says",
-                    pack_key(&location.pack)
-                ))
-            })
-    }
 }
 
 struct PendingFile {

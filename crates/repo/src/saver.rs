@@ -11,9 +11,9 @@ use std::sync::Mutex;
 
 use crate::error::Result;
 use crate::id::Id;
-use crate::index::IndexFile;
+use crate::index::{BlobLocation, IndexFile};
 use crate::pack::{BlobType, FinishedPack, PackBuilder};
-use crate::repository::{pack_key, Repository};
+use crate::repository::{pack_key, Repository, StoredBlobs};
 
 /// Write an index object after this many packs, so an interrupted run keeps its progress.
 const PACKS_PER_INDEX: usize = 64;
@@ -50,6 +50,14 @@ struct Counters {
 /// from its base: beyond that the XOR is about as dense as the data and compresses no
 /// better, while reading it back costs a second blob.
 const DELTA_MAX_DIFFERING: usize = 8;
+
+/// A new data chunk, and the chunk it replaces in the previous version of its file.
+#[derive(Debug)]
+pub struct ChangedChunk {
+    pub id: Id,
+    pub data: Vec<u8>,
+    pub previous: Option<Id>,
+}
 
 pub struct BlobSaver<'r> {
     repo: &'r Repository,
@@ -101,47 +109,83 @@ impl<'r> BlobSaver<'r> {
         self.add(blob_type, id, data, data, None)
     }
 
-    /// [`store`](Self::store) for a data blob that replaces `previous`, the blob at the
-    /// same place in the previous version of its file: stored as a delta against the
-    /// whole copy behind `previous` when few bytes differ (so deltas are never chained).
-    pub fn store_changed(&self, id: Id, data: &[u8], previous: Option<Id>) -> Result<()> {
-        match previous.and_then(|previous| self.delta_against(previous, data)) {
-            Some((base, delta)) => {
-                self.counters.blobs_delta.fetch_add(1, Ordering::Relaxed);
-                self.add(BlobType::Data, id, data, &delta, Some(base))
+    /// Stores new data blobs (each [`reserve`](Self::reserve)d as new), each replacing
+    /// `previous`, the blob at the same place in the previous version of its file: as a
+    /// delta against the whole copy behind `previous` when few bytes differ (so deltas
+    /// are never chained), else whole. The bases of a batch are read together, so a
+    /// changed file costs few reads of older packs, not one request per chunk.
+    pub fn store_changed(&self, chunks: &[ChangedChunk]) -> Result<()> {
+        let bases: Vec<Option<(Id, BlobLocation)>> =
+            chunks.iter().map(|chunk| self.delta_base(chunk)).collect();
+        let stored = match self
+            .repo
+            .read_stored(bases.iter().flatten().map(|(_, location)| *location))
+        {
+            Ok(stored) => Some(stored),
+            Err(e) => {
+                // Storing the blobs whole is always correct; verify reports the damage.
+                tracing::warn!("storing blobs whole: their delta bases are unreadable: {e}");
+                None
             }
-            None => self.store(BlobType::Data, id, data),
+        };
+        for (chunk, base) in chunks.iter().zip(&bases) {
+            let delta = match (base, &stored) {
+                (Some((base, location)), Some(stored)) => self
+                    .delta_against(chunk, base, location, stored)
+                    .map(|delta| (*base, delta)),
+                _ => None,
+            };
+            match delta {
+                Some((base, delta)) => {
+                    self.counters.blobs_delta.fetch_add(1, Ordering::Relaxed);
+                    self.add(BlobType::Data, chunk.id, &chunk.data, &delta, Some(base))?;
+                }
+                None => self.store(BlobType::Data, chunk.id, &chunk.data)?,
+            }
         }
+        Ok(())
     }
 
-    /// The base and the delta of `data` against the whole blob behind `previous`, when a
-    /// delta is allowed and worth it.
-    fn delta_against(&self, previous: Id, data: &[u8]) -> Option<(Id, Vec<u8>)> {
+    /// The whole blob a chunk could be stored as a delta against, when deltas are allowed.
+    fn delta_base(&self, chunk: &ChangedChunk) -> Option<(Id, BlobLocation)> {
         if !self.repo.stores_deltas() {
             return None;
         }
-        let base = self.repo.index().get(&previous)?.base.unwrap_or(previous);
-        let location = self.repo.index().get(&base)?;
-        if location.blob_type != BlobType::Data
-            || location.base.is_some()
-            || location.raw_length as usize != data.len()
-        {
-            return None;
-        }
-        let base_plain = match self.repo.load_blob(&base) {
+        let previous = chunk.previous?;
+        let index = self.repo.index();
+        let base = index.get(&previous)?.base.unwrap_or(previous);
+        let location = index.get(&base)?;
+        (location.blob_type == BlobType::Data
+            && location.base.is_none()
+            && location.raw_length as usize == chunk.data.len())
+        .then_some((base, location))
+    }
+
+    /// The chunk's delta against `base`, when few enough bytes differ.
+    fn delta_against(
+        &self,
+        chunk: &ChangedChunk,
+        base: &Id,
+        location: &BlobLocation,
+        stored: &StoredBlobs,
+    ) -> Option<Vec<u8>> {
+        let opened = stored
+            .bytes(location)
+            .and_then(|sealed| self.repo.open_blob(base, sealed, &location.pack, None));
+        let base_plain = match opened {
             Ok(plain) => plain,
             Err(e) => {
-                // Storing the blob whole is always correct; verify reports the damage.
                 tracing::warn!("storing a blob whole: its delta base is unreadable: {e}");
                 return None;
             }
         };
+        let data = &chunk.data;
         if crate::delta::differing_bytes(data, &base_plain) > data.len() / DELTA_MAX_DIFFERING {
             return None;
         }
-        let mut delta = data.to_vec();
+        let mut delta = data.clone();
         crate::delta::apply(&mut delta, &base_plain).ok()?;
-        Some((base, delta))
+        Some(delta)
     }
 
     /// Packs `stored` (the blob itself, or its delta against `base`) under `id`.
