@@ -2,7 +2,7 @@
 //! repository-opening steps every command shares.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use repo::compression::Compression;
@@ -318,18 +318,24 @@ impl Context {
 
     /// [`Context::child_args`] for another cluster of the same configuration.
     pub fn child_args_for(&self, cluster: &str) -> Vec<std::ffi::OsString> {
+        // Children may run elsewhere (PostgreSQL runs archive and restore commands in
+        // its data directory), so the paths they get must not depend on this one's.
+        let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.into());
         let mut args: Vec<std::ffi::OsString> = Vec::new();
         if let Some(config) = &self.config_path {
             args.push("--config".into());
-            args.push(config.into());
+            args.push(absolute(config).into());
         }
         if let Some(repo) = &self.repo_flag {
             args.push("--repo".into());
-            args.push(repo.into());
+            args.push(match Location::parse(repo) {
+                Ok(Location::Local(path)) => path.into(),
+                _ => repo.into(),
+            });
         }
         if let Some(file) = &self.passphrase_file {
             args.push("--passphrase-file".into());
-            args.push(file.into());
+            args.push(absolute(file).into());
         }
         args.push("--cluster".into());
         args.push(cluster.into());

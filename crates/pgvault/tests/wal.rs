@@ -563,6 +563,22 @@ fn setup_and_check_name_what_is_wrong() {
         "{out}"
     );
     assert!(out.contains("archive_mode is off"), "{out}");
+    // A relative path on the command line becomes absolute in the archive_command, which
+    // PostgreSQL runs in its data directory.
+    let out = setup
+        .cmd(&[
+            "--passphrase-file",
+            "passphrase",
+            "setup",
+            "--pg-conn",
+            &cluster.conninfo(),
+        ])
+        .current_dir(setup.path(""))
+        .output()
+        .expect("run setup");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let absolute = format!("--passphrase-file {}", setup.path("passphrase").display());
+    assert!(printed.contains(&absolute), "{printed}");
     let err = setup.fails(&["check", "--pg-conn", &cluster.conninfo()]);
     assert!(err.contains("archive_mode is off"), "{err}");
     // --apply sets archive_mode and says a restart is needed; check then wants it.
