@@ -12,9 +12,8 @@ use std::sync::Mutex;
 
 use crate::error::Result;
 use crate::id::Id;
-use crate::pack::BlobType;
 use crate::repository::Repository;
-use crate::saver::{BlobSaver, SaveStats};
+use crate::saver::{BlobSaver, ChangedChunk, SaveStats};
 use crate::snapshot::{Node, Snapshot, Tree};
 use crate::StoreOutcome;
 
@@ -100,9 +99,35 @@ impl<'a> SnapshotCopier<'a> {
             return Ok(done);
         }
         let data = self.source.load_blob(id)?;
-        let copied = self.saver.save(BlobType::Data, &data)?;
+        let (copied, new) = self.saver.reserve(&data);
+        if new {
+            // A delta in the source stays a delta in the target when its base is there.
+            let previous = self.target_base(id);
+            self.saver.store_changed(&[ChangedChunk {
+                id: copied,
+                data,
+                previous,
+            }])?;
+        }
         self.remember(*id, copied);
         Ok(copied)
+    }
+
+    /// The target's id of the base of source blob `id`, when `id` is a delta and the
+    /// target holds its base (copied in this run, or by an earlier one).
+    fn target_base(&self, id: &Id) -> Option<Id> {
+        let base = self.source.index().get(id)?.base?;
+        if let Some(copied) = self.lookup(&base) {
+            return Some(copied);
+        }
+        let data = self.source.load_blob(&base).ok()?;
+        let target = self.saver.repository();
+        let copied = target.crypto().blob_id(&data);
+        let present = target.index().contains(&copied);
+        present.then(|| {
+            self.remember(base, copied);
+            copied
+        })
     }
 
     fn lookup(&self, id: &Id) -> Option<Id> {

@@ -667,6 +667,24 @@ fn changed_chunks_are_stored_as_deltas() {
     assert_eq!(restored_file(&repo, &second.tree, name), changed);
     assert_eq!(restored_file(&repo, &first.tree, name), original);
 
+    // Copied oldest first into a repository with another key, the deltas stay deltas.
+    let target = Repository::init(
+        Arc::new(LocalStorage::new(dir.path().join("copy"))),
+        &options(Encryption::Aes256Gcm, Compression::Zstd(3)),
+        Some("other passphrase"),
+    )
+    .expect("init copy");
+    let mut snapshots = Snapshot::load_all(&repo).expect("snapshots");
+    snapshots.sort_by_key(|(_, snapshot)| snapshot.time);
+    let copier = repo::copy::SnapshotCopier::new(&repo, &target, 2).expect("copier");
+    let copied: Vec<Id> = snapshots
+        .iter()
+        .map(|(id, _)| copier.copy(id, None).expect("copy"))
+        .collect();
+    assert_eq!(copier.stats().blobs_delta, 2, "{:?}", copier.stats());
+    let copy = Snapshot::load(&target, &copied[1]).expect("copied snapshot");
+    assert_eq!(restored_file(&target, &copy.tree, name), changed);
+
     // A third version changes the first delta's chunk again: its delta is against the
     // same whole chunk, never against the delta.
     let mut third_data = changed.clone();
