@@ -352,12 +352,7 @@ impl Walker<'_, '_> {
     fn fixed_content<'n>(&self, previous: Option<&'n Node>) -> &'n [Id] {
         let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
         match previous {
-            Some(node)
-                if node.kind == NodeKind::File
-                    && node.content.len() as u64 == node.size.div_ceil(fixed) =>
-            {
-                &node.content
-            }
+            Some(node) if node.in_fixed_chunks(fixed) => &node.content,
             _ => &[],
         }
     }
@@ -373,8 +368,7 @@ impl Walker<'_, '_> {
         let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
         if self.options.read_all
             || self.options.parent.is_none()
-            || previous.kind != NodeKind::File
-            || previous.content.len() as u64 != previous.size.div_ceil(fixed)
+            || !previous.in_fixed_chunks(fixed)
         {
             return None;
         }

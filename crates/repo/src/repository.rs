@@ -550,26 +550,10 @@ impl Repository {
 
     // ---- blobs ----
 
-    /// Opens one stored blob: authenticates, decompresses, applies the delta `base` when
-    /// it is stored as one, and checks the keyed hash of the result.
+    /// Opens one stored blob: authenticates, decompresses, applies the delta `base` (its
+    /// id and stored bytes) when it is stored as one, and checks the keyed hash of the
+    /// result.
     pub fn open_blob(
-        &self,
-        id: &Id,
-        sealed: &[u8],
-        pack: &Id,
-        base: Option<&Id>,
-    ) -> Result<Vec<u8>> {
-        match base {
-            Some(base) => {
-                let sealed_base = self.read_base(base)?;
-                self.open_blob_with_base(id, sealed, pack, Some((base, &sealed_base)))
-            }
-            None => self.open_blob_with_base(id, sealed, pack, None),
-        }
-    }
-
-    /// [`open_blob`](Self::open_blob) with the delta base's stored bytes already read.
-    pub fn open_blob_with_base(
         &self,
         id: &Id,
         sealed: &[u8],
@@ -600,19 +584,17 @@ impl Repository {
         decompress(&compressed, 0).map_err(|e| e.to_string())
     }
 
-    /// The stored bytes of a delta's base, which is always stored whole.
-    fn read_base(&self, base: &Id) -> Result<Vec<u8>> {
-        let loc = self
+    /// Where a delta's base is stored; a base is always stored whole.
+    pub fn base_location(&self, base: &Id) -> Result<BlobLocation> {
+        let location = self
             .index()
             .get(base)
             .ok_or(RepoError::MissingBlob(*base))?;
-        if loc.base.is_some() {
-            let object = format!("blob {} in pack {}", base.short(), pack_key(&loc.pack));
+        if location.base.is_some() {
+            let object = format!("blob {} in pack {}", base.short(), pack_key(&location.pack));
             return Err(self.corrupt(object, "a delta base is itself a delta"));
         }
-        Ok(self
-            .storage
-            .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?)
+        Ok(location)
     }
 
     /// Reads the stored bytes of several blobs with as few ranged reads as the gaps
@@ -653,13 +635,20 @@ impl Repository {
         Ok(StoredBlobs { ranges })
     }
 
+    /// Reads one blob (and its delta base, in the same request when they are close).
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
         self.load_index()?;
-        let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
-        let sealed =
-            self.storage
-                .get_range(&pack_key(&loc.pack), loc.offset as u64, loc.length as u64)?;
-        self.open_blob(id, &sealed, &loc.pack, loc.base.as_ref())
+        let location = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
+        let base = match location.base {
+            Some(base) => Some((base, self.base_location(&base)?)),
+            None => None,
+        };
+        let stored = self.read_stored(std::iter::once(location).chain(base.map(|(_, l)| l)))?;
+        let sealed_base = match &base {
+            Some((base, base_location)) => Some((base, stored.bytes(base_location)?)),
+            None => None,
+        };
+        self.open_blob(id, stored.bytes(&location)?, &location.pack, sealed_base)
     }
 }
 

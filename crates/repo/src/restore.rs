@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::BlobLocation;
-use crate::repository::{pack_key, Repository};
+use crate::repository::Repository;
 use crate::snapshot::{Node, NodeKind, Tree};
 
 /// The most stored bytes one window of a file's blobs may need.
@@ -43,7 +43,7 @@ pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> 
                 Some((base_id, base_location)) => Some((base_id, fetched.bytes(base_location)?)),
                 None => None,
             };
-            let plain = repo.open_blob_with_base(id, sealed, &location.pack, base)?;
+            let plain = repo.open_blob(id, sealed, &location.pack, base)?;
             out.write_all(&plain)
                 .map_err(|e| RepoError::io("output", e))?;
             written += plain.len() as u64;
@@ -65,15 +65,7 @@ fn next_window(repo: &Repository, content: &[Id]) -> Result<Vec<WindowBlob>> {
     for id in content {
         let location = index.get(id).ok_or(RepoError::MissingBlob(*id))?;
         let base = match location.base {
-            Some(base) => {
-                let base_location = index.get(&base).ok_or(RepoError::MissingBlob(base))?;
-                if base_location.base.is_some() {
-                    let object =
-                        format!("blob {} in {}", base.short(), pack_key(&base_location.pack));
-                    return Err(repo.corrupt(object, "a delta base is itself a delta"));
-                }
-                Some((base, base_location))
-            }
+            Some(base) => Some((base, repo.base_location(&base)?)),
             None => None,
         };
         let cost = u64::from(location.length) + base.map_or(0, |(_, b)| u64::from(b.length));
@@ -470,10 +462,7 @@ fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result
             Err(e) => return Err(RepoError::io(&file.path, e)),
         };
         // Only files in whole fixed chunks can be compared chunk by chunk.
-        if !meta.is_file()
-            || meta.len() != node.size
-            || node.content.len() as u64 != node.size.div_ceil(fixed)
-        {
+        if !meta.is_file() || meta.len() != node.size || !node.in_fixed_chunks(fixed) {
             repairs.push(Repair::Whole);
             continue;
         }

@@ -45,6 +45,15 @@ pub struct Node {
     pub target: Option<String>,
 }
 
+impl Node {
+    /// Whether this is a file stored in whole fixed chunks of `fixed` bytes, so that its
+    /// chunk N holds bytes N × `fixed` onwards (what delta backups and delta restores
+    /// compare chunk by chunk).
+    pub fn in_fixed_chunks(&self, fixed: u64) -> bool {
+        self.kind == NodeKind::File && self.content.len() as u64 == self.size.div_ceil(fixed)
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

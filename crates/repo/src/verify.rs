@@ -242,8 +242,24 @@ fn check_pack(repo: &Repository, pack: &Id) -> Result<(u64, u64), String> {
             }
         }
         let sealed = &bytes[entry.offset as usize..(entry.offset + entry.length) as usize];
+        let base = match entry.base {
+            Some(base) => {
+                let location = repo.base_location(&base).map_err(|e| e.to_string())?;
+                let stored = repo
+                    .read_stored(std::iter::once(location))
+                    .map_err(|e| e.to_string())?;
+                let sealed_base = stored.bytes(&location).map_err(|e| e.to_string())?;
+                Some((base, sealed_base.to_vec()))
+            }
+            None => None,
+        };
         let plain = repo
-            .open_blob(&entry.id, sealed, pack, entry.base.as_ref())
+            .open_blob(
+                &entry.id,
+                sealed,
+                pack,
+                base.as_ref().map(|(id, bytes)| (id, bytes.as_slice())),
+            )
             .map_err(|e| e.to_string())?;
         if plain.len() != entry.raw_length as usize {
             return Err(format!("blob {} has the wrong length", entry.id.short()));
