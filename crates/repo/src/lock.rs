@@ -8,7 +8,7 @@
 //! Acquiring: write our lock, then list; if a conflicting live lock exists, delete ours
 //! and fail. Two racing acquirers may both back off, never both proceed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -71,7 +71,8 @@ impl LockInfo {
 pub struct RepoLock {
     storage: DynStorage,
     key: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
+    /// Dropping it wakes the heartbeat thread at once, so releasing never waits.
+    stop: Option<mpsc::Sender<()>>,
     heartbeat: Option<JoinHandle<()>>,
 }
 
@@ -161,15 +162,15 @@ impl RepoLock {
             }
         }
         let key = Arc::new(Mutex::new(key));
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = mpsc::channel();
         let heartbeat = {
-            let (storage, key, stop) = (storage.clone(), key.clone(), stop.clone());
-            std::thread::spawn(move || heartbeat_loop(storage, key, stop, info))
+            let (storage, key) = (storage.clone(), key.clone());
+            std::thread::spawn(move || heartbeat_loop(storage, key, stopped, info))
         };
         Ok(RepoLock {
             storage,
             key,
-            stop,
+            stop: Some(stop),
             heartbeat: Some(heartbeat),
         })
     }
@@ -195,18 +196,10 @@ impl RepoLock {
 fn heartbeat_loop(
     storage: DynStorage,
     key: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
+    stopped: mpsc::Receiver<()>,
     mut info: LockInfo,
 ) {
-    let tick = Duration::from_millis(200);
-    let mut waited = Duration::ZERO;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(tick);
-        waited += tick;
-        if waited < HEARTBEAT {
-            continue;
-        }
-        waited = Duration::ZERO;
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(HEARTBEAT) {
         info.refreshed = Utc::now();
         match write_lock(&storage, &info) {
             Ok(new_key) => {
@@ -223,7 +216,7 @@ fn heartbeat_loop(
 
 impl Drop for RepoLock {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(handle) = self.heartbeat.take() {
             let _ = handle.join();
         }
