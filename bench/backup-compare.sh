@@ -10,12 +10,16 @@
 # that restore. Wall seconds, CPU seconds, peak RSS and repository bytes (backups only:
 # pgvault's files/ and pgBackRest's archive/ hold the WAL both archive).
 #
-#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000
+# Restores and delta restores are repeated REPEAT times (default 3); the table shows
+# medians.
+#
+#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000 REPEAT=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 SCALE=${SCALE:-100}
 TXNS=${TXNS:-1000}
+REPEAT=${REPEAT:-3}
 DATASET=${DATASET:-pgbench}
 if ! command -v pgbackrest >/dev/null; then
     echo "==> installing pgbackrest" >&2
@@ -99,20 +103,30 @@ pgbr_second_bytes=$(( $(du -sb "$WORK/pgbr/repo/backup" | cut -f1) - pgbr_full_b
 measure basebackup-second "$basebackup" "$WORK/basebackup/2"
 bb_second_bytes=$(du -sb "$WORK/basebackup/2" | cut -f1)
 
-measure pgvault-restore "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate
-measure pgbackrest-restore "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate restore
+# Restores and delta restores run REPEAT times, the two tools alternating, and the
+# tables show the median: one run of either on this VM can take twice as long as the next.
+for _ in $(seq "$REPEAT"); do
+    rm -rf "$WORK/r-pgv" "$WORK/r-pgbr"
+    # Each tool starts with no dirty pages of the previous one left to write back.
+    sync
+    measure pgvault-restore "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate
+    sync
+    measure pgbackrest-restore "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate restore
+done
 as_pg mkdir -p "$WORK/r-bb"
 measure basebackup-restore "$untar" "$WORK/basebackup/2/base.tar.zst" "$WORK/r-bb"
 # Delta restores over the restored copies (here: of the same backup, so nearly nothing
 # differs; the cost is reading and hashing every file). The page cache is dropped first:
 # a data directory being repaired is not still cached from its restore, and a tool that
 # restores with direct I/O would otherwise be measured against one whose copy is cached.
-drop_caches
-measure pgvault-delta "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
-drop_caches
-measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
+for _ in $(seq "$REPEAT"); do
+    drop_caches
+    measure pgvault-delta "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
+    drop_caches
+    measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
+done
 
-header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; pgBackRest $(pgbackrest version | awk '{print $2}')"
+header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; restores: median of $REPEAT; pgBackRest $(pgbackrest version | awk '{print $2}')"
 printf '%-22s %9s %9s %9s %12s\n' step seconds "CPU s" "RSS MiB" "repo bytes"
 line() { printf '%-22s %9s %9s %9s %12s\n' "$1" "$(field "$1" 1)" "$(field "$1" 2)" "$(field "$1" 3)" "${2:-}"; }
 line pgvault-full "$(numfmt --to=iec "$pgv_full_bytes")"

@@ -85,8 +85,12 @@ measure() {
     read -r wall user sys rss < "$WORK/time.out"
     printf '%s %s %s %s\n' "$name" "$wall" "$(awk -v u="$user" -v s="$sys" 'BEGIN { print u + s }')" "$((rss / 1024))" >> "$WORK/times"
 }
-# field NAME COLUMN (1 wall, 2 cpu, 3 rss)
-field() { awk -v n="$1" -v c="$2" '$1 == n { print $(c + 1) }' "$WORK/times" | tail -1; }
+# field NAME COLUMN (1 wall, 2 cpu, 3 rss): the median over the runs of NAME (the lower
+# middle one for an even count), as single runs on a shared VM move by 2x.
+field() {
+    awk -v n="$1" -v c="$2" '$1 == n { print $(c + 1) }' "$WORK/times" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 header() {
     echo "# $1"

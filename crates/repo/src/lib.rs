@@ -14,6 +14,7 @@ pub mod compression;
 pub mod copy;
 pub mod crypto;
 pub mod delta;
+mod direct;
 mod error;
 mod files;
 pub mod gc;

@@ -11,6 +11,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::direct::NewFile;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::BlobLocation;
@@ -148,7 +149,7 @@ pub fn restore_tree(
 
 fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
     let path = &file.path;
-    let mut out = RestoredFile::create(path, file.node.size).map_err(|e| RepoError::io(path, e))?;
+    let mut out = NewFile::create(path, file.node.size).map_err(|e| RepoError::io(path, e))?;
     let written = write_content(repo, &file.node.content, &mut out)?;
     if written != file.node.size {
         return Err(repo.corrupt(
@@ -160,147 +161,6 @@ fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
         .and_then(|file| file.sync_all())
         .map_err(|e| RepoError::io(path, e))?;
     apply_metadata(path, &file.node)
-}
-
-/// Files at least this large are written with direct I/O (`O_DIRECT`) in blocks of
-/// [`DIRECT_BLOCK`]. Through the page cache, every byte is copied into fresh cache
-/// pages and the final fsync then waits for all of it: on the machine of
-/// docs/benchmarks.md, 1.2 GB took 4.6 s that way and 0.45 s with 4 MiB direct writes,
-/// and the kernel's copy was 39% of a restore's CPU samples.
-const DIRECT_MIN_SIZE: u64 = 1 << 20;
-const DIRECT_BLOCK: usize = 4 << 20;
-/// Direct I/O wants buffers, offsets and lengths aligned to the logical block size;
-/// 4 KiB satisfies every common device.
-const DIRECT_ALIGN: usize = 4096;
-
-/// A file being restored: large files through direct I/O where the filesystem allows
-/// it, the others through the page cache.
-enum RestoredFile {
-    Buffered(File),
-    Direct(DirectWriter),
-}
-
-impl RestoredFile {
-    fn create(path: &Path, size: u64) -> std::io::Result<RestoredFile> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if size < DIRECT_MIN_SIZE {
-            return OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map(RestoredFile::Buffered);
-        }
-        let direct = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path);
-        match direct {
-            Ok(file) => Ok(RestoredFile::Direct(DirectWriter::new(file))),
-            // No direct I/O on this filesystem (tmpfs, some FUSE): it may have created
-            // the file before refusing the flag, so this open must not insist on a new one.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map(RestoredFile::Buffered)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Writes what is still buffered; returns the file, to be fsynced.
-    fn finish(self) -> std::io::Result<File> {
-        match self {
-            RestoredFile::Buffered(file) => Ok(file),
-            RestoredFile::Direct(writer) => writer.finish(),
-        }
-    }
-}
-
-impl Write for RestoredFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            RestoredFile::Buffered(file) => file.write(buf),
-            RestoredFile::Direct(writer) => writer.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            RestoredFile::Buffered(file) => file.flush(),
-            RestoredFile::Direct(_) => Ok(()),
-        }
-    }
-}
-
-/// Collects a file's bytes in an aligned block and writes each full block with one
-/// direct write; the last block is padded to the alignment and the file cut back to
-/// its size.
-struct DirectWriter {
-    file: File,
-    buffer: Vec<u8>,
-    /// Where the aligned block starts in `buffer`.
-    start: usize,
-    filled: usize,
-    /// File offset of the block's first byte.
-    offset: u64,
-}
-
-impl DirectWriter {
-    fn new(file: File) -> DirectWriter {
-        let buffer = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
-        let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        DirectWriter {
-            file,
-            buffer,
-            start,
-            filled: 0,
-            offset: 0,
-        }
-    }
-
-    fn write_block(&mut self, len: usize) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let block = &self.buffer[self.start..self.start + len];
-        self.file.write_all_at(block, self.offset)?;
-        self.offset += len as u64;
-        self.filled = 0;
-        Ok(())
-    }
-
-    fn finish(mut self) -> std::io::Result<File> {
-        let tail = self.filled;
-        if tail > 0 {
-            let padded = tail.next_multiple_of(DIRECT_ALIGN);
-            let block_end = self.start + padded;
-            self.buffer[self.start + tail..block_end].fill(0);
-            self.write_block(padded)?;
-            if padded != tail {
-                self.file.set_len(self.offset - (padded - tail) as u64)?;
-            }
-        }
-        Ok(self.file)
-    }
-}
-
-impl Write for DirectWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(DIRECT_BLOCK - self.filled);
-        let at = self.start + self.filled;
-        self.buffer[at..at + n].copy_from_slice(&buf[..n]);
-        self.filled += n;
-        if self.filled == DIRECT_BLOCK {
-            self.write_block(DIRECT_BLOCK)?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// What a delta restore did.

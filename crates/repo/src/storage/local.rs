@@ -13,6 +13,7 @@
 //! than [`CLAIM_STALE`] with no object behind it was left by a crash and is taken over.
 
 use super::{check_key, ObjectMeta, PutOutcome, Storage, StorageError, StorageResult};
+use crate::direct::NewFile;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -98,10 +99,9 @@ impl LocalStorage {
         }
         let tmp = dir.join(format!("{TEMP_PREFIX}{}", random_suffix()));
         let result = (|| -> io::Result<PutOutcome> {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut file = NewFile::create(&tmp, data.len() as u64)?;
             file.write_all(data)?;
-            file.sync_all()?;
-            drop(file);
+            file.finish()?.sync_all()?;
             let outcome = if self.uses_claims() {
                 publish_with_claim(&tmp, path)?
             } else {
