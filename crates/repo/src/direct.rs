@@ -15,50 +15,69 @@ const DIRECT_MIN_SIZE: u64 = 1 << 20;
 const DIRECT_BLOCK: usize = 4 << 20;
 /// Direct I/O wants buffers, offsets and lengths aligned to the logical block size;
 /// 4 KiB satisfies every common device.
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
-/// A file being written once, start to end: large files through direct I/O where the
-/// filesystem allows it, the others through the page cache.
+/// A file being written once, start to end (or one stretch of it, see [`NewFile::part`]):
+/// large files through direct I/O where the filesystem allows it, the others through the
+/// page cache.
 pub(crate) enum NewFile {
-    Buffered(File),
+    /// Positioned writes from `offset` on.
+    Buffered {
+        file: File,
+        offset: u64,
+    },
     Direct(DirectWriter),
 }
 
 impl NewFile {
+    /// Creates the file, which must not exist, for `size` bytes.
     pub(crate) fn create(path: &Path, size: u64) -> std::io::Result<NewFile> {
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        // No direct I/O on this filesystem (tmpfs, some FUSE): the refused open may have
+        // created the file, so the buffered open must not insist on a new one.
+        Self::open(path, 0, size, options, |options| {
+            options.create_new(false).create(true).truncate(true);
+        })
+    }
+
+    /// Opens an existing file to write `len` bytes from `offset` on; several parts of one
+    /// file may be written at once. `offset` must be a multiple of 4 KiB, and so must
+    /// `len` unless the part ends the file: a direct write pads the last block, and the
+    /// file is cut back to where the part ends.
+    pub(crate) fn part(path: &Path, offset: u64, len: u64) -> std::io::Result<NewFile> {
+        let mut options = OpenOptions::new();
+        options.write(true);
+        Self::open(path, offset, len, options, |_| {})
+    }
+
+    fn open(
+        path: &Path,
+        offset: u64,
+        len: u64,
+        mut options: OpenOptions,
+        buffered: impl FnOnce(&mut OpenOptions),
+    ) -> std::io::Result<NewFile> {
         use std::os::unix::fs::OpenOptionsExt;
-        if size < DIRECT_MIN_SIZE {
-            return OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map(NewFile::Buffered);
-        }
-        let direct = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path);
-        match direct {
-            Ok(file) => Ok(NewFile::Direct(DirectWriter::new(file))),
-            // No direct I/O on this filesystem (tmpfs, some FUSE): it may have created
-            // the file before refusing the flag, so this open must not insist on a new one.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map(NewFile::Buffered)
+        if len >= DIRECT_MIN_SIZE && offset.is_multiple_of(DIRECT_ALIGN as u64) {
+            let mut direct = options.clone();
+            direct.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            match direct.open(path) {
+                Ok(file) => return Ok(NewFile::Direct(DirectWriter::new(file, offset))),
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    buffered(&mut options)
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        let file = options.open(path)?;
+        Ok(NewFile::Buffered { file, offset })
     }
 
     /// Writes what is still buffered; returns the file, to be fsynced.
     pub(crate) fn finish(self) -> std::io::Result<File> {
         match self {
-            NewFile::Buffered(file) => Ok(file),
+            NewFile::Buffered { file, .. } => Ok(file),
             NewFile::Direct(writer) => writer.finish(),
         }
     }
@@ -66,75 +85,144 @@ impl NewFile {
 
 impl Write for NewFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
         match self {
-            NewFile::Buffered(file) => file.write(buf),
+            NewFile::Buffered { file, offset } => {
+                let n = file.write_at(buf, *offset)?;
+                *offset += n as u64;
+                Ok(n)
+            }
             NewFile::Direct(writer) => writer.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            NewFile::Buffered(file) => file.flush(),
-            NewFile::Direct(_) => Ok(()),
-        }
+        Ok(())
     }
 }
 
-/// Collects a file's bytes in an aligned block and writes each full block with one
-/// direct write; the last block is padded to the alignment and the file cut back to
-/// its size.
-pub(crate) struct DirectWriter {
-    file: File,
+/// A buffer whose `bytes()` start on a direct-I/O boundary.
+struct AlignedBlock {
     buffer: Vec<u8>,
-    /// Where the aligned block starts in `buffer`.
     start: usize,
+}
+
+impl AlignedBlock {
+    fn new() -> AlignedBlock {
+        let buffer = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+        let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBlock { buffer, start }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.buffer[self.start..self.start + DIRECT_BLOCK]
+    }
+}
+
+/// A full block, its length and its file offset, on its way to the writing thread.
+type BlockWrite = (AlignedBlock, usize, u64);
+
+/// Collects a file's bytes in aligned blocks and writes each full block with one direct
+/// write on a thread of its own, so that filling the next block (decompressing, for a
+/// restore) overlaps the device's write of this one: direct writes block until the
+/// device has the data. The last block is padded to the alignment and the file cut back
+/// to its size.
+pub(crate) struct DirectWriter {
+    block: AlignedBlock,
     filled: usize,
     /// File offset of the block's first byte.
     offset: u64,
+    /// Dropped to tell the writing thread that no more blocks come.
+    blocks: Option<crossbeam_channel::Sender<BlockWrite>>,
+    /// Blocks the writing thread is done with.
+    written: crossbeam_channel::Receiver<AlignedBlock>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<File>>>,
 }
 
 impl DirectWriter {
-    fn new(file: File) -> DirectWriter {
-        let buffer = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
-        let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+    fn new(file: File, offset: u64) -> DirectWriter {
+        // One block being filled, one being written: at most two blocks per file.
+        let (blocks, to_write) = crossbeam_channel::bounded::<BlockWrite>(0);
+        let (give_back, written) = crossbeam_channel::bounded(1);
+        let writer = std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            for (mut block, len, offset) in to_write {
+                file.write_all_at(&block.bytes()[..len], offset)?;
+                // Never waits: a block the filler has no room for (or that finished and
+                // went) is simply freed.
+                let _ = give_back.try_send(block);
+            }
+            Ok(file)
+        });
         DirectWriter {
-            file,
-            buffer,
-            start,
+            block: AlignedBlock::new(),
             filled: 0,
-            offset: 0,
+            offset,
+            blocks: Some(blocks),
+            written,
+            writer: Some(writer),
         }
     }
 
+    /// Hands the current block to the writing thread and takes a free one.
     fn write_block(&mut self, len: usize) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let block = &self.buffer[self.start..self.start + len];
-        self.file.write_all_at(block, self.offset)?;
+        let next = match self.written.try_recv() {
+            Ok(block) => block,
+            Err(_) => AlignedBlock::new(),
+        };
+        let full = std::mem::replace(&mut self.block, next);
+        let sent = self
+            .blocks
+            .as_ref()
+            .is_some_and(|blocks| blocks.send((full, len, self.offset)).is_ok());
+        if !sent {
+            // The writing thread stopped on an error: joining it returns that error.
+            return self.join().map(|_| ());
+        }
         self.offset += len as u64;
         self.filled = 0;
         Ok(())
     }
 
+    fn join(&mut self) -> std::io::Result<File> {
+        drop(self.blocks.take());
+        match self.writer.take() {
+            Some(writer) => writer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => Err(std::io::Error::other("direct writer already finished")),
+        }
+    }
+
     fn finish(mut self) -> std::io::Result<File> {
         let tail = self.filled;
+        let padded = tail.next_multiple_of(DIRECT_ALIGN);
         if tail > 0 {
-            let padded = tail.next_multiple_of(DIRECT_ALIGN);
-            let block_end = self.start + padded;
-            self.buffer[self.start + tail..block_end].fill(0);
+            self.block.bytes()[tail..padded].fill(0);
             self.write_block(padded)?;
-            if padded != tail {
-                self.file.set_len(self.offset - (padded - tail) as u64)?;
-            }
         }
-        Ok(self.file)
+        let file = self.join()?;
+        if padded != tail {
+            file.set_len(self.offset - (padded - tail) as u64)?;
+        }
+        Ok(file)
+    }
+}
+
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        // Abandoned (an error elsewhere): let the thread end; its error no longer matters.
+        if self.writer.is_some() {
+            let _ = self.join();
+        }
     }
 }
 
 impl Write for DirectWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(DIRECT_BLOCK - self.filled);
-        let at = self.start + self.filled;
-        self.buffer[at..at + n].copy_from_slice(&buf[..n]);
+        let filled = self.filled;
+        self.block.bytes()[filled..filled + n].copy_from_slice(&buf[..n]);
         self.filled += n;
         if self.filled == DIRECT_BLOCK {
             self.write_block(DIRECT_BLOCK)?;
