@@ -131,7 +131,7 @@ for _ in $(seq "$REPEAT"); do
     measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
 done
 
-header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; restores: median of $REPEAT; pgvault $PGV_COMPRESSION, pgBackRest zstd:3 $(pgbackrest version | awk '{print $2}')"
+header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; restores: median of $REPEAT; pgvault $PGV_COMPRESSION, pgBackRest $(pgbackrest version | awk '{print $2}') zstd:3"
 printf '%-22s %9s %9s %9s %12s\n' step seconds "CPU s" "RSS MiB" "repo bytes"
 line() { printf '%-22s %9s %9s %9s %12s\n' "$1" "$(field "$1" 1)" "$(field "$1" 2)" "$(field "$1" 3)" "${2:-}"; }
 line pgvault-full "$(numfmt --to=iec "$pgv_full_bytes")"
