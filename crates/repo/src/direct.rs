@@ -141,7 +141,8 @@ pub(crate) struct DirectWriter {
 
 impl DirectWriter {
     fn new(file: File, offset: u64) -> DirectWriter {
-        // One block being filled, one being written: at most two blocks per file.
+        // A rendezvous: at most one block written while the next is filled, and one
+        // given back for reuse, so three blocks per file at most.
         let (blocks, to_write) = crossbeam_channel::bounded::<BlockWrite>(0);
         let (give_back, written) = crossbeam_channel::bounded(1);
         let writer = std::thread::spawn(move || {

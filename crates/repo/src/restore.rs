@@ -161,8 +161,8 @@ pub fn restore_tree(
 }
 
 /// Files of more than this many chunks are restored in parts of this many, on all threads
-/// at once: restoring a 1 GiB relation segment on one thread was the critical path of a
-/// restore, the other threads idle once the smaller files were done.
+/// at once, so that a 1 GiB relation segment is not left to one thread while the others
+/// idle once the smaller files are done.
 const RESTORE_PART: usize = 256;
 
 /// One unit of a restore's parallel work, by index into its files.
