@@ -146,9 +146,8 @@ impl DirectWriter {
         let (blocks, to_write) = crossbeam_channel::bounded::<BlockWrite>(0);
         let (give_back, written) = crossbeam_channel::bounded(1);
         let writer = std::thread::spawn(move || {
-            use std::os::unix::fs::FileExt;
             for (mut block, len, offset) in to_write {
-                file.write_all_at(&block.bytes()[..len], offset)?;
+                write_direct(&file, &block.bytes()[..len], offset)?;
                 // Never waits: a block the filler has no room for (or that finished and
                 // went) is simply freed.
                 let _ = give_back.try_send(block);
@@ -210,6 +209,20 @@ impl DirectWriter {
     }
 }
 
+/// One direct write. Where the filesystem took `O_DIRECT` at open but refuses it for a
+/// write (some FUSE and network filesystems do), the file goes on through the page cache.
+fn write_direct(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    match file.write_all_at(bytes, offset) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            let flags = rustix::fs::fcntl_getfl(file)?;
+            rustix::fs::fcntl_setfl(file, flags - rustix::fs::OFlags::DIRECT)?;
+            file.write_all_at(bytes, offset)
+        }
+        written => written,
+    }
+}
+
 impl Drop for DirectWriter {
     fn drop(&mut self) {
         // Abandoned (an error elsewhere): let the thread end; its error no longer matters.
@@ -233,5 +246,61 @@ impl Write for DirectWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    #[test]
+    fn a_refused_direct_write_goes_on_through_the_page_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("file");
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path)
+            .expect("the test directory must allow O_DIRECT (not tmpfs)");
+        // 100 bytes is no multiple of the block size: every filesystem with direct I/O
+        // refuses it with EINVAL.
+        let bytes = [7u8; 100];
+        write_direct(&file, &bytes, 0).expect("write");
+        let flags = rustix::fs::fcntl_getfl(&file).expect("getfl");
+        assert!(
+            !flags.contains(rustix::fs::OFlags::DIRECT),
+            "O_DIRECT still set"
+        );
+        assert_eq!(std::fs::read(&path).expect("read"), bytes);
+    }
+
+    #[test]
+    fn parts_written_at_once_make_the_whole_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("file");
+        let block = DIRECT_BLOCK as u64;
+        let size = 3 * block + 12_345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        File::create(&path)
+            .and_then(|f| f.set_len(size))
+            .expect("create");
+        std::thread::scope(|scope| {
+            for start in (0..size).step_by(DIRECT_BLOCK * 2) {
+                let (path, data) = (&path, &data);
+                scope.spawn(move || {
+                    let end = (start + 2 * block).min(size);
+                    let mut part = NewFile::part(path, start, end - start).expect("part");
+                    part.write_all(&data[start as usize..end as usize])
+                        .expect("write");
+                    part.finish().and_then(|f| f.sync_all()).expect("finish");
+                });
+            }
+        });
+        assert!(
+            std::fs::read(&path).expect("read") == data,
+            "content differs"
+        );
     }
 }
