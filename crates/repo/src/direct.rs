@@ -107,11 +107,41 @@ struct AlignedBlock {
     start: usize,
 }
 
+/// Blocks of finished writers, kept for the next ones: a fresh 4 MiB block costs a page
+/// fault and the zeroing of every 4 KiB page, which was 6% of a restore's CPU.
+static FREE_BLOCKS: std::sync::Mutex<Vec<AlignedBlock>> = std::sync::Mutex::new(Vec::new());
+/// Enough for two writers per CPU of the benchmark machine (each holds up to three).
+const MAX_FREE_BLOCKS: usize = 8;
+
 impl AlignedBlock {
-    fn new() -> AlignedBlock {
-        let buffer = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
-        let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        AlignedBlock { buffer, start }
+    /// A block from the free list, or a new one.
+    fn take() -> AlignedBlock {
+        let reused = FREE_BLOCKS.lock().ok().and_then(|mut free| free.pop());
+        reused.unwrap_or_else(|| {
+            let buffer = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+            let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+            AlignedBlock { buffer, start }
+        })
+    }
+
+    /// Puts the block on the free list (or frees it when the list is full).
+    fn release(self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        if let Ok(mut free) = FREE_BLOCKS.lock() {
+            if free.len() < MAX_FREE_BLOCKS {
+                free.push(self);
+            }
+        }
+    }
+
+    /// A placeholder that owns no memory.
+    fn none() -> AlignedBlock {
+        AlignedBlock {
+            buffer: Vec::new(),
+            start: 0,
+        }
     }
 
     fn bytes(&mut self) -> &mut [u8] {
@@ -149,13 +179,15 @@ impl DirectWriter {
             for (mut block, len, offset) in to_write {
                 write_direct(&file, &block.bytes()[..len], offset)?;
                 // Never waits: a block the filler has no room for (or that finished and
-                // went) is simply freed.
-                let _ = give_back.try_send(block);
+                // went) goes to the free list.
+                if let Err(unwanted) = give_back.try_send(block) {
+                    unwanted.into_inner().release();
+                }
             }
             Ok(file)
         });
         DirectWriter {
-            block: AlignedBlock::new(),
+            block: AlignedBlock::take(),
             filled: 0,
             offset,
             blocks: Some(blocks),
@@ -168,7 +200,7 @@ impl DirectWriter {
     fn write_block(&mut self, len: usize) -> std::io::Result<()> {
         let next = match self.written.try_recv() {
             Ok(block) => block,
-            Err(_) => AlignedBlock::new(),
+            Err(_) => AlignedBlock::take(),
         };
         let full = std::mem::replace(&mut self.block, next);
         let sent = self
@@ -228,6 +260,10 @@ impl Drop for DirectWriter {
         // Abandoned (an error elsewhere): let the thread end; its error no longer matters.
         if self.writer.is_some() {
             let _ = self.join();
+        }
+        std::mem::replace(&mut self.block, AlignedBlock::none()).release();
+        while let Ok(block) = self.written.try_recv() {
+            block.release();
         }
     }
 }
