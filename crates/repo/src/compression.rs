@@ -187,16 +187,25 @@ fn zstd_decompress_sized(body: &[u8]) -> Option<std::io::Result<Vec<u8>>> {
     // The frame is authenticated before it gets here; the cap still keeps a wrong size
     // field from allocating more than the largest blob (a 1 GiB WAL segment).
     let size = usize::try_from(size).ok().filter(|&s| s <= 1 << 30)?;
-    Some(ZSTD_DECOMPRESSOR.with(|cell| {
+    Some(with_zstd_decompressor(|decompressor| {
+        decompressor.decompress(body, size)
+    }))
+}
+
+/// Runs `f` with this thread's zstd decompressor, made on first use.
+fn with_zstd_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    ZSTD_DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new()?);
         }
         match slot.as_mut() {
-            Some(decompressor) => decompressor.decompress(body, size),
+            Some(decompressor) => f(decompressor),
             None => Err(std::io::Error::other("no zstd decompressor")),
         }
-    }))
+    })
 }
 
 impl Compression {
@@ -278,6 +287,35 @@ impl Compression {
 }
 
 /// Reverses [`Compression::compress`]; `size_hint` is the expected plaintext length.
+/// Decompresses into `out`, which must be exactly the decompressed size. zstd frames go
+/// straight into it; the other formats through [`decompress`].
+pub fn decompress_into(buf: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
+    let expected = out.len();
+    let wrong_size = |got: usize| {
+        DecompressError::Corrupt(format!("decompressed to {got} bytes, expected {expected}"))
+    };
+    match buf.split_first() {
+        Some((&TAG_ZSTD, body)) => {
+            let written = with_zstd_decompressor(|decompressor| {
+                decompressor.decompress_to_buffer(body, &mut *out)
+            });
+            match written {
+                Ok(n) if n == expected => Ok(()),
+                Ok(n) => Err(wrong_size(n)),
+                Err(e) => Err(DecompressError::Corrupt(e.to_string())),
+            }
+        }
+        _ => {
+            let plain = decompress(buf, out.len())?;
+            if plain.len() != out.len() {
+                return Err(wrong_size(plain.len()));
+            }
+            out.copy_from_slice(&plain);
+            Ok(())
+        }
+    }
+}
+
 pub fn decompress(buf: &[u8], size_hint: usize) -> Result<Vec<u8>, DecompressError> {
     let (&tag, body) = buf.split_first().ok_or(DecompressError::Empty)?;
     let corrupt = |e: std::io::Error| DecompressError::Corrupt(e.to_string());
@@ -409,5 +447,26 @@ mod tests {
         let out = Compression::Zstd(3).compress(&data);
         assert_eq!(out[0], TAG_NONE);
         assert_eq!(decompress(&out, data.len()).expect("decompress"), data);
+    }
+
+    #[test]
+    fn decompressing_into_a_buffer_needs_its_exact_size() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8).collect();
+        let mut random = vec![0u8; 5000];
+        crate::crypto::fill_random(&mut random);
+        for (compression, input) in [
+            (Compression::Zstd(3), &data),
+            (Compression::Lz4, &data),
+            (Compression::Zstd(3), &random),
+        ] {
+            let stored = compression.compress(input);
+            let mut out = vec![0u8; input.len()];
+            decompress_into(&stored, &mut out).expect("decompress_into");
+            assert!(out == *input, "{compression:?} differs");
+            let mut short = vec![0u8; input.len() - 1];
+            assert!(decompress_into(&stored, &mut short).is_err());
+            let mut long = vec![0u8; input.len() + 1];
+            assert!(decompress_into(&stored, &mut long).is_err());
+        }
     }
 }

@@ -74,6 +74,29 @@ impl NewFile {
         Ok(NewFile::Buffered { file, offset })
     }
 
+    /// The next `len` bytes of the current direct-I/O block, to be filled in place and
+    /// then [`NewFile::commit`]ted; `None` when writing through the page cache or when
+    /// the block has less room left.
+    pub(crate) fn space(&mut self, len: usize) -> Option<&mut [u8]> {
+        match self {
+            NewFile::Direct(writer) if DIRECT_BLOCK - writer.filled >= len => {
+                let filled = writer.filled;
+                Some(&mut writer.block.bytes()[filled..filled + len])
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the `len` bytes filled in through [`NewFile::space`].
+    pub(crate) fn commit(&mut self, len: usize) -> std::io::Result<()> {
+        match self {
+            NewFile::Direct(writer) => writer.advance(len),
+            NewFile::Buffered { .. } => Err(std::io::Error::other(
+                "commit without space: the file is not written with direct I/O",
+            )),
+        }
+    }
+
     /// Writes what is still buffered; returns the file, to be fsynced.
     pub(crate) fn finish(self) -> std::io::Result<File> {
         match self {
@@ -270,15 +293,23 @@ impl Drop for DirectWriter {
     }
 }
 
+impl DirectWriter {
+    /// Counts `len` more bytes of the block as filled, writing it when full.
+    fn advance(&mut self, len: usize) -> std::io::Result<()> {
+        self.filled += len;
+        if self.filled == DIRECT_BLOCK {
+            self.write_block(DIRECT_BLOCK)?;
+        }
+        Ok(())
+    }
+}
+
 impl Write for DirectWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(DIRECT_BLOCK - self.filled);
         let filled = self.filled;
         self.block.bytes()[filled..filled + n].copy_from_slice(&buf[..n]);
-        self.filled += n;
-        if self.filled == DIRECT_BLOCK {
-            self.write_block(DIRECT_BLOCK)?;
-        }
+        self.advance(n)?;
         Ok(n)
     }
 

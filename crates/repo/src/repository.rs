@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use crate::chunker::ChunkerParams;
-use crate::compression::{decompress, Compression};
+use crate::compression::{decompress, decompress_into, Compression};
 use crate::crypto::{Crypto, Encryption, MasterKey};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
@@ -564,19 +564,51 @@ impl Repository {
         let mut plain = self
             .unseal_blob(sealed)
             .map_err(|e| self.corrupt(object(), e))?;
+        self.complete_blob(id, &mut plain, pack, base)?;
+        Ok(plain)
+    }
+
+    /// [`Repository::open_blob`] into `out`, whose length must be the blob's
+    /// `raw_length`: a restore decompresses straight into its direct-I/O block.
+    pub fn open_blob_into(
+        &self,
+        id: &Id,
+        sealed: &[u8],
+        pack: &Id,
+        base: Option<(&Id, &[u8])>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
+        let compressed = self
+            .crypto
+            .open(sealed)
+            .map_err(|e| self.corrupt(object(), e.to_string()))?;
+        decompress_into(&compressed, out).map_err(|e| self.corrupt(object(), e.to_string()))?;
+        self.complete_blob(id, out, pack, base)
+    }
+
+    /// Applies a delta blob's base to its opened bytes, then checks them against the id.
+    fn complete_blob(
+        &self,
+        id: &Id,
+        plain: &mut [u8],
+        pack: &Id,
+        base: Option<(&Id, &[u8])>,
+    ) -> Result<()> {
+        let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
         if let Some((base, sealed_base)) = base {
             // The base's own hash is not checked: a damaged base fails the check below.
             let base_plain = self.unseal_blob(sealed_base).map_err(|e| {
                 self.corrupt(object(), format!("its delta base {}: {e}", base.short()))
             })?;
-            crate::delta::apply(&mut plain, &base_plain).map_err(|e| {
+            crate::delta::apply(plain, &base_plain).map_err(|e| {
                 self.corrupt(object(), format!("delta against {}: {e}", base.short()))
             })?;
         }
-        if self.crypto.blob_id(&plain) != *id {
+        if self.crypto.blob_id(plain) != *id {
             return Err(self.corrupt(object(), "content does not match its id"));
         }
-        Ok(plain)
+        Ok(())
     }
 
     fn unseal_blob(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, String> {

@@ -30,6 +30,48 @@ pub struct RestoreStats {
 
 /// Writes the content of one file node to `out`, in order.
 pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> Result<u64> {
+    write_blobs(repo, content, &mut Copying(out))
+}
+
+/// Where restored bytes go. A file written with direct I/O lends room in its block, so
+/// that a blob is decompressed straight into it rather than copied there (the copy was
+/// 7% of a restore's CPU).
+trait Sink: Write {
+    fn space(&mut self, _len: usize) -> Option<&mut [u8]> {
+        None
+    }
+
+    fn commit(&mut self, _len: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sink for NewFile {
+    fn space(&mut self, len: usize) -> Option<&mut [u8]> {
+        NewFile::space(self, len)
+    }
+
+    fn commit(&mut self, len: usize) -> std::io::Result<()> {
+        NewFile::commit(self, len)
+    }
+}
+
+/// Any other writer: each blob is copied into it.
+struct Copying<'w>(&'w mut dyn Write);
+
+impl Write for Copying<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Sink for Copying<'_> {}
+
+fn write_blobs(repo: &Repository, content: &[Id], out: &mut dyn Sink) -> Result<u64> {
     repo.load_index()?;
     let mut written = 0u64;
     let mut i = 0;
@@ -44,6 +86,13 @@ pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> 
                 Some((base_id, base_location)) => Some((base_id, fetched.bytes(base_location)?)),
                 None => None,
             };
+            let len = location.raw_length as usize;
+            if let Some(space) = out.space(len) {
+                repo.open_blob_into(id, sealed, &location.pack, base, space)?;
+                out.commit(len).map_err(|e| RepoError::io("output", e))?;
+                written += len as u64;
+                continue;
+            }
             let plain = repo.open_blob(id, sealed, &location.pack, base)?;
             out.write_all(&plain)
                 .map_err(|e| RepoError::io("output", e))?;
@@ -209,7 +258,7 @@ fn restore_part(
     let offset = chunks.start as u64 * fixed;
     let expected = (chunks.end as u64 * fixed).min(file.node.size) - offset;
     let mut out = NewFile::part(path, offset, expected).map_err(|e| RepoError::io(path, e))?;
-    let written = write_content(repo, &file.node.content[chunks], &mut out)?;
+    let written = write_blobs(repo, &file.node.content[chunks], &mut out)?;
     if written != expected {
         return Err(repo.corrupt(
             path.display().to_string(),
@@ -233,7 +282,7 @@ fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
 fn write_file(repo: &Repository, file: &PendingFile) -> Result<()> {
     let path = &file.path;
     let mut out = NewFile::create(path, file.node.size).map_err(|e| RepoError::io(path, e))?;
-    let written = write_content(repo, &file.node.content, &mut out)?;
+    let written = write_blobs(repo, &file.node.content, &mut out)?;
     if written != file.node.size {
         return Err(repo.corrupt(
             path.display().to_string(),
