@@ -15,7 +15,7 @@ const DIRECT_MIN_SIZE: u64 = 1 << 20;
 const DIRECT_BLOCK: usize = 4 << 20;
 /// Direct I/O wants buffers, offsets and lengths aligned to the logical block size;
 /// 4 KiB satisfies every common device.
-pub(crate) const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = 4096;
 
 /// A file being written once, start to end (or one stretch of it, see [`NewFile::part`]):
 /// large files through direct I/O where the filesystem allows it, the others through the
@@ -36,30 +36,34 @@ impl NewFile {
         options.write(true).create_new(true);
         // No direct I/O on this filesystem (tmpfs, some FUSE): the refused open may have
         // created the file, so the buffered open must not insist on a new one.
-        Self::open(path, 0, size, options, |options| {
+        Self::open(path, 0, size >= DIRECT_MIN_SIZE, options, |options| {
             options.create_new(false).create(true).truncate(true);
         })
     }
 
-    /// Opens an existing file to write `len` bytes from `offset` on; several parts of one
-    /// file may be written at once. `offset` must be a multiple of 4 KiB, and so must
-    /// `len` unless the part ends the file: a direct write pads the last block, and the
-    /// file is cut back to where the part ends.
+    /// Opens an existing file to write `len` bytes from `offset` on, in place; several
+    /// parts of one file may be written at once. Direct I/O only where the part starts
+    /// on a 4 KiB boundary and ends on one or at the end of the file: a direct write pads
+    /// the last block, and the file is then cut back to where the part ends.
     pub(crate) fn part(path: &Path, offset: u64, len: u64) -> std::io::Result<NewFile> {
+        let align = DIRECT_ALIGN as u64;
+        let direct = len >= DIRECT_MIN_SIZE
+            && offset.is_multiple_of(align)
+            && (len.is_multiple_of(align) || std::fs::metadata(path)?.len() == offset + len);
         let mut options = OpenOptions::new();
         options.write(true);
-        Self::open(path, offset, len, options, |_| {})
+        Self::open(path, offset, direct, options, |_| {})
     }
 
     fn open(
         path: &Path,
         offset: u64,
-        len: u64,
+        direct: bool,
         mut options: OpenOptions,
         buffered: impl FnOnce(&mut OpenOptions),
     ) -> std::io::Result<NewFile> {
         use std::os::unix::fs::OpenOptionsExt;
-        if len >= DIRECT_MIN_SIZE && offset.is_multiple_of(DIRECT_ALIGN as u64) {
+        if direct {
             let mut direct = options.clone();
             direct.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
             match direct.open(path) {

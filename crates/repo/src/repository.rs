@@ -629,6 +629,13 @@ impl Repository {
         Ok(location)
     }
 
+    /// A delta's base, given the `base` field of its location: the base's id and where
+    /// it is stored.
+    pub fn base_of(&self, base: Option<Id>) -> Result<Option<(Id, BlobLocation)>> {
+        base.map(|base| self.base_location(&base).map(|location| (base, location)))
+            .transpose()
+    }
+
     /// Reads the stored bytes of several blobs with as few ranged reads as the gaps
     /// between them allow (sorted by pack and offset, gaps up to 64 KiB read through).
     pub fn read_stored(
@@ -671,16 +678,14 @@ impl Repository {
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
         self.load_index()?;
         let location = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
-        let base = match location.base {
-            Some(base) => Some((base, self.base_location(&base)?)),
-            None => None,
-        };
+        let base = self.base_of(location.base)?;
         let stored = self.read_stored(std::iter::once(location).chain(base.map(|(_, l)| l)))?;
-        let sealed_base = match &base {
-            Some((base, base_location)) => Some((base, stored.bytes(base_location)?)),
-            None => None,
-        };
-        self.open_blob(id, stored.bytes(&location)?, &location.pack, sealed_base)
+        self.open_blob(
+            id,
+            stored.bytes(&location)?,
+            &location.pack,
+            stored.base(&base)?,
+        )
     }
 }
 
@@ -691,6 +696,16 @@ pub struct StoredBlobs {
 }
 
 impl StoredBlobs {
+    /// A delta's base as [`Repository::open_blob`] takes it: its id and stored bytes.
+    pub fn base<'s>(
+        &'s self,
+        base: &'s Option<(Id, BlobLocation)>,
+    ) -> Result<Option<(&'s Id, &'s [u8])>> {
+        base.as_ref()
+            .map(|(id, location)| self.bytes(location).map(|bytes| (id, bytes)))
+            .transpose()
+    }
+
     /// The stored bytes of a blob that was asked for.
     pub fn bytes(&self, location: &BlobLocation) -> Result<&[u8]> {
         let offset = u64::from(location.offset);

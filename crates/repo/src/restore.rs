@@ -82,10 +82,7 @@ fn write_blobs(repo: &Repository, content: &[Id], out: &mut dyn Sink) -> Result<
         }))?;
         for (id, location, base) in &window {
             let sealed = fetched.bytes(location)?;
-            let base = match base {
-                Some((base_id, base_location)) => Some((base_id, fetched.bytes(base_location)?)),
-                None => None,
-            };
+            let base = fetched.base(base)?;
             let len = location.raw_length as usize;
             if let Some(space) = out.space(len) {
                 repo.open_blob_into(id, sealed, &location.pack, base, space)?;
@@ -114,10 +111,7 @@ fn next_window(repo: &Repository, content: &[Id]) -> Result<Vec<WindowBlob>> {
     let mut stored = 0u64;
     for id in content {
         let location = index.get(id).ok_or(RepoError::MissingBlob(*id))?;
-        let base = match location.base {
-            Some(base) => Some((base, repo.base_location(&base)?)),
-            None => None,
-        };
+        let base = repo.base_of(location.base)?;
         let cost = u64::from(location.length) + base.map_or(0, |(_, b)| u64::from(b.length));
         if !window.is_empty() && stored + cost > MAX_WINDOW {
             break;
@@ -224,10 +218,7 @@ fn plan_restore(repo: &Repository, files: &[PendingFile]) -> Result<Vec<Restore>
     let mut work = Vec::with_capacity(files.len());
     for (number, file) in files.iter().enumerate() {
         let chunks = file.node.content.len();
-        // Parts must start and end on direct-I/O blocks (see NewFile::part).
-        let splittable = chunks > RESTORE_PART
-            && (fixed as usize).is_multiple_of(crate::direct::DIRECT_ALIGN)
-            && file.node.in_fixed_chunks(u64::from(fixed));
+        let splittable = chunks > RESTORE_PART && file.node.in_fixed_chunks(u64::from(fixed));
         if !splittable {
             work.push(Restore::File(number));
             continue;
@@ -253,20 +244,46 @@ fn restore_part(
     file: &PendingFile,
     chunks: std::ops::Range<usize>,
 ) -> Result<()> {
-    let path = &file.path;
+    let (offset, len) = span(repo, file, &chunks);
+    let out = NewFile::part(&file.path, offset, len).map_err(|e| RepoError::io(&file.path, e))?;
+    fill(repo, file, out, chunks).map(|_| ())
+}
+
+/// Where the file's chunks in `chunks` start, and how many bytes they hold.
+fn span(repo: &Repository, file: &PendingFile, chunks: &std::ops::Range<usize>) -> (u64, u64) {
+    if chunks.start == 0 && chunks.end == file.node.content.len() {
+        // Not necessarily in fixed chunks.
+        return (0, file.node.size);
+    }
     let fixed = u64::from(repo.config().chunker.fixed_size);
     let offset = chunks.start as u64 * fixed;
-    let expected = (chunks.end as u64 * fixed).min(file.node.size) - offset;
-    let mut out = NewFile::part(path, offset, expected).map_err(|e| RepoError::io(path, e))?;
+    (
+        offset,
+        (chunks.end as u64 * fixed).min(file.node.size) - offset,
+    )
+}
+
+/// Writes the file's chunks in `chunks` through `out`, which starts where the first of
+/// them belongs, and checks that they came to the snapshot's length.
+fn fill(
+    repo: &Repository,
+    file: &PendingFile,
+    mut out: NewFile,
+    chunks: std::ops::Range<usize>,
+) -> Result<u64> {
+    let path = &file.path;
+    let (offset, expected) = span(repo, file, &chunks);
     let written = write_blobs(repo, &file.node.content[chunks], &mut out)?;
     if written != expected {
-        return Err(repo.corrupt(
-            path.display().to_string(),
-            format!("restored {written} bytes at offset {offset}, snapshot says {expected}"),
-        ));
+        let detail = if offset == 0 && expected == file.node.size {
+            format!("restored {written} bytes, snapshot says {expected}")
+        } else {
+            format!("restored {written} bytes at offset {offset}, snapshot says {expected}")
+        };
+        return Err(repo.corrupt(path.display().to_string(), detail));
     }
     out.finish().map_err(|e| RepoError::io(path, e))?;
-    Ok(())
+    Ok(written)
 }
 
 /// Threads of the fsync pass: fsync waits on the disk, not the CPU.
@@ -280,17 +297,9 @@ fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
 
 /// Creates and writes one whole file; [`finish_file`] follows.
 fn write_file(repo: &Repository, file: &PendingFile) -> Result<()> {
-    let path = &file.path;
-    let mut out = NewFile::create(path, file.node.size).map_err(|e| RepoError::io(path, e))?;
-    let written = write_blobs(repo, &file.node.content, &mut out)?;
-    if written != file.node.size {
-        return Err(repo.corrupt(
-            path.display().to_string(),
-            format!("restored {written} bytes, snapshot says {}", file.node.size),
-        ));
-    }
-    out.finish().map_err(|e| RepoError::io(path, e))?;
-    Ok(())
+    let out =
+        NewFile::create(&file.path, file.node.size).map_err(|e| RepoError::io(&file.path, e))?;
+    fill(repo, file, out, 0..file.node.content.len()).map(|_| ())
 }
 
 /// Fsyncs a written file, then gives it its mode, owner and times (last, as writing
@@ -526,48 +535,24 @@ fn differing_chunks(
 /// Rewrites the given chunks of a file in place and fsyncs it; returns the bytes written.
 fn patch_chunks(repo: &Repository, file: &PendingFile, chunks: &[usize]) -> Result<u64> {
     let path = &file.path;
-    let fixed = u64::from(repo.config().chunker.fixed_size);
-    let handle = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| RepoError::io(path, e))?;
     let mut written = 0;
     let mut rest = chunks;
     while let Some(&first) = rest.first() {
-        // A run of consecutive chunks is one write_content call (coalesced reads).
+        // A run of consecutive chunks is written as one part (coalesced reads).
         let run = rest
             .iter()
             .enumerate()
             .take_while(|(i, index)| **index == first + i)
             .count();
-        let mut out = WriteAt {
-            file: &handle,
-            offset: first as u64 * fixed,
-        };
-        written += write_content(repo, &file.node.content[first..first + run], &mut out)?;
+        let (offset, len) = span(repo, file, &(first..first + run));
+        let out = NewFile::part(path, offset, len).map_err(|e| RepoError::io(path, e))?;
+        written += fill(repo, file, out, first..first + run)?;
         rest = &rest[run..];
     }
-    handle.sync_all().map_err(|e| RepoError::io(path, e))?;
+    File::open(path)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|e| RepoError::io(path, e))?;
     Ok(written)
-}
-
-/// Writes sequentially from `offset` on through positioned writes.
-struct WriteAt<'f> {
-    file: &'f File,
-    offset: u64,
-}
-
-impl Write for WriteAt<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let n = self.file.write_at(buf, self.offset)?;
-        self.offset += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Gives a restored directory the owner, mode and mtime its snapshot recorded for the
