@@ -642,27 +642,7 @@ impl Repository {
         &self,
         locations: impl Iterator<Item = BlobLocation>,
     ) -> Result<StoredBlobs> {
-        let mut spans: Vec<(Id, u64, u64)> = locations
-            .map(|l| {
-                let start = u64::from(l.offset);
-                (l.pack, start, start + u64::from(l.length))
-            })
-            .collect();
-        spans.sort();
-        let mut merged: Vec<(Id, u64, u64)> = Vec::new();
-        for (pack, start, end) in spans {
-            match merged.last_mut() {
-                Some((last_pack, last_start, last_end))
-                    if *last_pack == pack
-                        && start <= *last_end + MAX_GAP
-                        && end.max(*last_end) - *last_start <= MAX_COALESCED_READ =>
-                {
-                    *last_end = end.max(*last_end);
-                }
-                _ => merged.push((pack, start, end)),
-            }
-        }
-        let ranges = merged
+        let ranges = coalesce(locations)
             .into_iter()
             .map(|(pack, start, end)| {
                 let bytes = self
@@ -672,6 +652,14 @@ impl Repository {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(StoredBlobs { ranges })
+    }
+
+    /// Tells the storage that [`Repository::read_stored`] of these locations follows soon.
+    pub fn read_ahead(&self, locations: impl Iterator<Item = BlobLocation>) {
+        for (pack, start, end) in coalesce(locations) {
+            self.storage
+                .read_ahead(&pack_key(&pack), start, end - start);
+        }
     }
 
     /// Reads one blob (and its delta base, in the same request when they are close).
@@ -687,6 +675,32 @@ impl Repository {
             stored.base(&base)?,
         )
     }
+}
+
+/// The pack ranges holding `locations`: sorted, with blobs of one pack that lie close
+/// together read in one range, gap included.
+fn coalesce(locations: impl Iterator<Item = BlobLocation>) -> Vec<(Id, u64, u64)> {
+    let mut spans: Vec<(Id, u64, u64)> = locations
+        .map(|l| {
+            let start = u64::from(l.offset);
+            (l.pack, start, start + u64::from(l.length))
+        })
+        .collect();
+    spans.sort();
+    let mut merged: Vec<(Id, u64, u64)> = Vec::new();
+    for (pack, start, end) in spans {
+        match merged.last_mut() {
+            Some((last_pack, last_start, last_end))
+                if *last_pack == pack
+                    && start <= *last_end + MAX_GAP
+                    && end.max(*last_end) - *last_start <= MAX_COALESCED_READ =>
+            {
+                *last_end = end.max(*last_end);
+            }
+            _ => merged.push((pack, start, end)),
+        }
+    }
+    merged
 }
 
 /// Stored (sealed) bytes of blobs, read by [`Repository::read_stored`].

@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::direct::NewFile;
@@ -180,9 +181,20 @@ pub fn restore_tree(
         }
     }
     let work = plan_restore(repo, &files)?;
-    crate::parallel::map(work, jobs.max(1), |work| match work {
-        Restore::File(number) => write_file(repo, &files[number]),
-        Restore::Part(number, chunks) => restore_part(repo, &files[number], chunks),
+    // Threads take the work in order; each, as it takes one, has the storage start on the
+    // next `jobs` (a thread otherwise waited on the disk for every window it read).
+    let read_through = AtomicUsize::new(0);
+    let numbered: Vec<(usize, &Restore)> = work.iter().enumerate().collect();
+    crate::parallel::map(numbered, jobs.max(1), |(number, item)| {
+        let end = (number + 1 + jobs).min(work.len());
+        let start = read_through.fetch_max(end, Ordering::Relaxed);
+        for ahead in &work[start.max(number + 1).min(end)..end] {
+            read_ahead(repo, &files, ahead);
+        }
+        match item {
+            Restore::File(number) => write_file(repo, &files[*number]),
+            Restore::Part(number, chunks) => restore_part(repo, &files[*number], chunks.clone()),
+        }
     })?;
     // fsync in a pass of its own, on more threads than CPUs: an fsync waits for the disk
     // and the journal, and concurrent fsyncs share the journal's commits. Syncing each
@@ -236,6 +248,23 @@ fn plan_restore(repo: &Repository, files: &[PendingFile]) -> Result<Vec<Restore>
         );
     }
     Ok(work)
+}
+
+/// Has the storage start reading the stored bytes of `item` (of a whole file, its first
+/// part's worth). Blobs it cannot find are left to the restore itself to report.
+fn read_ahead(repo: &Repository, files: &[PendingFile], item: &Restore) {
+    let (number, chunks) = match item {
+        Restore::File(number) => (*number, 0..files[*number].node.content.len()),
+        Restore::Part(number, chunks) => (*number, chunks.clone()),
+    };
+    let content = &files[number].node.content[chunks];
+    let index = repo.index();
+    let locations = content.iter().take(RESTORE_PART).filter_map(|id| {
+        let location = index.get(id)?;
+        let base = repo.base_of(location.base).ok().flatten();
+        Some(std::iter::once(location).chain(base.map(|(_, b)| b)))
+    });
+    repo.read_ahead(locations.flatten());
 }
 
 /// Writes one part of a file created by [`plan_restore`]; [`finish_file`] follows.

@@ -114,6 +114,22 @@ fn conformance_get_and_range(s: &dyn Storage) {
         Err(e) => assert!(e.is_not_found(), "range of a missing object: {e}"),
         Ok(_) => panic!("range of a missing object succeeded"),
     }
+    // A read-ahead hint is only a hint: out of range, missing or invalid, it changes
+    // nothing and the reads that follow see the same bytes.
+    for (key, offset, len) in [
+        (key, 0, 1000),
+        (key, 990, 500),
+        (key, u64::MAX, 2),
+        ("ranges/missing", 0, 1),
+        ("../escape", 0, 1),
+    ] {
+        s.read_ahead(key, offset, len);
+    }
+    assert_eq!(
+        expect_ok("range after read-ahead", s.get_range(key, 123, 456)),
+        &data[123..579]
+    );
+    assert!(expect_ok("size of missing", s.size("ranges/missing")).is_none());
 }
 
 fn conformance_list(s: &dyn Storage) {

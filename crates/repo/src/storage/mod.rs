@@ -53,6 +53,9 @@ macro_rules! delegate_storage {
             fn delete(&self, key: &str) -> StorageResult<()> {
                 self.0.delete(key)
             }
+            fn read_ahead(&self, key: &str, offset: u64, len: u64) {
+                self.0.read_ahead(key, offset, len)
+            }
         }
     };
 }
@@ -158,6 +161,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Removes an object; removing an absent object succeeds.
     fn delete(&self, key: &str) -> StorageResult<()>;
+
+    /// Says that `len` bytes at `offset` of `key` will be read soon, so that a backend
+    /// which can fetch them in the background starts now. Only a hint: it reports
+    /// nothing and may do nothing (the default).
+    fn read_ahead(&self, _key: &str, _offset: u64, _len: u64) {}
 }
 
 pub type DynStorage = Arc<dyn Storage>;

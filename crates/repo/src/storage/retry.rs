@@ -76,6 +76,9 @@ impl<S: Storage> Storage for RetryingStorage<S> {
     fn delete(&self, key: &str) -> StorageResult<()> {
         retry(self.policy, key, || self.inner.delete(key))
     }
+    fn read_ahead(&self, key: &str, offset: u64, len: u64) {
+        self.inner.read_ahead(key, offset, len)
+    }
 }
 
 #[cfg(test)]
