@@ -185,10 +185,10 @@ pub fn restore_tree(
     // next `jobs` (a thread otherwise waited on the disk for every window it read).
     let read_through = AtomicUsize::new(0);
     let numbered: Vec<(usize, &Restore)> = work.iter().enumerate().collect();
-    crate::parallel::map(numbered, jobs.max(1), |(number, item)| {
-        let end = (number + 1 + jobs).min(work.len());
+    crate::parallel::map(numbered, jobs.max(1), |(position, item)| {
+        let end = (position + 1 + jobs).min(work.len());
         let start = read_through.fetch_max(end, Ordering::Relaxed);
-        for ahead in &work[start.max(number + 1).min(end)..end] {
+        for ahead in &work[start.max(position + 1).min(end)..end] {
             read_ahead(repo, &files, ahead);
         }
         match item {
