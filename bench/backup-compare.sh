@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Physical backup and restore, side by side on the same data in one run: pgvault,
-# pgBackRest (zstd 3, process-max 2, repo bundling) and pg_basebackup (tar, server-side
-# zstd 3 with 2 workers). DATASET=pgbench: a pgbench database of SCALE (default 100,
+# pgBackRest (zstd 3, process-max 2, repo bundling), pg_basebackup (tar, server-side
+# zstd 3 with 2 workers) and, as the Rust peer, rustic (a deduplicating, encrypting
+# backup tool of files: zstd 3, extra verification off; it copies the data directory as
+# files, with no backup API and no WAL wait, so its times are of the file work alone;
+# RUSTIC=0 leaves it out). DATASET=pgbench: a pgbench database of SCALE (default 100,
 # ~1.5 GiB; compresses ~20x) changed by `pgbench -c 4 -t TXNS`; DATASET=text: as many
 # bytes of rows of random and repetitive text (compresses ~5x), changed by 4×TXNS
 # single-row updates. A full backup, the change, a second backup (pgvault: every backup
@@ -13,7 +16,7 @@
 # Restores and delta restores are repeated REPEAT times (default 3); the table shows
 # medians.
 #
-#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000 REPEAT=3 PGV_COMPRESSION=zstd:3
+#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000 REPEAT=3 PGV_COMPRESSION=zstd:3 RUSTIC=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -24,9 +27,17 @@ REPEAT=${REPEAT:-3}
 # alone shows what it trades (stored bytes against time).
 PGV_COMPRESSION=${PGV_COMPRESSION:-zstd:3}
 DATASET=${DATASET:-pgbench}
+RUSTIC=${RUSTIC:-1}
 if ! command -v pgbackrest >/dev/null; then
     echo "==> installing pgbackrest" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest >/dev/null
+fi
+RUSTIC_VERSION=0.11.4
+PGVAULT_TOOLS=${PGVAULT_TOOLS:-/var/tmp/pgvault-tools}
+rustic_bin="$PGVAULT_TOOLS/rustic-$RUSTIC_VERSION/bin/rustic"
+if [ "$RUSTIC" = 1 ] && [ ! -x "$rustic_bin" ]; then
+    echo "==> building rustic $RUSTIC_VERSION (once, into $PGVAULT_TOOLS; about 15 minutes on 2 CPUs)" >&2
+    cargo install --quiet --locked rustic-rs --version "$RUSTIC_VERSION" --root "$PGVAULT_TOOLS/rustic-$RUSTIC_VERSION"
 fi
 port=$(free_port)
 pgdata="$WORK/pgdata"
@@ -57,6 +68,11 @@ pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/pa
 pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
 basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:workers=2 --checkpoint=fast -D)
 untar=$(wrapper untar bash -c 'zstd -q -d -c "$0" | tar -x -C "$1"')
+if [ "$RUSTIC" = 1 ]; then
+    as_pg mkdir -p "$WORK/rustic"
+    rustic=$(wrapper rustic "$rustic_bin" -r "$WORK/rustic/repo" -p "$WORK/passphrase" --no-cache --no-progress --log-level warn)
+    "$rustic" init --set-compression 3 --set-extra-verify false >/dev/null 2>&1
+fi
 # Both tools archive: pgvault's archive_command pushes to its repository, then pgBackRest's.
 new_server "$pgdata" "$port" "archive_mode = on" "wal_level = replica" \
     "archive_command = '$PGVAULT --repo $WORK/pgv-repo --passphrase-file $WORK/passphrase --jobs 2 archive-push %p && pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench archive-push %p'"
@@ -88,6 +104,10 @@ measure pgbackrest-full "$pgbr" --type=full backup
 pgbr_full_bytes=$(du -sb "$WORK/pgbr/repo/backup" | cut -f1)
 measure basebackup-full "$basebackup" "$WORK/basebackup/1"
 bb_full_bytes=$(du -sb "$WORK/basebackup/1" | cut -f1)
+if [ "$RUSTIC" = 1 ]; then
+    measure rustic-full "$rustic" backup "$pgdata" --glob "!$pgdata/pg_wal"
+    rustic_full_bytes=$(du -sb "$WORK/rustic/repo" | cut -f1)
+fi
 
 if [ "$DATASET" = pgbench ]; then
     echo "==> pgbench -c 4 -t $TXNS" >&2
@@ -105,6 +125,10 @@ measure pgbackrest-incr "$pgbr" --type=incr backup
 pgbr_second_bytes=$(( $(du -sb "$WORK/pgbr/repo/backup" | cut -f1) - pgbr_full_bytes ))
 measure basebackup-second "$basebackup" "$WORK/basebackup/2"
 bb_second_bytes=$(du -sb "$WORK/basebackup/2" | cut -f1)
+if [ "$RUSTIC" = 1 ]; then
+    measure rustic-second "$rustic" backup "$pgdata" --glob "!$pgdata/pg_wal"
+    rustic_second_bytes=$(( $(du -sb "$WORK/rustic/repo" | cut -f1) - rustic_full_bytes ))
+fi
 
 # Restores and delta restores run REPEAT times, the two tools alternating, and the
 # tables show the median: one run of either on this VM can take twice as long as the next.
@@ -116,6 +140,11 @@ for _ in $(seq "$REPEAT"); do
     measure pgvault-restore "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate
     drop_caches
     measure pgbackrest-restore "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate restore
+    if [ "$RUSTIC" = 1 ]; then
+        rm -rf "$WORK/r-rustic"
+        drop_caches
+        measure rustic-restore "$rustic" restore latest "$WORK/r-rustic"
+    fi
 done
 as_pg mkdir -p "$WORK/r-bb"
 drop_caches
@@ -129,6 +158,12 @@ for _ in $(seq "$REPEAT"); do
     measure pgvault-delta "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
     drop_caches
     measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
+    if [ "$RUSTIC" = 1 ]; then
+        # Reading and checking every existing file, as the other two do (by default it
+        # trusts size and modification time).
+        drop_caches
+        measure rustic-delta "$rustic" restore latest "$WORK/r-rustic" --verify-existing --delete
+    fi
 done
 
 header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; restores: median of $REPEAT; pgvault $PGV_COMPRESSION, pgBackRest $(pgbackrest version | awk '{print $2}') zstd:3"
@@ -137,11 +172,15 @@ line() { printf '%-22s %9s %9s %9s %12s\n' "$1" "$(field "$1" 1)" "$(field "$1" 
 line pgvault-full "$(numfmt --to=iec "$pgv_full_bytes")"
 line pgbackrest-full "$(numfmt --to=iec "$pgbr_full_bytes")"
 line basebackup-full "$(numfmt --to=iec "$bb_full_bytes")"
+[ "$RUSTIC" = 1 ] && line rustic-full "$(numfmt --to=iec "$rustic_full_bytes")"
 line pgvault-second "+$(numfmt --to=iec "$pgv_second_bytes")"
 line pgbackrest-incr "+$(numfmt --to=iec "$pgbr_second_bytes")"
 line basebackup-second "+$(numfmt --to=iec "$bb_second_bytes")"
+[ "$RUSTIC" = 1 ] && line rustic-second "+$(numfmt --to=iec "$rustic_second_bytes")"
 line pgvault-restore; line pgbackrest-restore; line basebackup-restore
+[ "$RUSTIC" = 1 ] && line rustic-restore
 line pgvault-delta; line pgbackrest-delta
+[ "$RUSTIC" = 1 ] && line rustic-delta
 echo "time ratios (pgBackRest / pgvault; > 1 means pgvault is faster):"
 for pair in "full:pgbackrest-full:pgvault-full" "second:pgbackrest-incr:pgvault-second" \
     "restore:pgbackrest-restore:pgvault-restore" "delta:pgbackrest-delta:pgvault-delta"; do
@@ -149,3 +188,11 @@ for pair in "full:pgbackrest-full:pgvault-full" "second:pgbackrest-incr:pgvault-
     echo "  $label: $(ratio "$(field "$a" 1)" "$(field "$b" 1)")"
 done
 echo "  full vs pg_basebackup (basebackup / pgvault): $(ratio "$(field basebackup-full 1)" "$(field pgvault-full 1)")"
+if [ "$RUSTIC" = 1 ]; then
+    echo "time ratios (rustic / pgvault):"
+    for pair in "full:rustic-full:pgvault-full" "second:rustic-second:pgvault-second" \
+        "restore:rustic-restore:pgvault-restore" "delta:rustic-delta:pgvault-delta"; do
+        IFS=: read -r label a b <<< "$pair"
+        echo "  $label: $(ratio "$(field "$a" 1)" "$(field "$b" 1)")"
+    done
+fi
