@@ -95,6 +95,7 @@ case $DATASET in
     *) echo "DATASET must be pgbench or text" >&2; exit 2 ;;
 esac
 sql "$port" "CHECKPOINT" >/dev/null
+wait_archived "$port"
 size=$(du -sb --exclude=pg_wal "$pgdata" | cut -f1)
 
 
@@ -119,6 +120,7 @@ else
         echo "UPDATE texts SET payload = md5(random()::text) || substr(payload, 33) WHERE id = $(( (RANDOM * 32768 + RANDOM) % TEXT_ROWS + 1 ));"
     done | as_pg "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres >/dev/null
 fi
+wait_archived "$port"
 measure pgvault-second "$pgv" backup --fast --pg-conn "$conninfo" --pgdata "$pgdata"
 pgv_second_bytes=$(( $(du -sb --exclude=files "$WORK/pgv-repo" | cut -f1) - pgv_full_bytes ))
 measure pgbackrest-incr "$pgbr" --type=incr backup

@@ -52,6 +52,21 @@ drop_caches() {
     echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "warning: cannot drop the page cache (not root)" >&2
 }
 
+# wait_archived PORT: until the archiver has no segment left to push, so that the step
+# measured next does not share the CPUs with archive_command catching up (after a data
+# load, dozens of segments).
+wait_archived() {
+    local port=$1 ready said=
+    for _ in $(seq 1500); do
+        ready=$(sql "$port" "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")
+        [ "$ready" = 0 ] && return 0
+        [ -n "${said:-}" ] || { echo "==> waiting for the archiver ($ready segments to push)" >&2; said=1; }
+        sleep 0.2
+    done
+    echo "the archiver still has $ready segments to push after 300 s; see the server log" >&2
+    return 1
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # new_server DIR PORT [postgresql.conf lines...]: initdb with checksums and start.
