@@ -67,7 +67,12 @@ CONF
 pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" --jobs 2 -q)
 pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
 basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:workers=2 --checkpoint=fast -D)
-untar=$(wrapper untar bash -c 'zstd -q -d -c "$0" | tar -x -C "$1"')
+# Every restore is timed until its files are on disk: each restore step ends with a sync
+# of the target's filesystem (pgvault fsyncs what it restores before it reports success,
+# which makes that sync cheap; a tool that leaves the files in the page cache pays there).
+untar=$(wrapper untar bash -c 'zstd -q -d -c "$0" | tar -x -C "$1" && sync -f "$1"')
+printf '#!/usr/bin/env bash\ndir=$1; shift; "$@" && exec sync -f "$dir"\n' > "$WORK/bin/synced"
+chmod 755 "$WORK/bin/synced"
 if [ "$RUSTIC" = 1 ]; then
     as_pg mkdir -p "$WORK/rustic"
     rustic=$(wrapper rustic "$rustic_bin" -r "$WORK/rustic/repo" -p "$WORK/passphrase" --no-cache --no-progress --log-level warn)
@@ -139,13 +144,13 @@ for _ in $(seq "$REPEAT"); do
     # From a repository that is not cached (a restore seldom follows its backup), and with
     # no dirty pages of the previous tool left to write back.
     drop_caches
-    measure pgvault-restore "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate
+    measure pgvault-restore "$WORK/bin/synced" "$WORK" "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate
     drop_caches
-    measure pgbackrest-restore "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate restore
+    measure pgbackrest-restore "$WORK/bin/synced" "$WORK" "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate restore
     if [ "$RUSTIC" = 1 ]; then
         rm -rf "$WORK/r-rustic"
         drop_caches
-        measure rustic-restore "$rustic" restore latest "$WORK/r-rustic"
+        measure rustic-restore "$WORK/bin/synced" "$WORK" "$rustic" restore latest "$WORK/r-rustic"
     fi
 done
 as_pg mkdir -p "$WORK/r-bb"
@@ -157,14 +162,14 @@ measure basebackup-restore "$untar" "$WORK/basebackup/2/base.tar.zst" "$WORK/r-b
 # restores with direct I/O would otherwise be measured against one whose copy is cached.
 for _ in $(seq "$REPEAT"); do
     drop_caches
-    measure pgvault-delta "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
+    measure pgvault-delta "$WORK/bin/synced" "$WORK" "$pgv" restore --pgdata "$WORK/r-pgv" --target immediate --delta
     drop_caches
-    measure pgbackrest-delta "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
+    measure pgbackrest-delta "$WORK/bin/synced" "$WORK" "$pgbr" --pg1-path="$WORK/r-pgbr" --type=immediate --delta restore
     if [ "$RUSTIC" = 1 ]; then
         # Reading and checking every existing file, as the other two do (by default it
         # trusts size and modification time).
         drop_caches
-        measure rustic-delta "$rustic" restore latest "$WORK/r-rustic" --verify-existing --delete
+        measure rustic-delta "$WORK/bin/synced" "$WORK" "$rustic" restore latest "$WORK/r-rustic" --verify-existing --delete
     fi
 done
 
