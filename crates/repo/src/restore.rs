@@ -434,8 +434,10 @@ pub fn restore_tree_delta(
     let repairs = plan_repairs(repo, &files, jobs.max(1))?;
     let work: Vec<(PendingFile, Repair)> = files.into_iter().zip(repairs).collect();
     let outcomes = crate::parallel::map(work, jobs.max(1), |(f, repair)| match repair {
-        Repair::Nothing => {
-            apply_metadata(&f.path, &f.node)?;
+        Repair::Nothing { metadata_differs } => {
+            if metadata_differs {
+                apply_metadata(&f.path, &f.node)?;
+            }
             Ok((false, 0))
         }
         Repair::Chunks(chunks) => {
@@ -468,8 +470,8 @@ pub fn restore_tree_delta(
 
 /// What a delta restore does to a file that the snapshot has.
 enum Repair {
-    /// Its content is the snapshot's already.
-    Nothing,
+    /// Its content is the snapshot's already; its mode, owner and mtime may not be.
+    Nothing { metadata_differs: bool },
     /// Rewrite these chunks (by index, ascending) in place.
     Chunks(Vec<usize>),
     /// Replace the file: missing, another size, mostly different, or hard-linked (a
@@ -480,6 +482,17 @@ enum Repair {
 /// Existing files are compared with the snapshot in pieces of this many chunks, on all
 /// threads at once, so that a 1 GiB relation segment is not read by one thread alone.
 const CHECK_PIECE: usize = 256;
+
+/// Whether an existing file already has the node's mode, owner and mtime: then a delta
+/// restore leaves its inode alone (setting them anyway dirtied every inode of the data
+/// directory, for the directory fsyncs to commit).
+fn metadata_matches(meta: &fs::Metadata, node: &Node) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    meta.mode() & 0o7777 == node.mode & 0o7777
+        && meta.uid() == node.uid
+        && meta.gid() == node.gid
+        && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == node.mtime_ns
+}
 
 /// Decides each file's [`Repair`] by hashing its chunks the way they were stored.
 fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result<Vec<Repair>> {
@@ -504,7 +517,9 @@ fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result
             continue;
         }
         linked[number] = meta.nlink() > 1;
-        repairs.push(Repair::Nothing);
+        repairs.push(Repair::Nothing {
+            metadata_differs: !metadata_matches(&meta, node),
+        });
         for start in (0..node.content.len()).step_by(CHECK_PIECE) {
             pieces.push((number, start..(start + CHECK_PIECE).min(node.content.len())));
         }
@@ -518,7 +533,7 @@ fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result
             continue;
         }
         match &mut repairs[number] {
-            Repair::Nothing => repairs[number] = Repair::Chunks(found),
+            Repair::Nothing { .. } => repairs[number] = Repair::Chunks(found),
             Repair::Chunks(chunks) => chunks.extend(found),
             Repair::Whole => {}
         }

@@ -822,4 +822,31 @@ fn delta_restore_patches_only_differing_chunks() {
     assert_eq!(std::fs::read(target.join("small")).expect("read"), small);
     let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
+
+    // A kept file gets its mode and mtime back; one whose metadata is right already is
+    // not touched at all (its inode change time stays).
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = |name: &str| std::fs::metadata(target.join(name)).expect("stat");
+    let (small_mode, small_mtime) = (
+        meta("small").mode(),
+        meta("small").modified().expect("mtime"),
+    );
+    std::fs::set_permissions(target.join("small"), std::fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    std::fs::File::options()
+        .write(true)
+        .open(target.join("small"))
+        .and_then(|f| f.set_modified(std::time::SystemTime::UNIX_EPOCH))
+        .expect("touch");
+    let large_ctime = (meta("large").ctime(), meta("large").ctime_nsec());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
+    assert_eq!(meta("small").mode(), small_mode);
+    assert_eq!(meta("small").modified().expect("mtime"), small_mtime);
+    assert_eq!(
+        (meta("large").ctime(), meta("large").ctime_nsec()),
+        large_ctime,
+        "a delta restore rewrote the metadata of a file that already had it"
+    );
 }
