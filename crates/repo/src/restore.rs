@@ -479,9 +479,12 @@ enum Repair {
     Whole,
 }
 
-/// Existing files are compared with the snapshot in pieces of this many chunks, on all
-/// threads at once, so that a 1 GiB relation segment is not read by one thread alone.
-const CHECK_PIECE: usize = 256;
+/// Existing files are compared with the snapshot in pieces of this many chunks (128 MiB),
+/// on all threads at once, so that a 1 GiB relation segment is not read by one thread
+/// alone. Each piece starts a read stream whose read-ahead ramps up again: 32 MiB pieces
+/// checked a cold 1.9 GB data directory in 1.10-1.20 s, 128 MiB pieces in 1.05-1.10 s
+/// (medians of 5-7, alternating), 1 GiB pieces no faster.
+const CHECK_PIECE: usize = 1024;
 
 /// Whether an existing file already has the node's mode, owner and mtime: then a delta
 /// restore leaves its inode alone (setting them anyway dirtied every inode of the data
