@@ -188,18 +188,18 @@ line pgvault-restore; line pgbackrest-restore; line basebackup-restore
 [ "$RUSTIC" = 1 ] && line rustic-restore
 line pgvault-delta; line pgbackrest-delta
 [ "$RUSTIC" = 1 ] && line rustic-delta
+# ratios_to TOOL SECOND_STEP: TOOL's time over pgvault's for each step.
+ratios_to() {
+    local tool=$1 second=$2
+    for pair in "full:$tool-full" "second:$second" "restore:$tool-restore" "delta:$tool-delta"; do
+        IFS=: read -r label step <<< "$pair"
+        echo "  $label: $(ratio "$(field "$step" 1)" "$(field "pgvault-$label" 1)")"
+    done
+}
 echo "time ratios (pgBackRest / pgvault; > 1 means pgvault is faster):"
-for pair in "full:pgbackrest-full:pgvault-full" "second:pgbackrest-incr:pgvault-second" \
-    "restore:pgbackrest-restore:pgvault-restore" "delta:pgbackrest-delta:pgvault-delta"; do
-    IFS=: read -r label a b <<< "$pair"
-    echo "  $label: $(ratio "$(field "$a" 1)" "$(field "$b" 1)")"
-done
+ratios_to pgbackrest pgbackrest-incr
 echo "  full vs pg_basebackup (basebackup / pgvault): $(ratio "$(field basebackup-full 1)" "$(field pgvault-full 1)")"
 if [ "$RUSTIC" = 1 ]; then
     echo "time ratios (rustic / pgvault):"
-    for pair in "full:rustic-full:pgvault-full" "second:rustic-second:pgvault-second" \
-        "restore:rustic-restore:pgvault-restore" "delta:rustic-delta:pgvault-delta"; do
-        IFS=: read -r label a b <<< "$pair"
-        echo "  $label: $(ratio "$(field "$a" 1)" "$(field "$b" 1)")"
-    done
+    ratios_to rustic rustic-second
 fi
