@@ -120,6 +120,7 @@ fn conformance_get_and_range(s: &dyn Storage) {
         (key, 0, 1000),
         (key, 990, 500),
         (key, u64::MAX, 2),
+        (key, 500, 0),
         ("ranges/missing", 0, 1),
         ("../escape", 0, 1),
     ] {

@@ -246,14 +246,12 @@ impl Storage for LocalStorage {
     /// Starts the kernel reading the range into the page cache, so that a restore's next
     /// read finds it there instead of waiting on the disk.
     fn read_ahead(&self, key: &str, offset: u64, len: u64) {
-        let Ok(path) = self.path(key) else { return };
+        // A length of 0 would mean "to the end of the file" to the kernel.
+        let (Ok(path), Some(len)) = (self.path(key), std::num::NonZeroU64::new(len)) else {
+            return;
+        };
         if let Ok(file) = File::open(path) {
-            let _ = rustix::fs::fadvise(
-                &file,
-                offset,
-                std::num::NonZeroU64::new(len),
-                rustix::fs::Advice::WillNeed,
-            );
+            let _ = rustix::fs::fadvise(&file, offset, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
 
