@@ -286,7 +286,6 @@ impl Compression {
     }
 }
 
-/// Reverses [`Compression::compress`]; `size_hint` is the expected plaintext length.
 /// Decompresses into `out`, which must be exactly the decompressed size. zstd frames go
 /// straight into it; the other formats through [`decompress`].
 pub fn decompress_into(buf: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
@@ -316,6 +315,7 @@ pub fn decompress_into(buf: &[u8], out: &mut [u8]) -> Result<(), DecompressError
     }
 }
 
+/// Reverses [`Compression::compress`]; `size_hint` is the expected plaintext length.
 pub fn decompress(buf: &[u8], size_hint: usize) -> Result<Vec<u8>, DecompressError> {
     let (&tag, body) = buf.split_first().ok_or(DecompressError::Empty)?;
     let corrupt = |e: std::io::Error| DecompressError::Corrupt(e.to_string());

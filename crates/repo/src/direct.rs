@@ -245,6 +245,15 @@ impl DirectWriter {
         Ok(())
     }
 
+    /// Counts `len` more bytes of the block as filled, writing it when full.
+    fn advance(&mut self, len: usize) -> std::io::Result<()> {
+        self.filled += len;
+        if self.filled == DIRECT_BLOCK {
+            self.write_block(DIRECT_BLOCK)?;
+        }
+        Ok(())
+    }
+
     fn join(&mut self) -> std::io::Result<File> {
         drop(self.blocks.take());
         match self.writer.take() {
@@ -294,17 +303,6 @@ impl Drop for DirectWriter {
         while let Ok(block) = self.written.try_recv() {
             block.release();
         }
-    }
-}
-
-impl DirectWriter {
-    /// Counts `len` more bytes of the block as filled, writing it when full.
-    fn advance(&mut self, len: usize) -> std::io::Result<()> {
-        self.filled += len;
-        if self.filled == DIRECT_BLOCK {
-            self.write_block(DIRECT_BLOCK)?;
-        }
-        Ok(())
     }
 }
 

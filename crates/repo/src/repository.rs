@@ -560,7 +560,7 @@ impl Repository {
         pack: &Id,
         base: Option<(&Id, &[u8])>,
     ) -> Result<Vec<u8>> {
-        let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
+        let object = || blob_object(id, pack);
         let mut plain = self
             .unseal_blob(sealed)
             .map_err(|e| self.corrupt(object(), e))?;
@@ -578,7 +578,7 @@ impl Repository {
         base: Option<(&Id, &[u8])>,
         out: &mut [u8],
     ) -> Result<()> {
-        let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
+        let object = || blob_object(id, pack);
         let compressed = self
             .crypto
             .open(sealed)
@@ -595,7 +595,7 @@ impl Repository {
         pack: &Id,
         base: Option<(&Id, &[u8])>,
     ) -> Result<()> {
-        let object = || format!("blob {} in pack {}", id.short(), pack_key(pack));
+        let object = || blob_object(id, pack);
         if let Some((base, sealed_base)) = base {
             // The base's own hash is not checked: a damaged base fails the check below.
             let base_plain = self.unseal_blob(sealed_base).map_err(|e| {
@@ -623,7 +623,7 @@ impl Repository {
             .get(base)
             .ok_or(RepoError::MissingBlob(*base))?;
         if location.base.is_some() {
-            let object = format!("blob {} in pack {}", base.short(), pack_key(&location.pack));
+            let object = blob_object(base, &location.pack);
             return Err(self.corrupt(object, "a delta base is itself a delta"));
         }
         Ok(location)
@@ -675,6 +675,11 @@ impl Repository {
             stored.base(&base)?,
         )
     }
+}
+
+/// How messages name a stored blob.
+fn blob_object(id: &Id, pack: &Id) -> String {
+    format!("blob {} in pack {}", id.short(), pack_key(pack))
 }
 
 /// The pack ranges holding `locations`: sorted, with blobs of one pack that lie close

@@ -193,7 +193,9 @@ pub fn restore_tree(
         }
         match item {
             Restore::File(number) => write_file(repo, &files[*number]),
-            Restore::Part(number, chunks) => restore_part(repo, &files[*number], chunks.clone()),
+            Restore::Part(number, chunks) => {
+                restore_part(repo, &files[*number], chunks.clone()).map(|_| ())
+            }
         }
     })?;
     // fsync in a pass of its own, on more threads than CPUs: an fsync waits for the disk
@@ -267,15 +269,17 @@ fn read_ahead(repo: &Repository, files: &[PendingFile], item: &Restore) {
     repo.read_ahead(locations.flatten());
 }
 
-/// Writes one part of a file created by [`plan_restore`]; [`finish_file`] follows.
+/// Writes the file's chunks in `chunks` in place, into an existing file (one created by
+/// [`plan_restore`], or one a delta restore patches); returns the bytes written. The
+/// caller fsyncs the file.
 fn restore_part(
     repo: &Repository,
     file: &PendingFile,
     chunks: std::ops::Range<usize>,
-) -> Result<()> {
+) -> Result<u64> {
     let (offset, len) = span(repo, file, &chunks);
     let out = NewFile::part(&file.path, offset, len).map_err(|e| RepoError::io(&file.path, e))?;
-    fill(repo, file, out, chunks).map(|_| ())
+    fill(repo, file, out, chunks, offset, len)
 }
 
 /// Where the file's chunks in `chunks` start, and how many bytes they hold.
@@ -292,16 +296,17 @@ fn span(repo: &Repository, file: &PendingFile, chunks: &std::ops::Range<usize>) 
     )
 }
 
-/// Writes the file's chunks in `chunks` through `out`, which starts where the first of
-/// them belongs, and checks that they came to the snapshot's length.
+/// Writes the file's chunks in `chunks` through `out`, which starts at `offset` where the
+/// first of them belongs, and checks that they came to the `expected` length.
 fn fill(
     repo: &Repository,
     file: &PendingFile,
     mut out: NewFile,
     chunks: std::ops::Range<usize>,
+    offset: u64,
+    expected: u64,
 ) -> Result<u64> {
     let path = &file.path;
-    let (offset, expected) = span(repo, file, &chunks);
     let written = write_blobs(repo, &file.node.content[chunks], &mut out)?;
     if written != expected {
         let detail = if offset == 0 && expected == file.node.size {
@@ -328,7 +333,15 @@ fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
 fn write_file(repo: &Repository, file: &PendingFile) -> Result<()> {
     let out =
         NewFile::create(&file.path, file.node.size).map_err(|e| RepoError::io(&file.path, e))?;
-    fill(repo, file, out, 0..file.node.content.len()).map(|_| ())
+    fill(
+        repo,
+        file,
+        out,
+        0..file.node.content.len(),
+        0,
+        file.node.size,
+    )
+    .map(|_| ())
 }
 
 /// Fsyncs a written file, then gives it its mode, owner and times (last, as writing
@@ -591,9 +604,7 @@ fn patch_chunks(repo: &Repository, file: &PendingFile, chunks: &[usize]) -> Resu
             .enumerate()
             .take_while(|(i, index)| **index == first + i)
             .count();
-        let (offset, len) = span(repo, file, &(first..first + run));
-        let out = NewFile::part(path, offset, len).map_err(|e| RepoError::io(path, e))?;
-        written += fill(repo, file, out, first..first + run)?;
+        written += restore_part(repo, file, first..first + run)?;
         rest = &rest[run..];
     }
     File::open(path)
