@@ -23,6 +23,10 @@ pub struct BackupStop {
     pub backup_label: String,
     /// Empty when the cluster has no tablespaces.
     pub tablespace_map: String,
+    /// The first transaction id not yet assigned just after the stop call returned,
+    /// epoch-qualified (as `pg_current_xact_id()` shows it): a transaction with this id
+    /// or a later one commits after the backup's end.
+    pub next_xid: u64,
 }
 
 fn answer(sql: &str, message: impl Into<String>) -> ConnError {
@@ -95,11 +99,18 @@ pub fn stop(
         .flatten()
         .ok_or_else(|| answer(sql, "no backup label"))?;
     let tablespace_map = fields.next().flatten().unwrap_or_default();
+    // A statement of its own, so that its snapshot is taken after the stop call returned.
+    let xid_sql = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text";
+    let next_xid = conn
+        .query_one_value(xid_sql)?
+        .and_then(|x| x.parse().ok())
+        .ok_or_else(|| answer(xid_sql, "no transaction id"))?;
     Ok(BackupStop {
         lsn,
         segment: WalFileName::holding_end_of(lsn, timeline, segment_size),
         backup_label,
         tablespace_map,
+        next_xid,
     })
 }
 

@@ -32,6 +32,18 @@ impl fmt::Display for Target {
     }
 }
 
+/// Whether transaction `xid` was assigned at or after `next_xid`, the first id not yet
+/// assigned at some moment, and so commits after that moment. `xid` is in either form
+/// recovery_target_xid accepts: epoch-qualified, or a plain 32-bit id, which is compared
+/// as the server compares ids, modulo 2^32 (valid within 2^31 transactions).
+pub fn xid_assigned_since(xid: u64, next_xid: u64) -> bool {
+    if xid > u64::from(u32::MAX) {
+        xid >= next_xid
+    } else {
+        (xid as u32).wrapping_sub(next_xid as u32) as i32 >= 0
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetAction {
     Promote,
@@ -164,6 +176,24 @@ pub fn rewrite_auto_conf(existing: &str, settings: &[(String, String)]) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transaction_ids_compare_as_the_server_compares_them() {
+        let next = (3u64 << 32) | 1000;
+        // Epoch-qualified ids compare as numbers.
+        assert!(xid_assigned_since(next, next));
+        assert!(xid_assigned_since(next + 1, next));
+        assert!(!xid_assigned_since(next - 1, next));
+        assert!(!xid_assigned_since((2u64 << 32) | 5000, next));
+        // Plain ids compare modulo 2^32, ignoring the epoch.
+        assert!(xid_assigned_since(1000, next));
+        assert!(xid_assigned_since(1001, next));
+        assert!(!xid_assigned_since(999, next));
+        // Across wraparound: 10 follows 4294967000.
+        let near_wrap = (3u64 << 32) | 4_294_967_000;
+        assert!(xid_assigned_since(10, near_wrap));
+        assert!(!xid_assigned_since(4_294_966_000, near_wrap));
+    }
 
     fn options(target: Target) -> RecoveryOptions {
         RecoveryOptions {

@@ -210,6 +210,15 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
         );
         judge(&mut restored);
     }
+    if all_targets {
+        // With a backup taken after the marked transaction, a restore to it by id must
+        // choose the backup before it: from the newer one, recovery would never meet the
+        // transaction's commit and would fail.
+        backup(setup, &source, &["--label", "after-the-marker"]);
+        let mut restored = restore_and_start(setup, source.bin(), &["--target-xid", &mark.xid]);
+        assert_eq!(state(&restored), mark.state, "PostgreSQL {major}, xid");
+        judge(&mut restored);
+    }
     source.stop();
 }
 
@@ -328,6 +337,17 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         "2000-01-01 00:00:00+00",
     ]);
     assert!(err.contains("ends before the target"), "{err}");
+    let err = setup.fails(&[
+        "restore",
+        "--pgdata",
+        &setup.path("z").display().to_string(),
+        "--target-xid",
+        "3",
+    ]);
+    assert!(
+        err.contains("ends before the target transaction 3") && err.contains("--backup"),
+        "{err}"
+    );
 }
 
 /// A tablespace is backed up and restored to a mapped location; a restore with

@@ -78,6 +78,10 @@ pub struct BackupMeta {
     /// previous backup started, when they were used to read only those.
     #[serde(default)]
     pub wal_summary_blocks: Option<u64>,
+    /// The first transaction id not yet assigned when the backup stopped (epoch-qualified):
+    /// restores to a transaction id choose a backup by it. Absent in older backups.
+    #[serde(default)]
+    pub next_xid: Option<u64>,
 }
 
 impl BackupMeta {
@@ -540,6 +544,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         corrupted_pages: corrupted,
         from_standby,
         wal_summary_blocks: changed.as_ref().map(|c| c.block_count() as u64),
+        next_xid: Some(stop.next_xid),
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
-use pg::recovery::{configuration, rewrite_auto_conf, RecoveryOptions, Target, TargetAction};
+use pg::recovery::{
+    configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
+};
 use pg::wal::Lsn;
 use repo::restore::{apply_root_metadata, restore_tree, restore_tree_delta, DeltaStats};
 use repo::snapshot::{Snapshot, Tree};
@@ -69,7 +71,7 @@ fn target_of(args: &RestoreArgs) -> Result<Target> {
 }
 
 /// The backup to restore: the one asked for, else the newest one that ends before the
-/// target (for time and LSN targets), else the newest.
+/// target (for time, LSN and transaction id targets), else the newest.
 fn choose_backup(
     repo: &Repository,
     ctx: &Context,
@@ -116,11 +118,31 @@ fn choose_backup(
             }
             usable
         }
+        Target::Xid(text) => {
+            let xid: u64 = text
+                .parse()
+                .with_context(|| format!("--target-xid {text:?} is not a transaction id"))?;
+            // A transaction given by id commits after a backup's end when its id was not
+            // yet assigned then; backups from before this was recorded are assumed usable.
+            backups
+                .into_iter()
+                .filter(|(_, _, meta)| {
+                    meta.next_xid
+                        .is_none_or(|next| xid_assigned_since(xid, next))
+                })
+                .collect()
+        }
         _ => backups,
     };
     usable.into_iter().next_back().with_context(|| {
+        let hint = match target {
+            Target::Xid(_) => {
+                "; if the transaction began before a backup ended but committed after, name that backup with --backup"
+            }
+            _ => "",
+        };
         format!(
-            "no backup of cluster {:?} ends before the target {target}: choose an earlier target",
+            "no backup of cluster {:?} ends before the target {target}: choose a later target{hint}",
             ctx.cluster
         )
     })
