@@ -23,9 +23,9 @@ pub struct BackupStop {
     pub backup_label: String,
     /// Empty when the cluster has no tablespaces.
     pub tablespace_map: String,
-    /// The first transaction id not yet assigned just after the stop call returned,
-    /// epoch-qualified (as `pg_current_xact_id()` shows it): a transaction with this id
-    /// or a later one commits after the backup's end.
+    /// The xmax of a snapshot taken just after the stop call returned, epoch-qualified
+    /// (as `pg_current_xact_id()` shows ids): no transaction with this id or a later one
+    /// had ended then, so each of them commits after the backup's end.
     pub next_xid: u64,
 }
 

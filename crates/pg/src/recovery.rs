@@ -32,8 +32,8 @@ impl fmt::Display for Target {
     }
 }
 
-/// Whether transaction `xid` was assigned at or after `next_xid`, the first id not yet
-/// assigned at some moment, and so commits after that moment. `xid` is in either form
+/// Whether transaction `xid` is at or after `next_xid`, a snapshot's xmax (no transaction
+/// from there on had ended), and so commits after that snapshot. `xid` is in either form
 /// recovery_target_xid accepts: epoch-qualified, or a plain 32-bit id, which is compared
 /// as the server compares ids, modulo 2^32 (valid within 2^31 transactions).
 pub fn xid_assigned_since(xid: u64, next_xid: u64) -> bool {

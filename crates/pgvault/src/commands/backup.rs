@@ -78,8 +78,9 @@ pub struct BackupMeta {
     /// previous backup started, when they were used to read only those.
     #[serde(default)]
     pub wal_summary_blocks: Option<u64>,
-    /// The first transaction id not yet assigned when the backup stopped (epoch-qualified):
-    /// restores to a transaction id choose a backup by it. Absent in older backups.
+    /// The xmax of a snapshot taken just after the backup stopped (epoch-qualified): a
+    /// transaction from this id on commits after the backup's end, so restores to a
+    /// transaction id choose a backup by it. Absent in older backups.
     #[serde(default)]
     pub next_xid: Option<u64>,
 }

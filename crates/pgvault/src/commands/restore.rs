@@ -122,8 +122,8 @@ fn choose_backup(
             let xid: u64 = text
                 .parse()
                 .with_context(|| format!("--target-xid {text:?} is not a transaction id"))?;
-            // A transaction given by id commits after a backup's end when its id was not
-            // yet assigned then; backups from before this was recorded are assumed usable.
+            // A transaction commits after a backup's end when it had not ended just after
+            // the backup stopped; backups from before this was recorded are assumed usable.
             backups
                 .into_iter()
                 .filter(|(_, _, meta)| {
