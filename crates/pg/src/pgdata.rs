@@ -166,6 +166,43 @@ impl RelationFile {
     }
 }
 
+/// What `postmaster.pid` says about whether a server uses a data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Postmaster {
+    /// No `postmaster.pid`: a server removes it when it shuts down, even immediately.
+    Absent,
+    /// It names a live PostgreSQL process on this host.
+    Running(u32),
+    /// It names no live PostgreSQL process visible here (or no pid at all): left by a
+    /// crash, or written by a server in another PID namespace (a container) or on another
+    /// host sharing the directory; from here the two cannot be told apart.
+    Unverified(Option<u32>),
+}
+
+/// Reads `pgdata/postmaster.pid` and checks the process it names.
+pub fn postmaster(pgdata: &Path) -> std::io::Result<Postmaster> {
+    let text = match std::fs::read_to_string(pgdata.join("postmaster.pid")) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Postmaster::Absent),
+        Err(e) => return Err(e),
+    };
+    let pid = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok());
+    Ok(match pid {
+        Some(pid) if is_postgres_process(pid) => Postmaster::Running(pid),
+        _ => Postmaster::Unverified(pid),
+    })
+}
+
+/// Whether `pid` is a live process of the server's executable (its name, not the process
+/// title the server rewrites); a pid reused by another program after a crash is not.
+fn is_postgres_process(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|name| matches!(name.trim(), "postgres" | "postmaster"))
+}
+
 fn is_oid(text: &str) -> bool {
     !text.is_empty() && text.len() <= 10 && text.bytes().all(|b| b.is_ascii_digit())
 }
@@ -179,6 +216,30 @@ mod tests {
         decide(Path::new(path), is_dir, &|main: &Path| {
             main == Path::new("base/5/16400")
         })
+    }
+
+    #[test]
+    fn postmaster_pid_is_read_and_its_process_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(postmaster(dir.path()).expect("read"), Postmaster::Absent);
+        let pid_file = dir.path().join("postmaster.pid");
+        // Above the kernel's largest pid: never a live process.
+        std::fs::write(&pid_file, "99999999\n/data\n").expect("write");
+        assert_eq!(
+            postmaster(dir.path()).expect("read"),
+            Postmaster::Unverified(Some(99_999_999))
+        );
+        // A live process that is not PostgreSQL (this test).
+        std::fs::write(&pid_file, format!("{}\n/data\n", std::process::id())).expect("write");
+        assert_eq!(
+            postmaster(dir.path()).expect("read"),
+            Postmaster::Unverified(Some(std::process::id()))
+        );
+        std::fs::write(&pid_file, "garbage").expect("write");
+        assert_eq!(
+            postmaster(dir.path()).expect("read"),
+            Postmaster::Unverified(None)
+        );
     }
 
     #[test]

@@ -321,6 +321,20 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         fs::read_to_string(full.join("keep.txt")).expect("kept"),
         "precious"
     );
+    // A postmaster.pid naming no server here may be a server in a container or on another
+    // host: neither --delta nor --force touches the directory.
+    fs::write(full.join("postmaster.pid"), "99999999\n/elsewhere\n").expect("write");
+    for mode in ["--delta", "--force"] {
+        let err = setup.fails(&["restore", "--pgdata", &full.display().to_string(), mode]);
+        assert!(
+            err.contains("postmaster.pid names pid 99999999") && err.contains("delete the file"),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read_to_string(full.join("keep.txt")).expect("kept"),
+            "precious"
+        );
+    }
     let err = setup.fails(&[
         "restore",
         "--pgdata",

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
+use pg::pgdata::Postmaster;
 use pg::recovery::{
     configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
 };
@@ -148,10 +149,28 @@ fn choose_backup(
     })
 }
 
-fn server_running(pgdata: &Path) -> Option<u32> {
-    let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+/// Refuses a data directory that a server may be using: one whose `postmaster.pid` names
+/// a live server, and also one whose `postmaster.pid` cannot be checked from here (a
+/// server in a container or on another host looks the same as a crash's leftover).
+fn refuse_if_in_use(pgdata: &Path) -> Result<()> {
+    let pid_file = pgdata.join("postmaster.pid");
+    match pg::pgdata::postmaster(pgdata)
+        .with_context(|| format!("cannot read {}", pid_file.display()))?
+    {
+        Postmaster::Absent => Ok(()),
+        Postmaster::Running(pid) => bail!(
+            "a PostgreSQL server (pid {pid}) is running in {}: stop it before restoring",
+            pgdata.display()
+        ),
+        Postmaster::Unverified(pid) => {
+            let named = pid.map_or("no pid".to_string(), |pid| format!("pid {pid}"));
+            bail!(
+                "{} names {named}, which is no PostgreSQL process on this host: a crash left it, or a server in a container or on another host uses {}; if no server does, delete the file and run again",
+                pid_file.display(),
+                pgdata.display()
+            )
+        }
+    }
 }
 
 /// Empties `dir` (but keeps it), for --force.
@@ -261,12 +280,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .pgdata
         .clone()
         .context("restore needs --pgdata DIR (or PGDATA, or pgdata in the cluster's config)")?;
-    if let Some(pid) = server_running(&pgdata) {
-        bail!(
-            "a PostgreSQL server (pid {pid}) is running in {}: stop it before restoring",
-            pgdata.display()
-        );
-    }
+    refuse_if_in_use(&pgdata)?;
     if !is_empty_or_missing(&pgdata)? {
         if args.force {
             clear_directory(&pgdata)?;
