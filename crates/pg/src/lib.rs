@@ -1,5 +1,5 @@
 //! PostgreSQL knowledge for pgvault: connections, WAL file names and headers, data
-//! pages and their checksums, the data directory's backup rules, backup start/stop and
+//! pages and their checksums, restore points in WAL records, the data directory's backup rules, backup start/stop and
 //! recovery settings per server version. Nothing here knows about storage or repositories.
 
 pub mod backup;
@@ -10,3 +10,4 @@ pub mod recovery;
 pub mod summary;
 pub mod tools;
 pub mod wal;
+pub mod walrecords;

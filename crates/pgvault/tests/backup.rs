@@ -211,13 +211,30 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
         judge(&mut restored);
     }
     if all_targets {
-        // With a backup taken after the marked transaction, a restore to it by id must
-        // choose the backup before it: from the newer one, recovery would never meet the
-        // transaction's commit and would fail.
+        // With a backup taken after the marker, restores to its transaction id and to its
+        // restore point must choose the backup before it: from the newer one, recovery
+        // would never meet the target and would fail.
         backup(setup, &source, &["--label", "after-the-marker"]);
-        let mut restored = restore_and_start(setup, source.bin(), &["--target-xid", &mark.xid]);
-        assert_eq!(state(&restored), mark.state, "PostgreSQL {major}, xid");
-        judge(&mut restored);
+        for target in [["--target-xid", &mark.xid], ["--target-name", &mark.name]] {
+            let mut restored = restore_and_start(setup, source.bin(), &target);
+            assert_eq!(
+                state(&restored),
+                mark.state,
+                "PostgreSQL {major}, {target:?}"
+            );
+            judge(&mut restored);
+        }
+        let err = setup.fails(&[
+            "restore",
+            "--pgdata",
+            &setup.path("no-such-point").display().to_string(),
+            "--target-name",
+            "no-such-point",
+        ]);
+        assert!(
+            err.contains("no restore point named \"no-such-point\"") && err.contains("--backup"),
+            "{err}"
+        );
     }
     source.stop();
 }

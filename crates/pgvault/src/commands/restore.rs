@@ -12,13 +12,14 @@ use pg::pgdata::Postmaster;
 use pg::recovery::{
     configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
 };
-use pg::wal::Lsn;
+use pg::wal::{Lsn, WalFileName};
+use pg::walrecords::RestorePointScanner;
 use repo::restore::{apply_root_metadata, restore_tree, restore_tree_delta, DeltaStats};
 use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
-use super::archive::write_atomically;
+use super::archive::{fetch_file, list_wal, load_identity, write_atomically};
 use super::backup::{list_backups, BackupMeta};
 use super::setup::command_prefix;
 use crate::cli::RestoreArgs;
@@ -72,7 +73,7 @@ fn target_of(args: &RestoreArgs) -> Result<Target> {
 }
 
 /// The backup to restore: the one asked for, else the newest one that ends before the
-/// target (for time, LSN and transaction id targets), else the newest.
+/// target (for time, LSN, transaction id and restore point targets), else the newest.
 fn choose_backup(
     repo: &Repository,
     ctx: &Context,
@@ -133,6 +134,16 @@ fn choose_backup(
                 })
                 .collect()
         }
+        Target::Name(name) => {
+            return backup_before_restore_point(repo, &ctx.cluster, backups, name)?.with_context(
+                || {
+                    format!(
+                        "no restore point named {name:?} in the archived WAL after any backup of cluster {:?}: check the name, or name a backup with --backup",
+                        ctx.cluster
+                    )
+                },
+            );
+        }
         _ => backups,
     };
     usable.into_iter().next_back().with_context(|| {
@@ -147,6 +158,71 @@ fn choose_backup(
             ctx.cluster
         )
     })
+}
+
+/// For a restore point target: the newest backup with a restore point of that name in the
+/// archived WAL after its end. The WAL is read from the newest backup's end on, then back
+/// to each older backup's end only while none is found.
+fn backup_before_restore_point(
+    repo: &Repository,
+    cluster: &str,
+    backups: Vec<(Id, Snapshot, BackupMeta)>,
+    name: &str,
+) -> Result<Option<(Id, Snapshot, BackupMeta)>> {
+    let Some(segment_size) = backups.last().map(|(_, _, meta)| meta.wal_segment_size) else {
+        return Ok(None);
+    };
+    let identity = load_identity(repo, cluster)?;
+    let segments: Vec<(u32, u64, WalFileName)> = list_wal(repo, &identity.name)?
+        .into_iter()
+        .filter(|(wal, _)| wal.is_segment())
+        .filter_map(|(wal, _)| Some((wal.timeline(), wal.segno(segment_size)?, wal)))
+        .collect();
+    // Restore points of that name: position and timeline.
+    let mut found: Vec<(Lsn, u32)> = Vec::new();
+    let mut read_from = u64::MAX;
+    for backup in backups.into_iter().rev() {
+        let stop = backup.2.stop_lsn()?;
+        let first = stop.segno(segment_size);
+        if first < read_from {
+            let mut range: Vec<&(u32, u64, WalFileName)> = segments
+                .iter()
+                .filter(|(_, segno, _)| (first..read_from).contains(segno))
+                .collect();
+            range.sort_by_key(|(timeline, segno, _)| (*timeline, *segno));
+            tracing::info!(
+                "looking for restore point {name:?} in {} archived WAL segments",
+                range.len()
+            );
+            let mut scanner = RestorePointScanner::new();
+            let mut previous_timeline = None;
+            for (timeline, _, wal) in range {
+                if previous_timeline != Some(*timeline) {
+                    scanner = RestorePointScanner::new();
+                    previous_timeline = Some(*timeline);
+                }
+                let (Some(data), Some(start)) = (
+                    fetch_file(repo, &identity.name, wal)?,
+                    wal.start_lsn(segment_size),
+                ) else {
+                    continue;
+                };
+                for point in scanner.scan(&data, start) {
+                    if point.name == name {
+                        found.push((point.lsn, *timeline));
+                    }
+                }
+            }
+            read_from = first;
+        }
+        if found
+            .iter()
+            .any(|(lsn, timeline)| *lsn >= stop && *timeline >= backup.2.timeline)
+        {
+            return Ok(Some(backup));
+        }
+    }
+    Ok(None)
 }
 
 /// Refuses a data directory that a server may be using: one whose `postmaster.pid` names
