@@ -161,8 +161,9 @@ fn choose_backup(
 }
 
 /// For a restore point target: the newest backup with a restore point of that name in the
-/// archived WAL after its end. The WAL is read from the newest backup's end on, then back
-/// to each older backup's end only while none is found.
+/// archived WAL after its end. The WAL is read from the newest backup's end on, up to the
+/// first one found (as far as recovery would replay anyway), then back to each older
+/// backup's end only while none is found.
 fn backup_before_restore_point(
     repo: &Repository,
     cluster: &str,
@@ -183,6 +184,12 @@ fn backup_before_restore_point(
     let mut read_from = u64::MAX;
     for backup in backups.into_iter().rev() {
         let stop = backup.2.stop_lsn()?;
+        let backup_timeline = backup.2.timeline;
+        let after_backup = |found: &[(Lsn, u32)]| {
+            found
+                .iter()
+                .any(|(lsn, timeline)| *lsn >= stop && *timeline >= backup_timeline)
+        };
         let first = stop.segno(segment_size);
         if first < read_from {
             let mut range: Vec<&(u32, u64, WalFileName)> = segments
@@ -212,13 +219,14 @@ fn backup_before_restore_point(
                         found.push((point.lsn, *timeline));
                     }
                 }
+                // Reading on would only cost time: recovery stops at the first one.
+                if after_backup(&found) {
+                    return Ok(Some(backup));
+                }
             }
             read_from = first;
         }
-        if found
-            .iter()
-            .any(|(lsn, timeline)| *lsn >= stop && *timeline >= backup.2.timeline)
-        {
+        if after_backup(&found) {
             return Ok(Some(backup));
         }
     }
