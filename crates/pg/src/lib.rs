@@ -3,6 +3,7 @@
 //! recovery settings per server version. Nothing here knows about storage or repositories.
 
 pub mod backup;
+mod bytes;
 pub mod conn;
 pub mod page;
 pub mod pgdata;

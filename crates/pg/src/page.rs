@@ -6,6 +6,7 @@
 //! to 1..=65535. Pages are read in the server's byte order: little-endian here, as on
 //! every platform pgvault is built for.
 
+use crate::bytes::{u16_at, u32_at};
 use crate::wal::Lsn;
 
 pub const PAGE_SIZE: usize = 8192;
@@ -60,14 +61,13 @@ pub struct PageHeader {
 
 impl PageHeader {
     pub fn read(page: &[u8; PAGE_SIZE]) -> PageHeader {
-        let u16_at = |o: usize| u16::from_le_bytes([page[o], page[o + 1]]);
         // pd_lsn is stored as two u32 halves: xlogid (high) then xrecoff (low).
-        let high = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
-        let low = u32::from_le_bytes([page[4], page[5], page[6], page[7]]);
+        let high = u32_at(page, 0);
+        let low = u32_at(page, 4);
         PageHeader {
             lsn: Lsn((u64::from(high) << 32) | u64::from(low)),
-            checksum: u16_at(CHECKSUM_OFFSET),
-            upper: u16_at(14),
+            checksum: u16_at(page, CHECKSUM_OFFSET),
+            upper: u16_at(page, 14),
         }
     }
 }

@@ -13,6 +13,8 @@
 
 use std::fmt;
 
+use crate::bytes::{u16_at, u32_at, u64_at};
+
 /// Errors about WAL files. Messages name what is wrong, for one-line CLI errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WalError {
@@ -290,9 +292,9 @@ pub fn major_for_magic(magic: u16) -> Option<u32> {
 }
 
 /// XLP_LONG_HEADER in xlp_info: this page header carries the long fields.
-const XLP_LONG_HEADER: u16 = 0x0002;
+pub(crate) const XLP_LONG_HEADER: u16 = 0x0002;
 /// sizeof(XLogLongPageHeaderData): short header (20 bytes, padded to 24) + sysid, seg size, page size.
-const LONG_HEADER_LEN: usize = 40;
+pub(crate) const LONG_HEADER_LEN: usize = 40;
 /// Bytes of a segment [`validate_segment`] looks at.
 pub const SEGMENT_HEAD_LEN: usize = LONG_HEADER_LEN;
 
@@ -316,25 +318,14 @@ impl SegmentHeader {
         if data.len() < LONG_HEADER_LEN {
             return None;
         }
-        let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]);
-        let u32_at = |o: usize| {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(&data[o..o + 4]);
-            u32::from_le_bytes(b)
-        };
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&data[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
         Some(SegmentHeader {
-            magic: u16_at(0),
-            info: u16_at(2),
-            timeline: u32_at(4),
-            page_address: Lsn(u64_at(8)),
-            system_identifier: u64_at(24),
-            segment_size: u32_at(32),
-            page_size: u32_at(36),
+            magic: u16_at(data, 0),
+            info: u16_at(data, 2),
+            timeline: u32_at(data, 4),
+            page_address: Lsn(u64_at(data, 8)),
+            system_identifier: u64_at(data, 24),
+            segment_size: u32_at(data, 32),
+            page_size: u32_at(data, 36),
         })
     }
 

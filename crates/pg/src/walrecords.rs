@@ -8,12 +8,11 @@
 //! of bytes that remain. Each record starts with a 24-byte header and is protected by a
 //! CRC-32C of its body, then of its header up to the CRC field.
 
-use crate::wal::{Lsn, SegmentHeader};
+use crate::bytes::{u16_at, u32_at, u64_at};
+use crate::wal::{Lsn, SegmentHeader, LONG_HEADER_LEN, XLP_LONG_HEADER};
 
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
-const XLP_LONG_HEADER: u16 = 0x0002;
 const SHORT_PAGE_HEADER_LEN: usize = 24;
-const LONG_PAGE_HEADER_LEN: usize = 40;
 const RECORD_HEADER_LEN: usize = 24;
 /// offsetof(XLogRecord, xl_crc): the CRC covers the header up to here.
 const RECORD_CRC_OFFSET: usize = 20;
@@ -51,25 +50,6 @@ struct Unfinished {
 #[derive(Default)]
 pub struct RestorePointScanner {
     unfinished: Option<Unfinished>,
-}
-
-fn u16_at(data: &[u8], offset: usize) -> u16 {
-    u16::from_le_bytes([data[offset], data[offset + 1]])
-}
-
-fn u32_at(data: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes([
-        data[offset],
-        data[offset + 1],
-        data[offset + 2],
-        data[offset + 3],
-    ])
-}
-
-fn u64_at(data: &[u8], offset: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&data[offset..offset + 8]);
-    u64::from_le_bytes(bytes)
 }
 
 fn align8(n: usize) -> usize {
@@ -111,7 +91,7 @@ impl RestorePointScanner {
                 break;
             }
             let header_len = if info & XLP_LONG_HEADER != 0 {
-                LONG_PAGE_HEADER_LEN
+                LONG_HEADER_LEN
             } else {
                 SHORT_PAGE_HEADER_LEN
             };
@@ -260,7 +240,7 @@ mod tests {
         let mut starts = Vec::new();
         let header_len = |lsn: u64| {
             if lsn.is_multiple_of(SEGMENT as u64) {
-                LONG_PAGE_HEADER_LEN
+                LONG_HEADER_LEN
             } else {
                 SHORT_PAGE_HEADER_LEN
             }
@@ -275,7 +255,7 @@ mod tests {
             } else {
                 0
             };
-            if header_len(lsn) == LONG_PAGE_HEADER_LEN {
+            if header_len(lsn) == LONG_HEADER_LEN {
                 info |= XLP_LONG_HEADER;
             }
             wal[at..at + 2].copy_from_slice(&MAGIC.to_le_bytes());
