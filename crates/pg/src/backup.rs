@@ -100,7 +100,11 @@ pub fn stop(
         .ok_or_else(|| answer(sql, "no backup label"))?;
     let tablespace_map = fields.next().flatten().unwrap_or_default();
     // A statement of its own, so that its snapshot is taken after the stop call returned.
-    let xid_sql = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text";
+    let xid_sql = if major >= 13 {
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"
+    } else {
+        "SELECT txid_snapshot_xmax(txid_current_snapshot())::text"
+    };
     let next_xid = conn
         .query_one_value(xid_sql)?
         .and_then(|x| x.parse().ok())
