@@ -22,7 +22,7 @@ use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::repository::Repository;
 use crate::saver::{BlobSaver, ChangedChunk};
-use crate::snapshot::{Node, NodeKind, Summary, Tree, TreeWriter};
+use crate::snapshot::{mtime_ns, Node, NodeKind, Summary, Tree, TreeWriter};
 
 /// New chunks go to the workers in batches of this many (2 MiB of 128 KiB chunks), so a
 /// worker reads the delta bases of a stretch of changed chunks together (few requests to
@@ -275,7 +275,7 @@ impl Walker<'_, '_> {
                 mode: meta.mode(),
                 uid: meta.uid(),
                 gid: meta.gid(),
-                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                mtime_ns: mtime_ns(&meta),
                 size: 0,
                 content: Vec::new(),
                 subtree: None,
@@ -536,7 +536,7 @@ fn estimate_dir(
                 estimate,
             )?;
         } else if meta.is_file() {
-            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            let mtime_ns = mtime_ns(&meta);
             estimate.files += 1;
             estimate.bytes += meta.len();
             if !previous.is_some_and(|p| is_unchanged(options, p, mtime_ns, meta.len())) {
@@ -575,7 +575,7 @@ pub fn archive_tree(
         mode: meta.mode(),
         uid: meta.uid(),
         gid: meta.gid(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        mtime_ns: mtime_ns(&meta),
         size: 0,
         content: Vec::new(),
         subtree: Some(tree),

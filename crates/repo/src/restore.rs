@@ -17,7 +17,7 @@ use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::BlobLocation;
 use crate::repository::Repository;
-use crate::snapshot::{Node, NodeKind, Tree};
+use crate::snapshot::{mtime_ns, Node, NodeKind, Tree};
 
 /// The most stored bytes one window of a file's blobs may need.
 const MAX_WINDOW: u64 = crate::repository::MAX_COALESCED_READ;
@@ -507,7 +507,7 @@ fn metadata_matches(meta: &fs::Metadata, node: &Node) -> bool {
     meta.mode() & 0o7777 == node.mode & 0o7777
         && meta.uid() == node.uid
         && meta.gid() == node.gid
-        && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == node.mtime_ns
+        && mtime_ns(meta) == node.mtime_ns
 }
 
 /// Decides each file's [`Repair`] by hashing its chunks the way they were stored.

@@ -54,6 +54,12 @@ impl Node {
     }
 }
 
+/// A file's modification time as nodes record it: nanoseconds since 1970.
+pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -19,7 +19,7 @@ use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
-use super::archive::{fetch_file, list_wal, load_identity, write_atomically};
+use super::archive::{fetch_file, list_wal, write_atomically};
 use super::backup::{list_backups, BackupMeta};
 use super::setup::command_prefix;
 use crate::cli::RestoreArgs;
@@ -173,11 +173,10 @@ fn backup_before_restore_point(
     let Some(segment_size) = backups.last().map(|(_, _, meta)| meta.wal_segment_size) else {
         return Ok(None);
     };
-    let identity = load_identity(repo, cluster)?;
-    let segments: Vec<(u32, u64, WalFileName)> = list_wal(repo, &identity.name)?
+    let segments: Vec<(u64, WalFileName)> = list_wal(repo, cluster)?
         .into_iter()
         .filter(|(wal, _)| wal.is_segment())
-        .filter_map(|(wal, _)| Some((wal.timeline(), wal.segno(segment_size)?, wal)))
+        .filter_map(|(wal, _)| Some((wal.segno(segment_size)?, wal)))
         .collect();
     // Restore points of that name: position and timeline.
     let mut found: Vec<(Lsn, u32)> = Vec::new();
@@ -190,45 +189,45 @@ fn backup_before_restore_point(
                 .iter()
                 .any(|(lsn, timeline)| *lsn >= stop && *timeline >= backup_timeline)
         };
-        let first = stop.segno(segment_size);
-        if first < read_from {
-            let mut range: Vec<&(u32, u64, WalFileName)> = segments
-                .iter()
-                .filter(|(_, segno, _)| (first..read_from).contains(segno))
-                .collect();
-            range.sort_by_key(|(timeline, segno, _)| (*timeline, *segno));
-            tracing::info!(
-                "looking for restore point {name:?} in {} archived WAL segments",
-                range.len()
-            );
-            let mut scanner = RestorePointScanner::new();
-            let mut previous_timeline = None;
-            for (timeline, _, wal) in range {
-                if previous_timeline != Some(*timeline) {
-                    scanner = RestorePointScanner::new();
-                    previous_timeline = Some(*timeline);
-                }
-                let (Some(data), Some(start)) = (
-                    fetch_file(repo, &identity.name, wal)?,
-                    wal.start_lsn(segment_size),
-                ) else {
-                    continue;
-                };
-                for point in scanner.scan(&data, start) {
-                    if point.name == name {
-                        found.push((point.lsn, *timeline));
-                    }
-                }
-                // Reading on would only cost time: recovery stops at the first one.
-                if after_backup(&found) {
-                    return Ok(Some(backup));
-                }
-            }
-            read_from = first;
-        }
         if after_backup(&found) {
             return Ok(Some(backup));
         }
+        let first = stop.segno(segment_size);
+        if first >= read_from {
+            continue;
+        }
+        let mut range: Vec<&(u64, WalFileName)> = segments
+            .iter()
+            .filter(|(segno, _)| (first..read_from).contains(segno))
+            .collect();
+        range.sort_by_key(|(segno, wal)| (wal.timeline(), *segno));
+        tracing::info!(
+            "looking for restore point {name:?} in {} archived WAL segments",
+            range.len()
+        );
+        let mut scanner = RestorePointScanner::new();
+        let mut previous_timeline = None;
+        for (_, wal) in range {
+            if previous_timeline != Some(wal.timeline()) {
+                scanner = RestorePointScanner::new();
+                previous_timeline = Some(wal.timeline());
+            }
+            let (Some(data), Some(start)) =
+                (fetch_file(repo, cluster, wal)?, wal.start_lsn(segment_size))
+            else {
+                continue;
+            };
+            for point in scanner.scan(&data, start) {
+                if point.name == name {
+                    found.push((point.lsn, wal.timeline()));
+                }
+            }
+            // Reading on would only cost time: recovery stops at the first one.
+            if after_backup(&found) {
+                return Ok(Some(backup));
+            }
+        }
+        read_from = first;
     }
     Ok(None)
 }
