@@ -9,7 +9,7 @@
 //! CRC-32C of its body, then of its header up to the CRC field.
 
 use crate::bytes::{u16_at, u32_at, u64_at};
-use crate::wal::{Lsn, SegmentHeader, LONG_HEADER_LEN, XLP_LONG_HEADER};
+use crate::wal::{Lsn, SegmentHeader, WalFileName, LONG_HEADER_LEN, XLP_LONG_HEADER};
 
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const SHORT_PAGE_HEADER_LEN: usize = 24;
@@ -59,6 +59,14 @@ fn align8(n: usize) -> usize {
 impl RestorePointScanner {
     pub fn new() -> RestorePointScanner {
         RestorePointScanner::default()
+    }
+
+    /// The start of the segment holding the rest of a record begun at the end of the last
+    /// segment scanned: scanning that segment next completes the record.
+    pub fn awaits(&self) -> Option<Lsn> {
+        self.unfinished
+            .as_ref()
+            .map(|unfinished| unfinished.next_segment)
     }
 
     /// The restore points whose records are in `segment` (the whole file of the segment
@@ -159,6 +167,97 @@ impl RestorePointScanner {
         }
         points
     }
+}
+
+/// A backup as the choice of a restore's backup sees it: recovery from it is consistent
+/// once it has replayed to `stop`, on `timeline`.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupEnd {
+    pub stop: Lsn,
+    pub timeline: u32,
+}
+
+/// The newest of `backups` (oldest first) with a restore point named `name` in the WAL
+/// after its end, as its index. `segments` are the archived WAL files; `fetch` reads one
+/// (`None`: gone). The WAL is read from the newest backup's end on, up to the first
+/// restore point found (as far as recovery would replay anyway), then back to each
+/// older backup's end only while none is found.
+pub fn newest_backup_before_restore_point<E>(
+    backups: &[BackupEnd],
+    segments: &[WalFileName],
+    segment_size: u64,
+    name: &str,
+    mut fetch: impl FnMut(&WalFileName) -> Result<Option<Vec<u8>>, E>,
+) -> Result<Option<usize>, E> {
+    // Restore points of that name: position and timeline.
+    let mut found: Vec<(Lsn, u32)> = Vec::new();
+    let mut scan = |wal: &WalFileName, scanner: &mut RestorePointScanner, found: &mut Vec<_>| {
+        if let (Some(data), Some(start)) = (fetch(wal)?, wal.start_lsn(segment_size)) {
+            let named = scanner.scan(&data, start).into_iter();
+            found.extend(
+                named
+                    .filter(|point| point.name == name)
+                    .map(|point| (point.lsn, wal.timeline())),
+            );
+        }
+        Ok(())
+    };
+    let mut read_from = u64::MAX;
+    for (index, backup) in backups.iter().enumerate().rev() {
+        let after_backup = |found: &[(Lsn, u32)]| {
+            found
+                .iter()
+                .any(|(lsn, timeline)| *lsn >= backup.stop && *timeline >= backup.timeline)
+        };
+        if after_backup(&found) {
+            return Ok(Some(index));
+        }
+        let first = backup.stop.segno(segment_size);
+        if first >= read_from {
+            continue;
+        }
+        let mut range: Vec<(u32, u64, &WalFileName)> = segments
+            .iter()
+            .filter(|wal| wal.is_segment())
+            .filter_map(|wal| Some((wal.timeline(), wal.segno(segment_size)?, wal)))
+            .filter(|(_, segno, _)| (first..read_from).contains(segno))
+            .collect();
+        range.sort_by_key(|(timeline, segno, _)| (*timeline, *segno));
+        tracing::info!(
+            "looking for restore point {name:?} in {} archived WAL segments",
+            range.len()
+        );
+        let mut scanner = RestorePointScanner::new();
+        let mut scanned_timeline = None;
+        for (timeline, _, wal) in range {
+            if scanned_timeline != Some(timeline) {
+                scanner = RestorePointScanner::new();
+                scanned_timeline = Some(timeline);
+            }
+            scan(wal, &mut scanner, &mut found)?;
+            // Reading on would only cost time: recovery stops at the first one.
+            if after_backup(&found) {
+                return Ok(Some(index));
+            }
+        }
+        // A record begun at the end of this range goes on in the newer backup's first
+        // segment, whose scan could not see where it began.
+        if let (Some(rest), Some(timeline)) = (scanner.awaits(), scanned_timeline) {
+            let next = segments.iter().find(|wal| {
+                wal.is_segment()
+                    && wal.timeline() == timeline
+                    && wal.start_lsn(segment_size) == Some(rest)
+            });
+            if let Some(wal) = next {
+                scan(wal, &mut scanner, &mut found)?;
+                if after_backup(&found) {
+                    return Ok(Some(index));
+                }
+            }
+        }
+        read_from = first;
+    }
+    Ok(None)
 }
 
 fn crc_matches(record: &[u8]) -> bool {
@@ -356,6 +455,15 @@ mod tests {
                 .collect();
         assert_eq!(found, expected);
 
+        // After the first segment alone, the scanner says where the rest is.
+        let mut scanner = RestorePointScanner::new();
+        assert_eq!(scanner.awaits(), None);
+        let first = scanner.scan(&segments[0], Lsn(base));
+        assert_eq!(first, expected[..1].to_vec());
+        assert_eq!(scanner.awaits(), Some(Lsn(base + SEGMENT as u64)));
+        scanner.scan(&segments[1], Lsn(base + SEGMENT as u64));
+        assert_eq!(scanner.awaits(), None);
+
         // Without the first segment, the continued record is skipped, not misread.
         let mut scanner = RestorePointScanner::new();
         let later = scanner.scan(&segments[1], Lsn(base + SEGMENT as u64));
@@ -367,6 +475,66 @@ mod tests {
         damaged[1][LONG_HEADER_LEN] ^= 1;
         let found = scan_all(&damaged, base);
         assert_eq!(found, vec![expected[0].clone(), expected[2].clone()]);
+    }
+
+    #[test]
+    fn chooses_the_newest_backup_before_a_restore_point() {
+        let filler = |n: usize| record(10, 0x00, &vec![0xAB; n]);
+        let base = 3 * SEGMENT as u64;
+        // "split" begins in the first segment and ends in the second, where the newer
+        // backup ends; "later" comes after that backup's end.
+        let (segments, starts) = (0..2 * PAGE)
+            .step_by(8)
+            .map(|extra| {
+                write_wal(
+                    base + 40,
+                    &[
+                        filler(SEGMENT - 2 * PAGE + extra),
+                        restore_point("split"),
+                        filler(40),
+                        restore_point("later"),
+                    ],
+                )
+            })
+            .find(|(_, starts)| starts[1].0 / SEGMENT as u64 != (starts[1].0 + 90) / SEGMENT as u64)
+            .expect("a filler size that makes a record cross segments");
+        let names: Vec<WalFileName> = (0..segments.len())
+            .map(|i| WalFileName::segment(1, 3 + i as u64, SEGMENT as u64))
+            .collect();
+        let backups = [
+            BackupEnd {
+                stop: Lsn(base + 40),
+                timeline: 1,
+            },
+            BackupEnd {
+                stop: starts[2],
+                timeline: 1,
+            },
+        ];
+        let choose = |name: &str| {
+            let mut fetched = Vec::new();
+            let chosen = newest_backup_before_restore_point(
+                &backups,
+                &names,
+                SEGMENT as u64,
+                name,
+                |wal| -> Result<_, std::convert::Infallible> {
+                    let index = names
+                        .iter()
+                        .position(|n| n == wal)
+                        .expect("a listed segment");
+                    fetched.push(index);
+                    Ok(Some(segments[index].clone()))
+                },
+            );
+            (chosen.expect("infallible"), fetched)
+        };
+        // The newer backup's WAL holds only the end of "split": the older backup's range
+        // is read on into that segment to join it.
+        assert_eq!(choose("split"), (Some(0), vec![1, 0, 1]));
+        // Found after the newest backup's end, without reading older WAL.
+        assert_eq!(choose("later"), (Some(1), vec![1]));
+        assert_eq!(choose("elsewhere"), (None, vec![1, 0, 1]));
     }
 
     #[test]

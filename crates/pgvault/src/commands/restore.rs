@@ -13,7 +13,7 @@ use pg::recovery::{
     configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
 };
 use pg::wal::{Lsn, WalFileName};
-use pg::walrecords::RestorePointScanner;
+use pg::walrecords::{newest_backup_before_restore_point, BackupEnd};
 use repo::restore::{apply_root_metadata, restore_tree, restore_tree_delta, DeltaStats};
 use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
@@ -161,75 +161,33 @@ fn choose_backup(
 }
 
 /// For a restore point target: the newest backup with a restore point of that name in the
-/// archived WAL after its end. The WAL is read from the newest backup's end on, up to the
-/// first one found (as far as recovery would replay anyway), then back to each older
-/// backup's end only while none is found.
+/// archived WAL after its end.
 fn backup_before_restore_point(
     repo: &Repository,
     cluster: &str,
-    backups: Vec<(Id, Snapshot, BackupMeta)>,
+    mut backups: Vec<(Id, Snapshot, BackupMeta)>,
     name: &str,
 ) -> Result<Option<(Id, Snapshot, BackupMeta)>> {
     let Some(segment_size) = backups.last().map(|(_, _, meta)| meta.wal_segment_size) else {
         return Ok(None);
     };
-    let segments: Vec<(u64, WalFileName)> = list_wal(repo, cluster)?
+    let ends = backups
+        .iter()
+        .map(|(_, _, meta)| {
+            Ok(BackupEnd {
+                stop: meta.stop_lsn()?,
+                timeline: meta.timeline,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let segments: Vec<WalFileName> = list_wal(repo, cluster)?
         .into_iter()
-        .filter(|(wal, _)| wal.is_segment())
-        .filter_map(|(wal, _)| Some((wal.segno(segment_size)?, wal)))
+        .map(|(wal, _)| wal)
         .collect();
-    // Restore points of that name: position and timeline.
-    let mut found: Vec<(Lsn, u32)> = Vec::new();
-    let mut read_from = u64::MAX;
-    for backup in backups.into_iter().rev() {
-        let stop = backup.2.stop_lsn()?;
-        let backup_timeline = backup.2.timeline;
-        let after_backup = |found: &[(Lsn, u32)]| {
-            found
-                .iter()
-                .any(|(lsn, timeline)| *lsn >= stop && *timeline >= backup_timeline)
-        };
-        if after_backup(&found) {
-            return Ok(Some(backup));
-        }
-        let first = stop.segno(segment_size);
-        if first >= read_from {
-            continue;
-        }
-        let mut range: Vec<&(u64, WalFileName)> = segments
-            .iter()
-            .filter(|(segno, _)| (first..read_from).contains(segno))
-            .collect();
-        range.sort_by_key(|(segno, wal)| (wal.timeline(), *segno));
-        tracing::info!(
-            "looking for restore point {name:?} in {} archived WAL segments",
-            range.len()
-        );
-        let mut scanner = RestorePointScanner::new();
-        let mut previous_timeline = None;
-        for (_, wal) in range {
-            if previous_timeline != Some(wal.timeline()) {
-                scanner = RestorePointScanner::new();
-                previous_timeline = Some(wal.timeline());
-            }
-            let (Some(data), Some(start)) =
-                (fetch_file(repo, cluster, wal)?, wal.start_lsn(segment_size))
-            else {
-                continue;
-            };
-            for point in scanner.scan(&data, start) {
-                if point.name == name {
-                    found.push((point.lsn, wal.timeline()));
-                }
-            }
-            // Reading on would only cost time: recovery stops at the first one.
-            if after_backup(&found) {
-                return Ok(Some(backup));
-            }
-        }
-        read_from = first;
-    }
-    Ok(None)
+    let chosen = newest_backup_before_restore_point(&ends, &segments, segment_size, name, |wal| {
+        fetch_file(repo, cluster, wal)
+    })?;
+    Ok(chosen.map(|index| backups.swap_remove(index)))
 }
 
 /// Refuses a data directory that a server may be using: one whose `postmaster.pid` names
