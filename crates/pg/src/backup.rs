@@ -2,6 +2,8 @@
 //! from 15, `pg_start_backup`/`pg_stop_backup` (non-exclusive form) before. Both calls
 //! must run in one session that stays open for the whole backup.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use crate::conn::{quote_literal, ConnError, Connection};
 use crate::wal::{Lsn, WalFileName};
 
@@ -27,6 +29,10 @@ pub struct BackupStop {
     /// (as `pg_current_xact_id()` shows ids): no transaction with this id or a later one
     /// had ended then, so each of them commits after the backup's end.
     pub next_xid: u64,
+    /// No commit before the stop position has a later timestamp: the server's clock
+    /// just after the stop call, or on a standby the replayed commit's (the primary's
+    /// clock) when that is later.
+    pub latest_commit_bound: SystemTime,
 }
 
 fn answer(sql: &str, message: impl Into<String>) -> ConnError {
@@ -99,22 +105,41 @@ pub fn stop(
         .flatten()
         .ok_or_else(|| answer(sql, "no backup label"))?;
     let tablespace_map = fields.next().flatten().unwrap_or_default();
-    // A statement of its own, so that its snapshot is taken after the stop call returned.
-    let xid_sql = if major >= 13 {
-        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"
+    // A statement of its own, so that its snapshot and clock are read after the stop
+    // call returned. GREATEST skips the replay time's NULL on a primary.
+    let after_sql = if major >= 13 {
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, \
+         (extract(epoch FROM GREATEST(clock_timestamp(), pg_last_xact_replay_timestamp())) \
+         * 1000000)::bigint::text"
     } else {
-        "SELECT txid_snapshot_xmax(txid_current_snapshot())::text"
+        "SELECT txid_snapshot_xmax(txid_current_snapshot())::text, \
+         (extract(epoch FROM GREATEST(clock_timestamp(), pg_last_xact_replay_timestamp())) \
+         * 1000000)::bigint::text"
     };
-    let next_xid = conn
-        .query_one_value(xid_sql)?
+    let row = conn
+        .query_rows(after_sql)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| answer(after_sql, "no row"))?;
+    let mut fields = row.into_iter();
+    let next_xid = fields
+        .next()
+        .flatten()
         .and_then(|x| x.parse().ok())
-        .ok_or_else(|| answer(xid_sql, "no transaction id"))?;
+        .ok_or_else(|| answer(after_sql, "no transaction id"))?;
+    let latest_commit_bound = fields
+        .next()
+        .flatten()
+        .and_then(|micros| micros.parse::<u64>().ok())
+        .map(|micros| UNIX_EPOCH + Duration::from_micros(micros))
+        .ok_or_else(|| answer(after_sql, "no time"))?;
     Ok(BackupStop {
         lsn,
         segment: WalFileName::holding_end_of(lsn, timeline, segment_size),
         backup_label,
         tablespace_map,
         next_xid,
+        latest_commit_bound,
     })
 }
 

@@ -499,7 +499,8 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
     let top = stored?;
     let stop = stop?;
-    let stop_time = Utc::now();
+    // The server's clock, as the commit times that --target-time is compared with.
+    let stop_time = DateTime::<Utc>::from(stop.latest_commit_bound);
     let mut wal_hint = "";
     if from_standby {
         // A standby does not end segments: its primary archives the last one when it is

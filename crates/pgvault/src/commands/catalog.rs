@@ -312,15 +312,11 @@ impl ClusterState {
             .iter()
             .filter(|b| b.reach.restorable())
             .collect();
-        // Rounded up to a whole microsecond (PostgreSQL's resolution), so that the
-        // printed instant is one a restore can reach.
+        // The first whole microsecond (PostgreSQL's resolution) after the oldest end, so
+        // that the printed instant is one a restore can start from that backup for.
         let from = restorable.iter().map(|b| b.meta.stop_time).min()?;
         let sub_micro = i64::from(from.timestamp_subsec_nanos() % 1000);
-        let from = if sub_micro == 0 {
-            from
-        } else {
-            from + chrono::Duration::nanoseconds(1000 - sub_micro)
-        };
+        let from = from + chrono::Duration::nanoseconds(1000 - sub_micro);
         let to = restorable
             .iter()
             .map(|b| {
