@@ -499,6 +499,12 @@ enum Repair {
 /// (medians of 5-7, alternating), 1 GiB pieces no faster.
 const CHECK_PIECE: usize = 1024;
 
+/// Reads in flight per job while comparing: the comparison waits on the disk, not on
+/// hashing, and a thread that hashes what it read leaves the disk idle meanwhile. On a
+/// cold 1.9 GB data directory with 2 jobs, 4 threads checked in 0.93-0.96 s against
+/// 1.02-1.09 s with 2 (alternating runs), for the same CPU time; 6 were no faster.
+const CHECK_THREADS_PER_JOB: usize = 2;
+
 /// Whether an existing file already has the node's mode, owner and mtime: then a delta
 /// restore leaves its inode alone (setting them anyway dirtied every inode of the data
 /// directory, for the directory fsyncs to commit).
@@ -540,7 +546,8 @@ fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result
             pieces.push((number, start..(start + CHECK_PIECE).min(node.content.len())));
         }
     }
-    let differing = crate::parallel::map(pieces, jobs, |(number, chunks)| {
+    let readers = jobs * CHECK_THREADS_PER_JOB;
+    let differing = crate::parallel::map(pieces, readers, |(number, chunks)| {
         let file = &files[number];
         differing_chunks(repo, file, fixed, chunks).map(|found| (number, found))
     })?;
