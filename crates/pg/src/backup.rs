@@ -47,6 +47,15 @@ fn lsn_of(sql: &str, text: Option<String>) -> Result<Lsn, ConnError> {
     Lsn::parse(&text).map_err(|e| answer(sql, e.to_string()))
 }
 
+/// The fields of the first row `sql` returns; no row is an error.
+fn first_row(
+    conn: &mut Connection,
+    sql: &str,
+) -> Result<std::vec::IntoIter<Option<String>>, ConnError> {
+    let row = conn.query_rows(sql)?.into_iter().next();
+    Ok(row.ok_or_else(|| answer(sql, "no row"))?.into_iter())
+}
+
 /// Starts a backup. `fast` asks for an immediate checkpoint instead of a spread one.
 pub fn start(
     conn: &mut Connection,
@@ -93,12 +102,7 @@ pub fn stop(
     } else {
         "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
-    let row = conn
-        .query_rows(sql)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| answer(sql, "no row"))?;
-    let mut fields = row.into_iter();
+    let mut fields = first_row(conn, sql)?;
     let lsn = lsn_of(sql, fields.next().flatten())?;
     let backup_label = fields
         .next()
@@ -107,21 +111,16 @@ pub fn stop(
     let tablespace_map = fields.next().flatten().unwrap_or_default();
     // A statement of its own, so that its snapshot and clock are read after the stop
     // call returned. GREATEST skips the replay time's NULL on a primary.
-    let after_sql = if major >= 13 {
-        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, \
-         (extract(epoch FROM GREATEST(clock_timestamp(), pg_last_xact_replay_timestamp())) \
-         * 1000000)::bigint::text"
+    let xmax = if major >= 13 {
+        "pg_snapshot_xmax(pg_current_snapshot())"
     } else {
-        "SELECT txid_snapshot_xmax(txid_current_snapshot())::text, \
-         (extract(epoch FROM GREATEST(clock_timestamp(), pg_last_xact_replay_timestamp())) \
-         * 1000000)::bigint::text"
+        "txid_snapshot_xmax(txid_current_snapshot())"
     };
-    let row = conn
-        .query_rows(after_sql)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| answer(after_sql, "no row"))?;
-    let mut fields = row.into_iter();
+    let after_sql = &format!(
+        "SELECT {xmax}::text, (extract(epoch FROM \
+         GREATEST(clock_timestamp(), pg_last_xact_replay_timestamp())) * 1000000)::bigint::text"
+    );
+    let mut fields = first_row(conn, after_sql)?;
     let next_xid = fields
         .next()
         .flatten()

@@ -325,6 +325,11 @@ mod tests {
         header
     }
 
+    /// A record of another resource manager, `n` bytes of data.
+    fn filler(n: usize) -> Vec<u8> {
+        record(10, 0x00, &vec![0xAB; n])
+    }
+
     fn restore_point(name: &str) -> Vec<u8> {
         let mut data = 1234i64.to_le_bytes().to_vec();
         let mut field = [0u8; 64];
@@ -408,6 +413,26 @@ mod tests {
         (wal.chunks(SEGMENT).map(<[u8]>::to_vec).collect(), starts)
     }
 
+    /// Whether a restore point's record (about 90 bytes) starting at `lsn` runs across a
+    /// boundary of `unit`-byte pages or segments.
+    fn crosses(lsn: Lsn, unit: usize) -> bool {
+        lsn.0 / unit as u64 != (lsn.0 + 90) / unit as u64
+    }
+
+    /// `records(extra)` laid out from `first` on, for the first `extra` (a filler's size)
+    /// that makes record `crossing` cross from one segment into the next.
+    fn lay_out_across_segments(
+        first: u64,
+        records: impl Fn(usize) -> Vec<Vec<u8>>,
+        crossing: usize,
+    ) -> (Vec<Vec<u8>>, Vec<Lsn>) {
+        (0..2 * PAGE)
+            .step_by(8)
+            .map(|extra| write_wal(first, &records(extra)))
+            .find(|(_, starts)| crosses(starts[crossing], SEGMENT))
+            .expect("a filler size that makes a record cross segments")
+    }
+
     fn scan_all(segments: &[Vec<u8>], base: u64) -> Vec<RestorePoint> {
         let mut scanner = RestorePointScanner::new();
         segments
@@ -419,30 +444,25 @@ mod tests {
 
     #[test]
     fn finds_restore_points_across_pages_and_segments() {
-        let filler = |n: usize| record(10, 0x00, &vec![0xAB; n]);
-        let crosses = |lsn: Lsn, unit: usize| lsn.0 / unit as u64 != (lsn.0 + 90) / unit as u64;
         let base = 3 * SEGMENT as u64;
         // The first restore point straddles a page boundary, its header split; the second
         // crosses into the next segment (the filler before it sized to make it so); the
         // other records are skipped.
-        let (segments, starts) = (0..2 * PAGE)
-            .step_by(8)
-            .map(|extra| {
-                write_wal(
-                    base + 40,
-                    &[
-                        filler(8100),
-                        restore_point("across-a-page"),
-                        filler(300),
-                        filler(SEGMENT - 2 * PAGE + extra),
-                        restore_point("across-segments"),
-                        filler(40),
-                        restore_point("plain"),
-                    ],
-                )
-            })
-            .find(|(_, starts)| crosses(starts[4], SEGMENT))
-            .expect("a filler size that makes a record cross segments");
+        let (segments, starts) = lay_out_across_segments(
+            base + 40,
+            |extra| {
+                vec![
+                    filler(8100),
+                    restore_point("across-a-page"),
+                    filler(300),
+                    filler(SEGMENT - 2 * PAGE + extra),
+                    restore_point("across-segments"),
+                    filler(40),
+                    restore_point("plain"),
+                ]
+            },
+            4,
+        );
         assert!(crosses(starts[1], PAGE), "{starts:?}");
         let found = scan_all(&segments, base);
         let expected: Vec<RestorePoint> =
@@ -479,25 +499,21 @@ mod tests {
 
     #[test]
     fn chooses_the_newest_backup_before_a_restore_point() {
-        let filler = |n: usize| record(10, 0x00, &vec![0xAB; n]);
         let base = 3 * SEGMENT as u64;
         // "split" begins in the first segment and ends in the second, where the newer
         // backup ends; "later" comes after that backup's end.
-        let (segments, starts) = (0..2 * PAGE)
-            .step_by(8)
-            .map(|extra| {
-                write_wal(
-                    base + 40,
-                    &[
-                        filler(SEGMENT - 2 * PAGE + extra),
-                        restore_point("split"),
-                        filler(40),
-                        restore_point("later"),
-                    ],
-                )
-            })
-            .find(|(_, starts)| starts[1].0 / SEGMENT as u64 != (starts[1].0 + 90) / SEGMENT as u64)
-            .expect("a filler size that makes a record cross segments");
+        let (segments, starts) = lay_out_across_segments(
+            base + 40,
+            |extra| {
+                vec![
+                    filler(SEGMENT - 2 * PAGE + extra),
+                    restore_point("split"),
+                    filler(40),
+                    restore_point("later"),
+                ]
+            },
+            1,
+        );
         let names: Vec<WalFileName> = (0..segments.len())
             .map(|i| WalFileName::segment(1, 3 + i as u64, SEGMENT as u64))
             .collect();
