@@ -169,26 +169,36 @@ impl RestorePointScanner {
     }
 }
 
-/// A backup as the choice of a restore's backup sees it: recovery from it is consistent
-/// once it has replayed to `stop`, on `timeline`.
+/// A backup as the choice of a restore's backup sees it: recovery from it replays from
+/// `start` on and is consistent once it has replayed to `stop`, on `timeline`.
 #[derive(Debug, Clone, Copy)]
-pub struct BackupEnd {
+pub struct BackupRange {
+    pub start: Lsn,
     pub stop: Lsn,
     pub timeline: u32,
 }
 
-/// The newest of `backups` (oldest first) with a restore point named `name` in the WAL
-/// after its end, as its index. `segments` are the archived WAL files; `fetch` reads one
-/// (`None`: gone). The WAL is read from the newest backup's end on, up to the first
-/// restore point found (as far as recovery would replay anyway), then back to each
-/// older backup's end only while none is found.
+/// The newest of `backups` (oldest first) that recovery can take to a restore point
+/// named `name`, as its index: one with such a restore point in the WAL after its end,
+/// and none between its start and its end (recovery stops at the first one it replays,
+/// and stopping before the end is refused as inconsistent; names can repeat).
+/// `segments` are the archived WAL files; `fetch` reads one (`None`: gone). The WAL is
+/// read from the newest backup's end on, up to the first restore point found (as far as
+/// recovery would replay anyway), then back to each older backup's end only while none
+/// is found; the chosen backup's own WAL, from start to end, is read to check it.
 pub fn newest_backup_before_restore_point<E>(
-    backups: &[BackupEnd],
+    backups: &[BackupRange],
     segments: &[WalFileName],
     segment_size: u64,
     name: &str,
     mut fetch: impl FnMut(&WalFileName) -> Result<Option<Vec<u8>>, E>,
 ) -> Result<Option<usize>, E> {
+    let mut segments: Vec<(u32, u64, &WalFileName)> = segments
+        .iter()
+        .filter(|wal| wal.is_segment())
+        .filter_map(|wal| Some((wal.timeline(), wal.segno(segment_size)?, wal)))
+        .collect();
+    segments.sort_by_key(|(timeline, segno, _)| (*timeline, *segno));
     // Restore points of that name: position and timeline.
     let mut found: Vec<(Lsn, u32)> = Vec::new();
     let mut scan = |wal: &WalFileName, scanner: &mut RestorePointScanner, found: &mut Vec<_>| {
@@ -209,53 +219,63 @@ pub fn newest_backup_before_restore_point<E>(
                 .iter()
                 .any(|(lsn, timeline)| *lsn >= backup.stop && *timeline >= backup.timeline)
         };
-        if after_backup(&found) {
-            return Ok(Some(index));
-        }
         let first = backup.stop.segno(segment_size);
-        if first >= read_from {
-            continue;
-        }
-        let mut range: Vec<(u32, u64, &WalFileName)> = segments
-            .iter()
-            .filter(|wal| wal.is_segment())
-            .filter_map(|wal| Some((wal.timeline(), wal.segno(segment_size)?, wal)))
-            .filter(|(_, segno, _)| (first..read_from).contains(segno))
-            .collect();
-        range.sort_by_key(|(timeline, segno, _)| (*timeline, *segno));
-        tracing::info!(
-            "looking for restore point {name:?} in {} archived WAL segments",
-            range.len()
-        );
-        let mut scanner = RestorePointScanner::new();
-        let mut scanned_timeline = None;
-        for (timeline, _, wal) in range {
-            if scanned_timeline != Some(timeline) {
-                scanner = RestorePointScanner::new();
-                scanned_timeline = Some(timeline);
-            }
-            scan(wal, &mut scanner, &mut found)?;
-            // Reading on would only cost time: recovery stops at the first one.
-            if after_backup(&found) {
-                return Ok(Some(index));
-            }
-        }
-        // A record begun at the end of this range goes on in the newer backup's first
-        // segment, whose scan could not see where it began.
-        if let (Some(rest), Some(timeline)) = (scanner.awaits(), scanned_timeline) {
-            let next = segments.iter().find(|wal| {
-                wal.is_segment()
-                    && wal.timeline() == timeline
-                    && wal.start_lsn(segment_size) == Some(rest)
-            });
-            if let Some(wal) = next {
+        if !after_backup(&found) && first < read_from {
+            let range: Vec<_> = segments
+                .iter()
+                .filter(|(_, segno, _)| (first..read_from).contains(segno))
+                .collect();
+            tracing::info!(
+                "looking for restore point {name:?} in {} archived WAL segments",
+                range.len()
+            );
+            let mut scanner = RestorePointScanner::new();
+            let mut scanned_timeline = None;
+            for (timeline, _, wal) in range {
+                if scanned_timeline != Some(*timeline) {
+                    scanner = RestorePointScanner::new();
+                    scanned_timeline = Some(*timeline);
+                }
                 scan(wal, &mut scanner, &mut found)?;
+                // Reading on would only cost time: recovery stops at the first one.
                 if after_backup(&found) {
-                    return Ok(Some(index));
+                    break;
                 }
             }
+            // A record begun at the end of this range goes on in the newer backup's first
+            // segment, whose scan could not see where it began.
+            let unfinished = scanner.awaits().filter(|_| !after_backup(&found));
+            if let (Some(rest), Some(timeline)) = (unfinished, scanned_timeline) {
+                let next = segments.iter().find(|(on, _, wal)| {
+                    *on == timeline && wal.start_lsn(segment_size) == Some(rest)
+                });
+                if let Some((_, _, wal)) = next {
+                    scan(wal, &mut scanner, &mut found)?;
+                }
+            }
+            read_from = first;
         }
-        read_from = first;
+        if !after_backup(&found) {
+            continue;
+        }
+        // The backup's own WAL: a restore point of that name in it makes the backup
+        // unusable, and is one after the end of every older backup.
+        let own = backup.start.segno(segment_size)..=first;
+        let mut scanner = RestorePointScanner::new();
+        let mut inside = Vec::new();
+        for (_, _, wal) in segments
+            .iter()
+            .filter(|(timeline, segno, _)| *timeline == backup.timeline && own.contains(segno))
+        {
+            scan(wal, &mut scanner, &mut inside)?;
+        }
+        let clean = !inside
+            .iter()
+            .any(|(lsn, _)| (backup.start..backup.stop).contains(lsn));
+        found.extend(inside);
+        if clean {
+            return Ok(Some(index));
+        }
     }
     Ok(None)
 }
@@ -518,11 +538,13 @@ mod tests {
             .map(|i| WalFileName::segment(1, 3 + i as u64, SEGMENT as u64))
             .collect();
         let backups = [
-            BackupEnd {
+            BackupRange {
+                start: Lsn(base + 40),
                 stop: Lsn(base + 40),
                 timeline: 1,
             },
-            BackupEnd {
+            BackupRange {
+                start: starts[2],
                 stop: starts[2],
                 timeline: 1,
             },
@@ -546,11 +568,59 @@ mod tests {
             (chosen.expect("infallible"), fetched)
         };
         // The newer backup's WAL holds only the end of "split": the older backup's range
-        // is read on into that segment to join it.
-        assert_eq!(choose("split"), (Some(0), vec![1, 0, 1]));
+        // is read on into that segment to join it; then the older backup's own WAL is
+        // checked.
+        assert_eq!(choose("split"), (Some(0), vec![1, 0, 1, 0]));
         // Found after the newest backup's end, without reading older WAL.
-        assert_eq!(choose("later"), (Some(1), vec![1]));
+        assert_eq!(choose("later"), (Some(1), vec![1, 1]));
         assert_eq!(choose("elsewhere"), (None, vec![1, 0, 1]));
+    }
+
+    #[test]
+    fn a_backup_with_the_restore_point_inside_is_passed_over() {
+        let base = 7 * SEGMENT as u64;
+        let (segments, starts) = write_wal(
+            base + 40,
+            &[
+                filler(100),
+                restore_point("deploy"),
+                filler(100),
+                restore_point("deploy"),
+                filler(100),
+                restore_point("deploy"),
+            ],
+        );
+        let names: Vec<WalFileName> = (0..segments.len())
+            .map(|i| WalFileName::segment(1, 7 + i as u64, SEGMENT as u64))
+            .collect();
+        let choose = |backups: &[BackupRange]| {
+            newest_backup_before_restore_point(
+                backups,
+                &names,
+                SEGMENT as u64,
+                "deploy",
+                |wal| -> Result<_, std::convert::Infallible> {
+                    let index = names
+                        .iter()
+                        .position(|n| n == wal)
+                        .expect("a listed segment");
+                    Ok(Some(segments[index].clone()))
+                },
+            )
+            .expect("infallible")
+        };
+        let range = |start: usize, stop: usize| BackupRange {
+            start: starts[start],
+            stop: starts[stop],
+            timeline: 1,
+        };
+        // Recovery from the newer backup would stop at the "deploy" it ran across, before
+        // its end: the older one, which the first "deploy" follows, is chosen.
+        assert_eq!(choose(&[range(0, 1), range(2, 4)]), Some(0));
+        // With a "deploy" inside each, neither can be taken there.
+        assert_eq!(choose(&[range(0, 2), range(2, 4)]), None);
+        // Without one inside, the newest backup is chosen as before.
+        assert_eq!(choose(&[range(0, 1), range(4, 5)]), Some(1));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use pg::recovery::{
     configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
 };
 use pg::wal::{Lsn, WalFileName};
-use pg::walrecords::{newest_backup_before_restore_point, BackupEnd};
+use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
 use repo::restore::{apply_root_metadata, restore_tree, restore_tree_delta, DeltaStats};
 use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
@@ -174,7 +174,8 @@ fn backup_before_restore_point(
     let ends = backups
         .iter()
         .map(|(_, _, meta)| {
-            Ok(BackupEnd {
+            Ok(BackupRange {
+                start: Lsn::parse(&meta.start_lsn).context("malformed start LSN")?,
                 stop: meta.stop_lsn()?,
                 timeline: meta.timeline,
             })
