@@ -275,6 +275,74 @@ fn point_in_time_restore_through_azure_blob() {
     point_in_time(16, &setup, false);
 }
 
+fn lsn_value(lsn: &str) -> u64 {
+    let (hi, lo) = lsn.trim().split_once('/').expect("an LSN");
+    (u64::from_str_radix(hi, 16).expect("hex") << 32) | u64::from_str_radix(lo, 16).expect("hex")
+}
+
+/// Restore points can share a name, and recovery stops at the first one it replays: one
+/// created while a backup ran makes that backup unusable for the name (stopping before
+/// the backup's end fails), even with another one after its end.
+#[test]
+fn restore_point_named_again_during_a_backup() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    pgbench(&source, &["-q", "-i", "-s", "5"]);
+    source.psql("CREATE TABLE marks (name text)");
+    backup(&setup, &source, &["--label", "before"]);
+    let pgdata = source.pgdata().display().to_string();
+    let conninfo = source.conninfo();
+    // Once the backup's session is past its start call, the files are being read.
+    let started = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault' \
+         AND state = 'idle' AND (query LIKE '%pg_backup_start%' \
+         OR query LIKE '%pg_start_backup%' OR query LIKE '%pg_database_size%')";
+    let (name, expected) = (1..=5)
+        .find_map(|attempt| {
+            let name = format!("deploy-{attempt}");
+            let running = setup
+                .cmd(&[
+                    "backup",
+                    "--fast",
+                    "--pg-conn",
+                    &conninfo,
+                    "--pgdata",
+                    &pgdata,
+                    "--output",
+                    "json",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a backup");
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while source.psql(started) != "1" && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            source.psql(&format!("INSERT INTO marks VALUES ('{name}')"));
+            let point = source.psql(&format!("SELECT pg_create_restore_point('{name}')"));
+            let expected = state(&source);
+            let out = running.wait_with_output().expect("backup");
+            assert!(out.status.success(), "backup failed");
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            let start = lsn_value(report["start_lsn"].as_str().expect("start LSN"));
+            let stop = lsn_value(report["stop_lsn"].as_str().expect("stop LSN"));
+            (start < lsn_value(&point) && lsn_value(&point) <= stop).then_some((name, expected))
+        })
+        .expect("a restore point created while a backup ran");
+    // The same name again after that backup's end.
+    source.psql("INSERT INTO marks VALUES ('after')");
+    source.psql(&format!("SELECT pg_create_restore_point('{name}')"));
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+
+    let mut restored = restore_and_start(&setup, source.bin(), &["--target-name", &name]);
+    assert_eq!(state(&restored), expected);
+    judge(&mut restored);
+    source.stop();
+}
+
 #[test]
 fn corrupted_pages_are_reported_and_the_backup_completes() {
     let setup = Setup::local();
