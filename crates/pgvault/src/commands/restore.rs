@@ -138,7 +138,7 @@ fn choose_backup(
             return backup_before_restore_point(repo, &ctx.cluster, backups, name)?.with_context(
                 || {
                     format!(
-                        "no restore point named {name:?} in the archived WAL after any backup of cluster {:?}: check the name, or name a backup with --backup",
+                        "no restore point named {name:?} that a backup of cluster {:?} can recover to (one in the archived WAL after the backup's end, none between its start and end): check the name, or name a backup with --backup",
                         ctx.cluster
                     )
                 },
