@@ -35,21 +35,21 @@ fn pgbench(cluster: &Cluster, args: &[&str]) {
     );
 }
 
+/// `pgvault backup --fast` of the cluster with a JSON report, then `extra`.
+fn backup_args(cluster: &Cluster, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["backup", "--fast", "--output", "json", "--pg-conn"]
+        .map(String::from)
+        .to_vec();
+    args.push(cluster.conninfo());
+    args.push("--pgdata".into());
+    args.push(cluster.pgdata().display().to_string());
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    args
+}
+
 fn backup(setup: &Setup, cluster: &Cluster, extra: &[&str]) -> serde_json::Value {
-    let pgdata = cluster.pgdata().display().to_string();
-    let conninfo = cluster.conninfo();
-    let mut args = vec![
-        "backup",
-        "--fast",
-        "--pg-conn",
-        &conninfo,
-        "--pgdata",
-        &pgdata,
-        "--output",
-        "json",
-    ];
-    args.extend_from_slice(extra);
-    let out = setup.ok(&args);
+    let args = backup_args(cluster, extra);
+    let out = setup.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     serde_json::from_str(&out).expect("backup JSON")
 }
 
@@ -151,14 +151,21 @@ fn marker(cluster: &Cluster, name: &str) -> Marker {
     }
 }
 
+/// The cluster set up in the repository, with pgbench tables of `scale` and an empty
+/// `marks` table.
+fn with_pgbench(setup: &Setup, source: Option<Cluster>, scale: &str) -> Option<Cluster> {
+    let source = source?;
+    setup.setup_cluster(&source);
+    pgbench(&source, &["-q", "-i", "-s", scale]);
+    source.psql("CREATE TABLE marks (name text)");
+    Some(source)
+}
+
 /// Backup, a workload with markers, a dropped table, then restores to each kind of target.
 fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
-    let Some(mut source) = archiving_cluster_of(major) else {
+    let Some(mut source) = with_pgbench(setup, archiving_cluster_of(major), "2") else {
         return;
     };
-    setup.setup_cluster(&source);
-    pgbench(&source, &["-q", "-i", "-s", "2"]);
-    source.psql("CREATE TABLE marks (name text)");
     source.psql("CREATE UNLOGGED TABLE scratch AS SELECT generate_series(1, 1000) AS x");
     // Files last written more than a second before a backup starts can be reused by the
     // next one without reading them.
@@ -286,15 +293,12 @@ fn lsn_value(lsn: &str) -> u64 {
 #[test]
 fn restore_point_named_again_during_a_backup() {
     let setup = Setup::local();
-    let Some(mut source) = archiving_cluster() else {
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "5") else {
         return;
     };
-    setup.setup_cluster(&source);
-    pgbench(&source, &["-q", "-i", "-s", "5"]);
-    source.psql("CREATE TABLE marks (name text)");
     backup(&setup, &source, &["--label", "before"]);
-    let pgdata = source.pgdata().display().to_string();
-    let conninfo = source.conninfo();
+    let args = backup_args(&source, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Once the backup's session is past its start call, the files are being read.
     let started = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault' \
          AND state = 'idle' AND (query LIKE '%pg_backup_start%' \
@@ -303,16 +307,7 @@ fn restore_point_named_again_during_a_backup() {
         .find_map(|attempt| {
             let name = format!("deploy-{attempt}");
             let running = setup
-                .cmd(&[
-                    "backup",
-                    "--fast",
-                    "--pg-conn",
-                    &conninfo,
-                    "--pgdata",
-                    &pgdata,
-                    "--output",
-                    "json",
-                ])
+                .cmd(&args)
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .expect("start a backup");
@@ -600,12 +595,9 @@ fn tablespaces_and_standby_restores() {
 #[test]
 fn delta_restore_rewrites_only_what_differs() {
     let setup = Setup::local();
-    let Some(mut source) = archiving_cluster() else {
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "2") else {
         return;
     };
-    setup.setup_cluster(&source);
-    pgbench(&source, &["-q", "-i", "-s", "2"]);
-    source.psql("CREATE TABLE marks (name text)");
     backup(&setup, &source, &[]);
     let expected = state(&source);
     let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
@@ -701,12 +693,9 @@ fn ids(cluster: &serde_json::Value) -> Vec<String> {
 #[test]
 fn expire_keeps_the_recovery_window_restorable() {
     let setup = Setup::local();
-    let Some(mut source) = archiving_cluster() else {
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "1") else {
         return;
     };
-    setup.setup_cluster(&source);
-    pgbench(&source, &["-q", "-i", "-s", "1"]);
-    source.psql("CREATE TABLE marks (name text)");
     let a = backup(&setup, &source, &["--label", "a"]);
     pgbench(&source, &["-n", "-t", "200"]);
     source.psql("SELECT pg_switch_wal()");
@@ -868,12 +857,9 @@ fn replace_object(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
 #[test]
 fn verify_names_what_breaks_each_backup() {
     let setup = Setup::local();
-    let Some(mut source) = archiving_cluster() else {
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "1") else {
         return;
     };
-    setup.setup_cluster(&source);
-    pgbench(&source, &["-q", "-i", "-s", "1"]);
-    source.psql("CREATE TABLE marks (name text)");
     // Files modified within a second of a backup's start are read again by the next
     // one (their mtime cannot prove them unchanged); on a fast machine everything since
     // initdb is that recent, and the estimate below would rightly read it all.
