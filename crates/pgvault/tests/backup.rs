@@ -53,6 +53,14 @@ fn backup(setup: &Setup, cluster: &Cluster, extra: &[&str]) -> serde_json::Value
     serde_json::from_str(&out).expect("backup JSON")
 }
 
+/// `pgvault restore --pgdata <scratch dir> extra...`, which must fail: its error line.
+fn restore_fails(setup: &Setup, dir: &str, extra: &[&str]) -> String {
+    let pgdata = setup.path(dir).display().to_string();
+    let mut args = vec!["restore", "--pgdata", &pgdata];
+    args.extend_from_slice(extra);
+    setup.fails(&args)
+}
+
 /// Restores into a fresh directory and starts the server there; waits for promotion.
 fn restore_and_start(setup: &Setup, bin: &PgBin, extra: &[&str]) -> Cluster {
     let dir = tempfile::Builder::new()
@@ -231,13 +239,7 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
             );
             judge(&mut restored);
         }
-        let err = setup.fails(&[
-            "restore",
-            "--pgdata",
-            &setup.path("no-such-point").display().to_string(),
-            "--target-name",
-            "no-such-point",
-        ]);
+        let err = restore_fails(setup, "no-such-point", &["--target-name", "no-such-point"]);
         assert!(
             err.contains("no restore point named \"no-such-point\"") && err.contains("--backup"),
             "{err}"
@@ -379,11 +381,7 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         err.contains("is running") && err.contains("stop it"),
         "{err}"
     );
-    let err = setup.fails(&[
-        "restore",
-        "--pgdata",
-        &setup.path("nothing").display().to_string(),
-    ]);
+    let err = restore_fails(&setup, "nothing", &[]);
     assert!(
         err.contains("no backups") && err.contains("pgvault backup"),
         "{err}"
@@ -415,29 +413,11 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
             "precious"
         );
     }
-    let err = setup.fails(&[
-        "restore",
-        "--pgdata",
-        &setup.path("x").display().to_string(),
-        "--target-time",
-        "yesterday",
-    ]);
+    let err = restore_fails(&setup, "x", &["--target-time", "yesterday"]);
     assert!(err.contains("--target-time"), "{err}");
-    let err = setup.fails(&[
-        "restore",
-        "--pgdata",
-        &setup.path("y").display().to_string(),
-        "--target-time",
-        "2000-01-01 00:00:00+00",
-    ]);
+    let err = restore_fails(&setup, "y", &["--target-time", "2000-01-01 00:00:00+00"]);
     assert!(err.contains("ends before the target"), "{err}");
-    let err = setup.fails(&[
-        "restore",
-        "--pgdata",
-        &setup.path("z").display().to_string(),
-        "--target-xid",
-        "3",
-    ]);
+    let err = restore_fails(&setup, "z", &["--target-xid", "3"]);
     assert!(
         err.contains("ends before the target transaction 3") && err.contains("--backup"),
         "{err}"
@@ -796,13 +776,7 @@ fn expire_keeps_the_recovery_window_restorable() {
     let earlier = (chrono::DateTime::parse_from_rfc3339(&from).expect("time")
         - chrono::Duration::seconds(1))
     .to_rfc3339();
-    let err = setup.fails(&[
-        "restore",
-        "--pgdata",
-        &setup.path("too-early").display().to_string(),
-        "--target-time",
-        &earlier,
-    ]);
+    let err = restore_fails(&setup, "too-early", &["--target-time", &earlier]);
     assert!(err.contains("ends before the target"), "{err}");
 }
 

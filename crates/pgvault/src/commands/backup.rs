@@ -86,6 +86,10 @@ pub struct BackupMeta {
 }
 
 impl BackupMeta {
+    pub fn start_lsn(&self) -> Result<Lsn> {
+        Lsn::parse(&self.start_lsn).context("backup metadata has a malformed start LSN")
+    }
+
     pub fn stop_lsn(&self) -> Result<Lsn> {
         Lsn::parse(&self.stop_lsn).context("backup metadata has a malformed stop LSN")
     }

@@ -289,8 +289,7 @@ impl ClusterState {
         let pins = pinned(repo, cluster)?;
         let mut backups = Vec::new();
         for (id, snapshot, meta) in list_backups(repo, cluster)? {
-            let start = Lsn::parse(&meta.start_lsn).context("malformed start LSN")?;
-            let reach = wal.reach(meta.timeline, start, meta.stop_lsn()?);
+            let reach = wal.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?);
             backups.push(BackupState {
                 pinned: pins.contains(&id.to_hex()),
                 id,

@@ -11,7 +11,6 @@
 use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
 use chrono_tz::Tz;
-use pg::wal::Lsn;
 use repo::lock::LockKind;
 use repo::repository::ObjectKind;
 use repo::{Id, RepoError, Repository};
@@ -118,9 +117,8 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
     // left at all, keep the WAL: it may be all an operator has.
     let wal_floor = kept
         .iter()
-        .map(|(b, _)| Lsn::parse(&b.meta.start_lsn).map(|l| l.segno(state.wal.segment_size)))
-        .collect::<Result<Vec<u64>, _>>()
-        .context("malformed start LSN in backup metadata")?
+        .map(|(b, _)| Ok(b.meta.start_lsn()?.segno(state.wal.segment_size)))
+        .collect::<Result<Vec<u64>>>()?
         .into_iter()
         .min();
     let wal_doomed: Vec<_> = match wal_floor {

@@ -175,7 +175,7 @@ fn backup_before_restore_point(
         .iter()
         .map(|(_, _, meta)| {
             Ok(BackupRange {
-                start: Lsn::parse(&meta.start_lsn).context("malformed start LSN")?,
+                start: meta.start_lsn()?,
                 stop: meta.stop_lsn()?,
                 timeline: meta.timeline,
             })
