@@ -183,9 +183,9 @@ pub struct BackupRange {
 /// and none between its start and its end (recovery stops at the first one it replays,
 /// and stopping before the end is refused as inconsistent; names can repeat).
 /// `segments` are the archived WAL files; `fetch` reads one (`None`: gone). The WAL is
-/// read from the newest backup's end on, up to the first restore point found (as far as
-/// recovery would replay anyway), then back to each older backup's end only while none
-/// is found; the chosen backup's own WAL, from start to end, is read to check it.
+/// read from the newest backup's start on, up to the first restore point found after its
+/// end (as far as recovery would replay anyway), then back to each older backup's start
+/// only while no backup is found usable; each segment is read once.
 pub fn newest_backup_before_restore_point<E>(
     backups: &[BackupRange],
     segments: &[WalFileName],
@@ -219,8 +219,10 @@ pub fn newest_backup_before_restore_point<E>(
                 .iter()
                 .any(|(lsn, timeline)| *lsn >= backup.stop && *timeline >= backup.timeline)
         };
-        let first = backup.stop.segno(segment_size);
-        if !after_backup(&found) && first < read_from {
+        // Read from the backup's start: recovery replays its own WAL too.
+        let first = backup.start.segno(segment_size);
+        let last_own = backup.stop.segno(segment_size);
+        if first < read_from {
             let range: Vec<_> = segments
                 .iter()
                 .filter(|(_, segno, _)| (first..read_from).contains(segno))
@@ -231,14 +233,15 @@ pub fn newest_backup_before_restore_point<E>(
             );
             let mut scanner = RestorePointScanner::new();
             let mut scanned_timeline = None;
-            for (timeline, _, wal) in range {
+            for (timeline, segno, wal) in range {
                 if scanned_timeline != Some(*timeline) {
                     scanner = RestorePointScanner::new();
                     scanned_timeline = Some(*timeline);
                 }
                 scan(wal, &mut scanner, &mut found)?;
                 // Reading on would only cost time: recovery stops at the first one.
-                if after_backup(&found) {
+                let own_read = *timeline >= backup.timeline && *segno >= last_own;
+                if own_read && after_backup(&found) {
                     break;
                 }
             }
@@ -255,25 +258,10 @@ pub fn newest_backup_before_restore_point<E>(
             }
             read_from = first;
         }
-        if !after_backup(&found) {
-            continue;
-        }
-        // The backup's own WAL: a restore point of that name in it makes the backup
-        // unusable, and is one after the end of every older backup.
-        let own = backup.start.segno(segment_size)..=first;
-        let mut scanner = RestorePointScanner::new();
-        let mut inside = Vec::new();
-        for (_, _, wal) in segments
-            .iter()
-            .filter(|(timeline, segno, _)| *timeline == backup.timeline && own.contains(segno))
-        {
-            scan(wal, &mut scanner, &mut inside)?;
-        }
-        let clean = !inside
-            .iter()
-            .any(|(lsn, _)| (backup.start..backup.stop).contains(lsn));
-        found.extend(inside);
-        if clean {
+        let inside = found.iter().any(|(lsn, timeline)| {
+            *timeline == backup.timeline && (backup.start..backup.stop).contains(lsn)
+        });
+        if after_backup(&found) && !inside {
             return Ok(Some(index));
         }
     }
@@ -453,6 +441,35 @@ mod tests {
             .expect("a filler size that makes a record cross segments")
     }
 
+    /// The choice among `backups` over `segments` (numbered from `first_segno`, on
+    /// timeline 1), and the indexes of the segments it read, in order.
+    fn choose_among(
+        segments: &[Vec<u8>],
+        first_segno: u64,
+        backups: &[BackupRange],
+        name: &str,
+    ) -> (Option<usize>, Vec<usize>) {
+        let names: Vec<WalFileName> = (0..segments.len())
+            .map(|i| WalFileName::segment(1, first_segno + i as u64, SEGMENT as u64))
+            .collect();
+        let mut fetched = Vec::new();
+        let chosen = newest_backup_before_restore_point(
+            backups,
+            &names,
+            SEGMENT as u64,
+            name,
+            |wal| -> Result<_, std::convert::Infallible> {
+                let index = names
+                    .iter()
+                    .position(|n| n == wal)
+                    .expect("a listed segment");
+                fetched.push(index);
+                Ok(Some(segments[index].clone()))
+            },
+        );
+        (chosen.unwrap_or_else(|never| match never {}), fetched)
+    }
+
     fn scan_all(segments: &[Vec<u8>], base: u64) -> Vec<RestorePoint> {
         let mut scanner = RestorePointScanner::new();
         segments
@@ -534,9 +551,6 @@ mod tests {
             },
             1,
         );
-        let names: Vec<WalFileName> = (0..segments.len())
-            .map(|i| WalFileName::segment(1, 3 + i as u64, SEGMENT as u64))
-            .collect();
         let backups = [
             BackupRange {
                 start: Lsn(base + 40),
@@ -549,30 +563,12 @@ mod tests {
                 timeline: 1,
             },
         ];
-        let choose = |name: &str| {
-            let mut fetched = Vec::new();
-            let chosen = newest_backup_before_restore_point(
-                &backups,
-                &names,
-                SEGMENT as u64,
-                name,
-                |wal| -> Result<_, std::convert::Infallible> {
-                    let index = names
-                        .iter()
-                        .position(|n| n == wal)
-                        .expect("a listed segment");
-                    fetched.push(index);
-                    Ok(Some(segments[index].clone()))
-                },
-            );
-            (chosen.expect("infallible"), fetched)
-        };
+        let choose = |name: &str| choose_among(&segments, 3, &backups, name);
         // The newer backup's WAL holds only the end of "split": the older backup's range
-        // is read on into that segment to join it; then the older backup's own WAL is
-        // checked.
-        assert_eq!(choose("split"), (Some(0), vec![1, 0, 1, 0]));
+        // is read on into that segment to join it.
+        assert_eq!(choose("split"), (Some(0), vec![1, 0, 1]));
         // Found after the newest backup's end, without reading older WAL.
-        assert_eq!(choose("later"), (Some(1), vec![1, 1]));
+        assert_eq!(choose("later"), (Some(1), vec![1]));
         assert_eq!(choose("elsewhere"), (None, vec![1, 0, 1]));
     }
 
@@ -590,25 +586,7 @@ mod tests {
                 restore_point("deploy"),
             ],
         );
-        let names: Vec<WalFileName> = (0..segments.len())
-            .map(|i| WalFileName::segment(1, 7 + i as u64, SEGMENT as u64))
-            .collect();
-        let choose = |backups: &[BackupRange]| {
-            newest_backup_before_restore_point(
-                backups,
-                &names,
-                SEGMENT as u64,
-                "deploy",
-                |wal| -> Result<_, std::convert::Infallible> {
-                    let index = names
-                        .iter()
-                        .position(|n| n == wal)
-                        .expect("a listed segment");
-                    Ok(Some(segments[index].clone()))
-                },
-            )
-            .expect("infallible")
-        };
+        let choose = |backups: &[BackupRange]| choose_among(&segments, 7, backups, "deploy").0;
         let range = |start: usize, stop: usize| BackupRange {
             start: starts[start],
             stop: starts[stop],

@@ -161,7 +161,7 @@ fn choose_backup(
 }
 
 /// For a restore point target: the newest backup with a restore point of that name in the
-/// archived WAL after its end.
+/// archived WAL after its end and none between its start and end.
 fn backup_before_restore_point(
     repo: &Repository,
     cluster: &str,
