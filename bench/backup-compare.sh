@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Physical backup and restore, side by side on the same data in one run: pgvault,
-# pgBackRest (zstd 3, process-max 2, repo bundling), pg_basebackup (tar, server-side
-# zstd 3 with 2 workers) and, as the Rust peer, rustic (a deduplicating, encrypting
-# backup tool of files: zstd 3, extra verification off; it copies the data directory as
-# files, with no backup API and no WAL wait, so its times are of the file work alone;
+# pgBackRest (zstd at LEVEL, default 3; process-max 2, repo bundling), pg_basebackup
+# (tar, server-side zstd at LEVEL with 2 workers) and, as the Rust peer, rustic (a
+# deduplicating, encrypting backup tool of files: zstd at LEVEL, extra verification
+# off; it copies the data directory as files, with no backup API and no WAL wait, so its times are of the file work alone;
 # RUSTIC=0 leaves it out). DATASET=pgbench: a pgbench database of SCALE (default 100,
 # ~1.5 GiB; compresses ~20x) changed by `pgbench -c 4 -t TXNS`; DATASET=text: as many
 # bytes of rows of random and repetitive text (compresses ~5x), changed by 4×TXNS
@@ -16,16 +16,18 @@
 # Restores and delta restores are repeated REPEAT times (default 3); the table shows
 # medians.
 #
-#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000 REPEAT=3 PGV_COMPRESSION=zstd:3 RUSTIC=1
+#   bash bench/backup-compare.sh        DATASET=pgbench|text SCALE=100 TXNS=1000 REPEAT=3 LEVEL=3 PGV_COMPRESSION=zstd:LEVEL RUSTIC=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 SCALE=${SCALE:-100}
 TXNS=${TXNS:-1000}
 REPEAT=${REPEAT:-3}
-# The comparison is at the same zstd level for all three tools; another level for pgvault
-# alone shows what it trades (stored bytes against time).
-PGV_COMPRESSION=${PGV_COMPRESSION:-zstd:3}
+# The comparison is at the same zstd LEVEL for every tool (LEVEL=1 compares the fastest
+# level on both sides); PGV_COMPRESSION for pgvault alone shows what it trades (stored
+# bytes against time).
+LEVEL=${LEVEL:-3}
+PGV_COMPRESSION=${PGV_COMPRESSION:-zstd:$LEVEL}
 DATASET=${DATASET:-pgbench}
 RUSTIC=${RUSTIC:-1}
 if ! command -v pgbackrest >/dev/null; then
@@ -51,7 +53,7 @@ repo1-path=$WORK/pgbr/repo
 repo1-retention-full=10
 repo1-bundle=y
 compress-type=zst
-compress-level=3
+compress-level=$LEVEL
 process-max=2
 log-path=$WORK/pgbr/log
 lock-path=$WORK/pgbr/lock
@@ -66,7 +68,7 @@ pg1-socket-path=$WORK
 CONF
 pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" --jobs 2 -q)
 pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
-basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:workers=2 --checkpoint=fast -D)
+basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:level=$LEVEL,workers=2 --checkpoint=fast -D)
 # Every restore is timed until its files are on disk: each restore step ends with a sync
 # of the target's filesystem (pgvault fsyncs what it restores before it reports success,
 # which makes that sync cheap; a tool that leaves the files in the page cache pays there).
@@ -76,7 +78,7 @@ chmod 755 "$WORK/bin/synced"
 if [ "$RUSTIC" = 1 ]; then
     as_pg mkdir -p "$WORK/rustic"
     rustic=$(wrapper rustic "$rustic_bin" -r "$WORK/rustic/repo" -p "$WORK/passphrase" --no-cache --no-progress --log-level warn)
-    "$rustic" init --set-compression 3 --set-extra-verify false >/dev/null 2>&1
+    "$rustic" init --set-compression "$LEVEL" --set-extra-verify false >/dev/null 2>&1
 fi
 # Both tools archive: pgvault's archive_command pushes to its repository, then pgBackRest's.
 new_server "$pgdata" "$port" "archive_mode = on" "wal_level = replica" \
@@ -173,7 +175,7 @@ for _ in $(seq "$REPEAT"); do
     fi
 done
 
-header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; restores: median of $REPEAT; pgvault $PGV_COMPRESSION, pgBackRest $(pgbackrest version | awk '{print $2}') zstd:3"
+header "physical backup, $DATASET: scale $SCALE ($(numfmt --to=iec "$size") without WAL), $TXNS×4 transactions between backups; restores: median of $REPEAT; pgvault $PGV_COMPRESSION, pgBackRest $(pgbackrest version | awk '{print $2}') zstd:$LEVEL"
 printf '%-22s %9s %9s %9s %12s\n' step seconds "CPU s" "RSS MiB" "repo bytes"
 line() { printf '%-22s %9s %9s %9s %12s\n' "$1" "$(field "$1" 1)" "$(field "$1" 2)" "$(field "$1" 3)" "${2:-}"; }
 line pgvault-full "$(numfmt --to=iec "$pgv_full_bytes")"
