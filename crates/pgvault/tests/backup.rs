@@ -1027,6 +1027,84 @@ fn wal_summaries_limit_reads_to_modified_blocks() {
     source.stop();
 }
 
+/// `kill -9` in the middle of a backup: no backup is listed, and the next one stores
+/// only what the killed one had not made durable and indexed (an index object every 64
+/// packs), so an interrupted backup of a large cluster does not start over. The resumed
+/// backup restores, starts and passes PostgreSQL's checks.
+#[test]
+fn a_killed_backup_is_resumed_by_the_next() {
+    const PACK_MIB: u64 = 4;
+    const PACKS_PER_INDEX: u64 = 64;
+    let setup = Setup::local_with(&["--pack-size", &PACK_MIB.to_string()]);
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    cluster.psql("CREATE TABLE kept AS SELECT g FROM generate_series(1, 100000) g");
+    // Random bytes neither compress nor deduplicate: stored bytes = bytes read. Any file
+    // in the data directory is backed up, as the server's own base backup does.
+    let blob = cluster.pgdata().join("pgvault_test_random");
+    let size: u64 = 448 << 20;
+    let mut random = fs::File::open("/dev/urandom").expect("urandom");
+    let mut out = fs::File::create(&blob).expect("create");
+    let copied = std::io::copy(&mut std::io::Read::take(&mut random, size), &mut out);
+    assert_eq!(copied.expect("write random file"), size);
+    drop(out);
+    // Killed once it has written more packs than one index object lists, and well
+    // before the last of the file's (about 112).
+    let packs = || {
+        let dirs = fs::read_dir(setup.path("repo").join("data"));
+        dirs.map_or(0, |dirs| {
+            (dirs.flatten())
+                .map(|dir| fs::read_dir(dir.path()).map_or(0, |packs| packs.count()))
+                .sum::<usize>()
+        })
+    };
+    let kill_at = packs() + PACKS_PER_INDEX as usize + 16;
+    let args = backup_args(&cluster, &["--jobs", "2"]);
+    let mut child = setup
+        .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start backup");
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while packs() < kill_at {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the backup ended before it wrote {kill_at} packs"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {kill_at} packs in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+    assert_eq!(
+        ids(&info(&setup)),
+        Vec::<String>::new(),
+        "a killed backup is listed"
+    );
+
+    let report = backup(&setup, &cluster, &["--jobs", "2"]);
+    let new_bytes = report["new_bytes"].as_u64().expect("new_bytes");
+    let kept = (PACKS_PER_INDEX * PACK_MIB) << 20;
+    assert!(
+        new_bytes + kept <= report["read_bytes"].as_u64().expect("read_bytes"),
+        "the resumed backup stored {new_bytes} new bytes: {report}"
+    );
+    setup.ok(&["verify"]);
+    let expected = fs::read(&blob).expect("read random file");
+    let state = cluster.psql("SELECT sum(g) FROM kept");
+    let mut restored = restore_and_start(&setup, cluster.bin(), &["--target", "immediate"]);
+    assert_eq!(restored.psql("SELECT sum(g) FROM kept"), state);
+    let restored_blob = restored.pgdata().join("pgvault_test_random");
+    assert!(fs::read(&restored_blob).expect("restored random file") == expected);
+    judge(&mut restored);
+}
+
 /// Peak memory of `backup` and the number of relation files: a directory's entries are
 /// held as names and encoded tree nodes (about 0.16 KiB each), so 200,000 (empty)
 /// relation files in one database directory add about 31 MiB — bounded here at 48 MiB,

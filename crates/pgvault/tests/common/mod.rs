@@ -23,9 +23,14 @@ pub struct Setup {
 
 impl Setup {
     pub fn local() -> Setup {
+        Setup::local_with(&[])
+    }
+
+    /// A local repository made by `init init_args...`.
+    pub fn local_with(init_args: &[&str]) -> Setup {
         let dir = shared_tempdir();
         let repo_url = dir.path().join("repo").display().to_string();
-        Setup::new(dir, repo_url, String::new())
+        Setup::with_init(dir, repo_url, String::new(), init_args)
     }
 
     pub fn s3() -> Option<Setup> {
@@ -77,6 +82,15 @@ impl Setup {
     }
 
     pub fn new(dir: tempfile::TempDir, repo_url: String, backend_config: String) -> Setup {
+        Setup::with_init(dir, repo_url, backend_config, &[])
+    }
+
+    fn with_init(
+        dir: tempfile::TempDir,
+        repo_url: String,
+        backend_config: String,
+        init_args: &[&str],
+    ) -> Setup {
         fs::write(dir.path().join("passphrase"), format!("{PASSPHRASE}\n")).expect("write");
         fs::create_dir_all(dir.path().join("spool")).expect("mkdir");
         let setup = Setup {
@@ -85,7 +99,7 @@ impl Setup {
             backend_config,
         };
         setup.write_config(false);
-        setup.ok(&["init"]);
+        setup.ok(&[&["init"], init_args].concat());
         setup.give_to_postgres();
         setup
     }
