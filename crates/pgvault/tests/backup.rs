@@ -1105,11 +1105,12 @@ fn a_killed_backup_is_resumed_by_the_next() {
     judge(&mut restored);
 }
 
-/// Peak memory of `backup` and the number of relation files: a directory's entries are
-/// held as names and encoded tree nodes (about 0.16 KiB each), so 200,000 (empty)
-/// relation files in one database directory add about 31 MiB — bounded here at 48 MiB,
-/// and under the 128 MiB of the pipeline bound (docs/benchmarks.md). Not flat: a tree
-/// blob per directory is the format's unit.
+/// Peak memory of `backup` and the number of relation files, for the first backup of a
+/// directory of 200,000 (empty) relation files and for the next, which reads the first's
+/// tree of it as its parent. The names are held in one buffer and the trees are streamed
+/// (compressed) in and out, so what remains is about 14 bytes of name and span and the
+/// compressed tree per entry: about 10 MiB here (31 and 72 MiB when the names and trees
+/// were held whole), bounded at 20 MiB.
 #[test]
 fn backup_memory_is_flat_in_the_number_of_relation_files() {
     let setup = Setup::local();
@@ -1161,14 +1162,19 @@ fn backup_memory_is_flat_in_the_number_of_relation_files() {
         fs::write(dir.join(format!("{}", 900_000_000 + i)), b"").expect("relation file");
     }
     let (many, report) = measured_backup();
-    eprintln!("backup max RSS: {baseline} MiB, with 200,000 more relation files {many} MiB");
+    let (again, _) = measured_backup();
+    eprintln!(
+        "backup max RSS: {baseline} MiB; with 200,000 more relation files {many} MiB, \
+         and {again} MiB for the backup after"
+    );
     assert_eq!(
         report["files"].as_u64().unwrap_or(0),
         first["files"].as_u64().unwrap_or(0) + 200_000,
         "{report}"
     );
     assert!(
-        many <= baseline + 48 && many <= 128,
-        "200,000 relation files raised the peak from {baseline} MiB to {many} MiB"
+        many.max(again) <= baseline + 20,
+        "200,000 relation files raised the peak from {baseline} MiB to {many} MiB, \
+         {again} MiB in the backup after"
     );
 }

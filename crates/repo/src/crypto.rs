@@ -149,6 +149,11 @@ impl Crypto {
         Id(*blake3::keyed_hash(&self.key.id_key, plaintext).as_bytes())
     }
 
+    /// [`Crypto::blob_id`] of a plaintext that arrives in pieces.
+    pub fn blob_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.key.id_key)
+    }
+
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
         seal_with(self.encryption, &self.key.data_key, plaintext)
     }

@@ -13,6 +13,7 @@
 //! Every object except `config`, `files/` and `locks/` is named by the BLAKE3 of its bytes;
 //! no object is ever rewritten.
 
+use std::io::{self, Read};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use chrono::{DateTime, Utc};
@@ -674,6 +675,72 @@ impl Repository {
             &location.pack,
             stored.base(&base)?,
         )
+    }
+}
+
+impl Repository {
+    /// A blob's plaintext as a reader, for blobs too large to hold whole (the tree of a
+    /// directory of many files): only its compressed bytes are in memory.
+    /// [`BlobReader::finish`] checks the plaintext against the id.
+    pub fn read_blob(&self, id: &Id) -> Result<BlobReader> {
+        self.load_index()?;
+        let location = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
+        let object = blob_object(id, &location.pack);
+        let reader: Box<dyn Read + Send> = if location.base.is_some() {
+            // Deltas are chunks of files, held whole anyway.
+            Box::new(io::Cursor::new(self.load_blob(id)?))
+        } else {
+            let stored = self.read_stored(std::iter::once(location))?;
+            let compressed = self
+                .crypto
+                .open(stored.bytes(&location)?)
+                .map_err(|e| self.corrupt(object.clone(), e))?;
+            crate::compression::decoder(compressed).map_err(|e| self.corrupt(object.clone(), e))?
+        };
+        Ok(BlobReader {
+            reader,
+            hasher: self.crypto.blob_hasher(),
+            id: *id,
+            location: self.location(),
+            object,
+        })
+    }
+}
+
+/// See [`Repository::read_blob`].
+pub struct BlobReader {
+    reader: Box<dyn Read + Send>,
+    hasher: blake3::Hasher,
+    id: Id,
+    location: String,
+    object: String,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl BlobReader {
+    /// Reads what is left and checks the whole plaintext against the blob's id.
+    pub fn finish(mut self) -> Result<()> {
+        io::copy(&mut self, &mut io::sink()).map_err(|e| self.corrupt(e))?;
+        if Id(*self.hasher.finalize().as_bytes()) != self.id {
+            return Err(self.corrupt("its content does not match its id"));
+        }
+        Ok(())
+    }
+
+    /// The error for damage found while reading (decompression, id).
+    pub fn corrupt(&self, detail: impl ToString) -> RepoError {
+        RepoError::Corrupt {
+            location: self.location.clone(),
+            object: self.object.clone(),
+            detail: detail.to_string(),
+        }
     }
 }
 

@@ -89,6 +89,11 @@ impl<'r> BlobSaver<'r> {
     /// (false when it is stored already or another caller claimed it first).
     pub fn reserve(&self, data: &[u8]) -> (Id, bool) {
         let id = self.repo.crypto().blob_id(data);
+        (id, self.claim(id, data.len()))
+    }
+
+    /// Whether `id` (of `len` plaintext bytes) is new and now ours to store.
+    fn claim(&self, id: Id, len: usize) -> bool {
         let new = !self.repo.index().contains(&id)
             && self
                 .reserved
@@ -99,9 +104,31 @@ impl<'r> BlobSaver<'r> {
             self.counters.blobs_reused.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .bytes_reused
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                .fetch_add(len as u64, Ordering::Relaxed);
         }
-        (id, new)
+        new
+    }
+
+    /// Stores a blob compressed as it was produced (see
+    /// [`Compression::stream`](crate::compression::Compression::stream)), given its id
+    /// and plaintext length, unless it is stored already.
+    pub fn save_compressed(
+        &self,
+        blob_type: BlobType,
+        id: Id,
+        len: usize,
+        compressed: &[u8],
+    ) -> Result<()> {
+        if self.claim(id, len) {
+            self.pack(
+                blob_type,
+                id,
+                len,
+                self.repo.crypto().seal(compressed),
+                None,
+            )?;
+        }
+        Ok(())
     }
 
     /// Compresses, seals and packs a blob that [`reserve`](Self::reserve) said is new.
@@ -201,10 +228,23 @@ impl<'r> BlobSaver<'r> {
             .repo
             .crypto()
             .seal(&self.repo.compression().compress(stored));
+        self.pack(blob_type, id, data.len(), sealed, base)
+    }
+
+    /// Adds a sealed blob of `len` plaintext bytes to the open pack of its type, and
+    /// uploads the pack when it is full.
+    fn pack(
+        &self,
+        blob_type: BlobType,
+        id: Id,
+        len: usize,
+        sealed: Vec<u8>,
+        base: Option<Id>,
+    ) -> Result<()> {
         self.counters.blobs_new.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_new
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+            .fetch_add(len as u64, Ordering::Relaxed);
         self.counters
             .bytes_stored
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);
@@ -213,7 +253,7 @@ impl<'r> BlobSaver<'r> {
                 .packer(blob_type)
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            packer.add(blob_type, id, &sealed, data.len(), base);
+            packer.add(blob_type, id, &sealed, len, base);
             if packer.len() >= self.repo.config().pack_size as usize {
                 Some(std::mem::take(&mut *packer))
             } else {

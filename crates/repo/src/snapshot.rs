@@ -7,14 +7,16 @@
 //! A stream (e.g. a dump) is a tree with a single file node.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::compression::StreamCompressor;
 use crate::error::Result;
 use crate::id::Id;
 use crate::pack::BlobType;
-use crate::repository::{ObjectKind, Repository};
+use crate::repository::{BlobReader, ObjectKind, Repository};
 use crate::saver::{BlobSaver, SaveStats};
 
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -90,24 +92,37 @@ impl Tree {
     }
 }
 
-/// Builds a tree blob node by node, keeping the JSON rather than the nodes: a directory
-/// with 200,000 entries then costs its encoded size once, not twice. The bytes are those
-/// `serde_json` writes for [`Tree`], so unchanged directories still give identical blobs.
-pub struct TreeWriter {
+/// Tree JSON a [`TreeWriter`] holds before it compresses the rest as it comes.
+const TREE_STREAM_AFTER: usize = 1 << 20;
+
+/// Builds a tree blob node by node, keeping the JSON rather than the nodes; past
+/// [`TREE_STREAM_AFTER`] bytes (about 7,000 entries) it hashes and compresses the JSON as
+/// it comes, so a directory of 200,000 relation files costs its compressed tree, not its
+/// whole encoding. The bytes are those `serde_json` writes for [`Tree`], so unchanged
+/// directories still give identical blobs.
+pub struct TreeWriter<'r> {
+    repo: &'r Repository,
     json: Vec<u8>,
     empty: bool,
+    streamed: Option<StreamedTree>,
 }
 
-impl Default for TreeWriter {
-    fn default() -> Self {
+struct StreamedTree {
+    hasher: blake3::Hasher,
+    compressor: StreamCompressor,
+    len: usize,
+}
+
+impl<'r> TreeWriter<'r> {
+    pub fn new(repo: &'r Repository) -> TreeWriter<'r> {
         TreeWriter {
+            repo,
             json: br#"{"nodes":["#.to_vec(),
             empty: true,
+            streamed: None,
         }
     }
-}
 
-impl TreeWriter {
     /// Appends a node; nodes must come sorted by name.
     pub fn push(&mut self, node: &Node) -> Result<()> {
         if !self.empty {
@@ -116,12 +131,157 @@ impl TreeWriter {
         serde_json::to_writer(&mut self.json, node)
             .map_err(|e| crate::RepoError::Invalid(e.to_string()))?;
         self.empty = false;
+        if self.json.len() >= TREE_STREAM_AFTER {
+            self.stream_out()?;
+        }
+        Ok(())
+    }
+
+    /// Moves the JSON held so far into the hasher and the compressor.
+    fn stream_out(&mut self) -> Result<()> {
+        let streamed = match &mut self.streamed {
+            Some(streamed) => streamed,
+            None => self.streamed.insert(StreamedTree {
+                hasher: self.repo.crypto().blob_hasher(),
+                compressor: (self.repo.compression().stream())
+                    .map_err(|e| crate::RepoError::Invalid(format!("compressing a tree: {e}")))?,
+                len: 0,
+            }),
+        };
+        streamed.hasher.update(&self.json);
+        streamed
+            .compressor
+            .write_all(&self.json)
+            .map_err(|e| crate::RepoError::Invalid(format!("compressing a tree: {e}")))?;
+        streamed.len += self.json.len();
+        self.json.clear();
         Ok(())
     }
 
     pub fn save(mut self, saver: &BlobSaver<'_>) -> Result<Id> {
         self.json.extend_from_slice(b"]}");
-        saver.save(BlobType::Tree, &self.json)
+        if self.streamed.is_none() {
+            return saver.save(BlobType::Tree, &self.json);
+        }
+        self.stream_out()?;
+        let Some(streamed) = self.streamed else {
+            return Err(crate::RepoError::Invalid(
+                "tree writer lost its stream".into(),
+            ));
+        };
+        let id = Id(*streamed.hasher.finalize().as_bytes());
+        let compressed = (streamed.compressor.finish())
+            .map_err(|e| crate::RepoError::Invalid(format!("compressing a tree: {e}")))?;
+        saver.save_compressed(BlobType::Tree, id, streamed.len, &compressed)?;
+        Ok(id)
+    }
+}
+
+/// The nodes of a stored tree, read in name order as a walk of the same directory asks
+/// for them: only the compressed blob and one node are held, so the previous backup's
+/// copy of a directory of 200,000 entries costs its compressed size.
+pub struct TreeCursor {
+    reader: std::io::BufReader<BlobReader>,
+    next: Option<Node>,
+    /// A node was read: a comma may come next.
+    after_node: bool,
+    ended: bool,
+}
+
+impl TreeCursor {
+    pub fn open(repo: &Repository, id: &Id) -> Result<TreeCursor> {
+        let mut reader = std::io::BufReader::new(repo.read_blob(id)?);
+        let mut prefix = [0u8; 10];
+        std::io::Read::read_exact(&mut reader, &mut prefix)
+            .map_err(|e| reader.get_ref().corrupt(e))?;
+        if &prefix != br#"{"nodes":["# {
+            return Err(reader.get_ref().corrupt("not a tree"));
+        }
+        let mut cursor = TreeCursor {
+            reader,
+            next: None,
+            after_node: false,
+            ended: false,
+        };
+        cursor.next = cursor.read_node()?;
+        Ok(cursor)
+    }
+
+    /// The node named `name`, if the tree has one; names must be asked in ascending
+    /// order (nodes before `name` are passed over for good).
+    pub fn find(&mut self, name: &str) -> Result<Option<Node>> {
+        while let Some(node) = &self.next {
+            match node.name.as_str().cmp(name) {
+                std::cmp::Ordering::Less => self.next = self.read_node()?,
+                std::cmp::Ordering::Equal => {
+                    let found = self.next.take();
+                    self.next = self.read_node()?;
+                    return Ok(found);
+                }
+                std::cmp::Ordering::Greater => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads the rest and checks the tree against its id.
+    pub fn finish(self) -> Result<()> {
+        self.reader.into_inner().finish()
+    }
+
+    /// The next node of the JSON array, or `None` after its end.
+    fn read_node(&mut self) -> Result<Option<Node>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut object = Vec::new();
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        loop {
+            let mut byte = [0u8];
+            std::io::Read::read_exact(&mut self.reader, &mut byte)
+                .map_err(|e| self.reader.get_ref().corrupt(e))?;
+            let byte = byte[0];
+            if depth == 0 {
+                match byte {
+                    b',' if self.after_node => self.after_node = false,
+                    b'{' => {
+                        depth = 1;
+                        object.push(byte);
+                    }
+                    b']' => {
+                        self.ended = true;
+                        return Ok(None);
+                    }
+                    _ => {
+                        let detail = format!("unexpected byte {:?} in a tree", byte as char);
+                        return Err(self.reader.get_ref().corrupt(detail));
+                    }
+                }
+                continue;
+            }
+            object.push(byte);
+            if in_string {
+                match (escaped, byte) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth -= 1,
+                _ => {}
+            }
+            if depth == 0 {
+                self.after_node = true;
+                return serde_json::from_slice(&object)
+                    .map(Some)
+                    .map_err(|e| self.reader.get_ref().corrupt(format!("a tree node: {e}")));
+            }
+        }
     }
 }
 
@@ -216,44 +376,4 @@ pub fn walk_trees(
         stack.extend(tree.nodes.iter().filter_map(|n| n.subtree));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Tree blobs written node by node must be the bytes of the whole `Tree`, or
-    /// unchanged directories would stop deduplicating against older snapshots.
-    #[test]
-    fn tree_writer_writes_what_serde_writes() {
-        let node = |name: &str, size: u64| Node {
-            name: name.into(),
-            kind: NodeKind::File,
-            mode: 0o100600,
-            uid: 26,
-            gid: 26,
-            mtime_ns: 1_700_000_000_123_456_789,
-            size,
-            content: if size > 0 {
-                vec![Id([7; 32])]
-            } else {
-                Vec::new()
-            },
-            subtree: None,
-            target: None,
-        };
-        for nodes in [
-            vec![],
-            vec![node("a", 0)],
-            vec![node("a", 3), node("b\"q", 0)],
-        ] {
-            let mut writer = TreeWriter::default();
-            for n in &nodes {
-                writer.push(n).expect("push");
-            }
-            writer.json.extend_from_slice(b"]}");
-            let whole = serde_json::to_vec(&Tree { nodes }).expect("encode");
-            assert_eq!(writer.json, whole);
-        }
-    }
 }

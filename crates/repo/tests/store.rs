@@ -850,3 +850,82 @@ fn delta_restore_patches_only_differing_chunks() {
         "a delta restore rewrote the metadata of a file that already had it"
     );
 }
+
+/// A directory of many entries: its tree is hashed and compressed as it is written (past
+/// 1 MiB of JSON) and read back node by node as the next snapshot's parent. The blob is
+/// the one the whole tree's encoding gives, names with JSON's special characters survive,
+/// unchanged files are reused without being read, a changed one is stored, and the
+/// second snapshot restores exactly.
+#[test]
+fn large_directories_stream_their_trees() {
+    // zstd streams; lz4 keeps the plaintext as it comes (gzip's stream: compression.rs).
+    for compression in [Compression::Zstd(3), Compression::Lz4] {
+        let (repo, _storage, _dir) = local_repo(Encryption::Xchacha20Poly1305, compression);
+        let source = tempfile::tempdir().expect("tempdir");
+        let many = source.path().join("base/1");
+        std::fs::create_dir_all(&many).expect("mkdir");
+        for i in 0..12_000u32 {
+            let content = if i % 1000 == 7 {
+                payload(u64::from(i), 3000)
+            } else {
+                Vec::new()
+            };
+            std::fs::write(many.join(format!("{}", 100_000 + i)), content).expect("write");
+        }
+        for name in [
+            "a\"quote",
+            "back\\slash",
+            "{brace}",
+            "[bracket]",
+            "comma,colon:",
+        ] {
+            std::fs::write(many.join(name), name).expect("write");
+        }
+        // Files modified within a second of a snapshot's start are read again.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let first_time = chrono::Utc::now();
+        let first = archive_tree(
+            &BlobSaver::new(&repo),
+            source.path(),
+            &ArchiveOptions::default(),
+        )
+        .expect("first archive");
+        let subtree = |tree: &Id, name: &str| {
+            let tree = Tree::load(&repo, tree).expect("tree");
+            tree.find(name).and_then(|n| n.subtree).expect("subtree")
+        };
+        let big_id = subtree(&subtree(&first.tree, "base"), "1");
+        let big = Tree::load(&repo, &big_id).expect("large tree");
+        assert_eq!(big.nodes.len(), 12_005, "{compression}");
+        let encoded = serde_json::to_vec(&big).expect("encode");
+        assert!(encoded.len() > 1 << 20, "{} bytes", encoded.len());
+        assert_eq!(repo.crypto().blob_id(&encoded), big_id, "{compression}");
+
+        std::fs::write(many.join("100005"), "changed").expect("write");
+        let second = archive_tree(
+            &BlobSaver::new(&repo),
+            source.path(),
+            &ArchiveOptions {
+                parent: Some((first.tree, first_time)),
+                ..ArchiveOptions::default()
+            },
+        )
+        .expect("second archive");
+        assert_eq!(
+            second.summary.bytes_unchanged, first.summary.bytes,
+            "{compression}: every file but the changed one reused"
+        );
+        let target = tempfile::tempdir().expect("tempdir");
+        let restored = target.path().join("restored");
+        restore_tree(&repo, &second.tree, &restored, 2).expect("restore_tree");
+        let mut compared = 0;
+        for entry in std::fs::read_dir(&many).expect("read_dir") {
+            let name = entry.expect("entry").file_name();
+            let want = std::fs::read(many.join(&name)).expect("read");
+            let got = std::fs::read(restored.join("base/1").join(&name)).expect("read restored");
+            assert!(want == got, "{compression}: {name:?} differs");
+            compared += 1;
+        }
+        assert_eq!(compared, 12_005);
+    }
+}
