@@ -433,19 +433,15 @@ mod tests {
             }
             let stored = stream.finish().expect("finish");
             assert_eq!(decompress(&stored, 0).expect(setting), data, "{setting}");
-            let mut read = Vec::new();
-            decoder(stored)
-                .expect(setting)
-                .read_to_end(&mut read)
-                .expect(setting);
-            assert_eq!(read, data, "{setting}");
+            let read_back = |stored: Vec<u8>| {
+                let mut read = Vec::new();
+                let mut reader = decoder(stored).expect(setting);
+                reader.read_to_end(&mut read).expect(setting);
+                read
+            };
+            assert_eq!(read_back(stored), data, "{setting}");
             let whole = compression.compress(&data);
-            let mut read = Vec::new();
-            decoder(whole)
-                .expect(setting)
-                .read_to_end(&mut read)
-                .expect(setting);
-            assert_eq!(read, data, "{setting} whole");
+            assert_eq!(read_back(whole), data, "{setting} whole");
         }
     }
 
