@@ -132,49 +132,56 @@ impl<'r> TreeWriter<'r> {
             .map_err(|e| crate::RepoError::Invalid(e.to_string()))?;
         self.empty = false;
         if self.json.len() >= TREE_STREAM_AFTER {
-            self.stream_out()?;
+            let streamed = match &mut self.streamed {
+                Some(streamed) => streamed,
+                None => self.streamed.insert(StreamedTree::new(self.repo)?),
+            };
+            streamed.absorb(&self.json)?;
+            self.json.clear();
         }
-        Ok(())
-    }
-
-    /// Moves the JSON held so far into the hasher and the compressor.
-    fn stream_out(&mut self) -> Result<()> {
-        let streamed = match &mut self.streamed {
-            Some(streamed) => streamed,
-            None => self.streamed.insert(StreamedTree {
-                hasher: self.repo.crypto().blob_hasher(),
-                compressor: (self.repo.compression().stream())
-                    .map_err(|e| crate::RepoError::Invalid(format!("compressing a tree: {e}")))?,
-                len: 0,
-            }),
-        };
-        streamed.hasher.update(&self.json);
-        streamed
-            .compressor
-            .write_all(&self.json)
-            .map_err(|e| crate::RepoError::Invalid(format!("compressing a tree: {e}")))?;
-        streamed.len += self.json.len();
-        self.json.clear();
         Ok(())
     }
 
     pub fn save(mut self, saver: &BlobSaver<'_>) -> Result<Id> {
         self.json.extend_from_slice(b"]}");
-        if self.streamed.is_none() {
-            return saver.save(BlobType::Tree, &self.json);
+        match self.streamed {
+            None => saver.save(BlobType::Tree, &self.json),
+            Some(mut streamed) => {
+                streamed.absorb(&self.json)?;
+                streamed.save(saver)
+            }
         }
-        self.stream_out()?;
-        let Some(streamed) = self.streamed else {
-            return Err(crate::RepoError::Invalid(
-                "tree writer lost its stream".into(),
-            ));
-        };
-        let id = Id(*streamed.hasher.finalize().as_bytes());
-        let compressed = (streamed.compressor.finish())
-            .map_err(|e| crate::RepoError::Invalid(format!("compressing a tree: {e}")))?;
-        saver.save_compressed(BlobType::Tree, id, streamed.len, &compressed)?;
+    }
+}
+
+impl StreamedTree {
+    fn new(repo: &Repository) -> Result<StreamedTree> {
+        Ok(StreamedTree {
+            hasher: repo.crypto().blob_hasher(),
+            compressor: repo.compression().stream().map_err(compressing_failed)?,
+            len: 0,
+        })
+    }
+
+    fn absorb(&mut self, json: &[u8]) -> Result<()> {
+        self.hasher.update(json);
+        self.compressor
+            .write_all(json)
+            .map_err(compressing_failed)?;
+        self.len += json.len();
+        Ok(())
+    }
+
+    fn save(self, saver: &BlobSaver<'_>) -> Result<Id> {
+        let id = Id(*self.hasher.finalize().as_bytes());
+        let compressed = self.compressor.finish().map_err(compressing_failed)?;
+        saver.save_compressed(BlobType::Tree, id, self.len, &compressed)?;
         Ok(id)
     }
+}
+
+fn compressing_failed(e: std::io::Error) -> crate::RepoError {
+    crate::RepoError::Invalid(format!("compressing a tree: {e}"))
 }
 
 /// The nodes of a stored tree, read in name order as a walk of the same directory asks

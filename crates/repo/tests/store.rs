@@ -881,6 +881,7 @@ fn large_directories_stream_their_trees() {
         ] {
             std::fs::write(many.join(name), name).expect("write");
         }
+        std::fs::create_dir(source.path().join("empty")).expect("mkdir");
         // Files modified within a second of a snapshot's start are read again.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let first_time = chrono::Utc::now();
@@ -900,6 +901,12 @@ fn large_directories_stream_their_trees() {
         let encoded = serde_json::to_vec(&big).expect("encode");
         assert!(encoded.len() > 1 << 20, "{} bytes", encoded.len());
         assert_eq!(repo.crypto().blob_id(&encoded), big_id, "{compression}");
+        // Small trees (held whole) are the same encoding.
+        let base_id = subtree(&first.tree, "base");
+        let base = serde_json::to_vec(&Tree::load(&repo, &base_id).expect("tree")).expect("json");
+        assert_eq!(repo.crypto().blob_id(&base), base_id);
+        let empty = repo.crypto().blob_id(br#"{"nodes":[]}"#);
+        assert_eq!(subtree(&first.tree, "empty"), empty);
 
         std::fs::write(many.join("100005"), "changed").expect("write");
         let second = archive_tree(
