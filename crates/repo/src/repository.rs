@@ -676,9 +676,7 @@ impl Repository {
             stored.base(&base)?,
         )
     }
-}
 
-impl Repository {
     /// A blob's plaintext as a reader, for blobs too large to hold whole (the tree of a
     /// directory of many files): only its compressed bytes are in memory.
     /// [`BlobReader::finish`] checks the plaintext against the id.
