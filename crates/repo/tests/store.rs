@@ -554,6 +554,15 @@ fn save_tree_snapshot(
     .expect("save snapshot")
 }
 
+/// `archive_tree` of `source` with a saver of its own.
+fn archive(
+    repo: &Repository,
+    source: &std::path::Path,
+    options: &ArchiveOptions,
+) -> repo::archive::Archived {
+    archive_tree(&BlobSaver::new(repo), source, options).expect("archive_tree")
+}
+
 fn restored_file(repo: &Repository, tree: &Id, name: &str) -> Vec<u8> {
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
@@ -586,12 +595,7 @@ fn changed_chunks_are_stored_as_deltas() {
     let original = payload(5, 256 * 1024);
     std::fs::write(&file, &original).expect("write");
     let first_time = chrono::Utc::now();
-    let first = archive_tree(
-        &BlobSaver::new(&repo),
-        source.path(),
-        &ArchiveOptions::default(),
-    )
-    .expect("first archive");
+    let first = archive(&repo, source.path(), &ArchiveOptions::default());
     let first_id = save_tree_snapshot(&repo, &first, first_time);
 
     // Chunks are 16 KiB: two get a few changed bytes, one is rewritten.
@@ -605,12 +609,7 @@ fn changed_chunks_are_stored_as_deltas() {
         read_all: true,
         ..ArchiveOptions::default()
     };
-    let second = archive_tree(
-        &BlobSaver::new(&repo),
-        source.path(),
-        &changed_options(&first, first_time),
-    )
-    .expect("second archive");
+    let second = archive(&repo, source.path(), &changed_options(&first, first_time));
     let stats = second.summary.save;
     assert_eq!(stats.blobs_delta, 2, "{stats:?}");
     let second_content = Tree::load(&repo, &second.tree)
@@ -690,12 +689,7 @@ fn changed_chunks_are_stored_as_deltas() {
     let mut third_data = changed.clone();
     third_data[2 * 16384 + 5000] ^= 0x01;
     std::fs::write(&file, &third_data).expect("rewrite");
-    let third = archive_tree(
-        &BlobSaver::new(&repo),
-        source.path(),
-        &changed_options(&second, second_time),
-    )
-    .expect("third archive");
+    let third = archive(&repo, source.path(), &changed_options(&second, second_time));
     assert_eq!(
         third.summary.save.blobs_delta, 1,
         "{:?}",
@@ -736,12 +730,11 @@ fn changed_chunks_are_stored_as_deltas() {
     assert!(!repo.stores_deltas());
     third_data[9 * 16384 + 1] ^= 0x01;
     std::fs::write(&file, &third_data).expect("rewrite");
-    let fourth = archive_tree(
-        &BlobSaver::new(&repo),
+    let fourth = archive(
+        &repo,
         source.path(),
         &changed_options(&third, chrono::Utc::now()),
-    )
-    .expect("fourth archive");
+    );
     assert_eq!(fourth.summary.save.blobs_delta, 0);
     assert!(fourth.summary.save.blobs_new > 0);
     assert_eq!(restored_file(&repo, &fourth.tree, name), third_data);
@@ -778,8 +771,7 @@ fn delta_restore_patches_only_differing_chunks() {
     let small = payload(22, 5000);
     std::fs::write(source.join("large"), &large).expect("write");
     std::fs::write(source.join("small"), &small).expect("write");
-    let archived =
-        archive_tree(&BlobSaver::new(&repo), &source, &ArchiveOptions::default()).expect("archive");
+    let archived = archive(&repo, &source, &ArchiveOptions::default());
     let target = dir.path().join("target");
     restore_tree(&repo, &archived.tree, &target, 2).expect("restore");
 
@@ -885,12 +877,7 @@ fn large_directories_stream_their_trees() {
         // Files modified within a second of a snapshot's start are read again.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let first_time = chrono::Utc::now();
-        let first = archive_tree(
-            &BlobSaver::new(&repo),
-            source.path(),
-            &ArchiveOptions::default(),
-        )
-        .expect("first archive");
+        let first = archive(&repo, source.path(), &ArchiveOptions::default());
         let subtree = |tree: &Id, name: &str| {
             let tree = Tree::load(&repo, tree).expect("tree");
             tree.find(name).and_then(|n| n.subtree).expect("subtree")
@@ -909,15 +896,14 @@ fn large_directories_stream_their_trees() {
         assert_eq!(subtree(&first.tree, "empty"), empty);
 
         std::fs::write(many.join("100005"), "changed").expect("write");
-        let second = archive_tree(
-            &BlobSaver::new(&repo),
+        let second = archive(
+            &repo,
             source.path(),
             &ArchiveOptions {
                 parent: Some((first.tree, first_time)),
                 ..ArchiveOptions::default()
             },
-        )
-        .expect("second archive");
+        );
         assert_eq!(
             second.summary.bytes_unchanged, first.summary.bytes,
             "{compression}: every file but the changed one reused"
