@@ -1,7 +1,8 @@
 //! Physical backup and point-in-time restore against real PostgreSQL servers: restores
-//! to a time, an LSN, a transaction and a restore point are started and judged by
-//! PostgreSQL's own tools (`pg_checksums --check`, `pg_amcheck --heapallindexed`) and by
-//! comparing data with the source at the target. Plus corrupted pages, unlogged tables,
+//! to a time, an LSN, a transaction (also excluding it) and a restore point (also
+//! pausing there) are started and judged by PostgreSQL's own tools (`pg_checksums
+//! --check`, `pg_amcheck --heapallindexed`) and by comparing data with the source at the
+//! target. Plus corrupted pages, unlogged tables,
 //! tablespaces, S3, and the refusals.
 
 use std::fs;
@@ -63,6 +64,13 @@ fn restore_fails(setup: &Setup, dir: &str, extra: &[&str]) -> String {
 
 /// Restores into a fresh directory and starts the server there; waits for promotion.
 fn restore_and_start(setup: &Setup, bin: &PgBin, extra: &[&str]) -> Cluster {
+    let cluster = restore_with_action(setup, bin, "promote", extra);
+    cluster.wait_promoted(Duration::from_secs(120));
+    cluster
+}
+
+/// Restores into a fresh directory with `--target-action action` and starts the server.
+fn restore_with_action(setup: &Setup, bin: &PgBin, action: &str, extra: &[&str]) -> Cluster {
     let dir = tempfile::Builder::new()
         .prefix("pgvault-restored-")
         .tempdir_in("/tmp")
@@ -75,16 +83,14 @@ fn restore_and_start(setup: &Setup, bin: &PgBin, extra: &[&str]) -> Cluster {
         "--pgdata",
         &pgdata,
         "--target-action",
-        "promote",
+        action,
         "--target-timeline",
         "current",
     ];
     args.extend_from_slice(extra);
     setup.ok(&args);
     assert!(Path::new(&pgdata).join("backup_label").exists());
-    let cluster = Cluster::adopt(bin.clone(), dir).expect("start the restored server");
-    cluster.wait_promoted(Duration::from_secs(120));
-    cluster
+    Cluster::adopt(bin.clone(), dir).expect("start the restored server")
 }
 
 /// PostgreSQL's own judges: amcheck on the running server, then pg_checksums on the
@@ -131,10 +137,13 @@ struct Marker {
     xid: String,
     name: String,
     state: String,
+    /// The state before the marker's transaction, for a target that excludes it.
+    state_before: String,
 }
 
 /// A committed transaction, then its time, LSN, xid, a restore point and the state.
 fn marker(cluster: &Cluster, name: &str) -> Marker {
+    let state_before = state(cluster);
     let xid = cluster.psql(&format!(
         "BEGIN; INSERT INTO marks VALUES ('{name}'); SELECT txid_current(); COMMIT;"
     ));
@@ -156,6 +165,7 @@ fn marker(cluster: &Cluster, name: &str) -> Marker {
         xid,
         name: name.to_string(),
         state,
+        state_before,
     }
 }
 
@@ -204,20 +214,24 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
     let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
     wait_archived(&source, &last);
 
-    let targets: Vec<Vec<String>> = if all_targets {
+    let targets: Vec<(Vec<&str>, &str)> = if all_targets {
         vec![
-            vec!["--target-time".into(), mark.time.clone()],
-            vec!["--target-lsn".into(), mark.lsn.clone()],
-            vec!["--target-xid".into(), mark.xid.clone()],
-            vec!["--target-name".into(), mark.name.clone()],
+            (vec!["--target-time", &mark.time], &mark.state),
+            (vec!["--target-lsn", &mark.lsn], &mark.state),
+            (vec!["--target-xid", &mark.xid], &mark.state),
+            (vec!["--target-name", &mark.name], &mark.state),
+            // Recovery stops just before the marker's commit.
+            (
+                vec!["--target-xid", &mark.xid, "--target-exclusive"],
+                &mark.state_before,
+            ),
         ]
     } else {
-        vec![vec!["--target-name".into(), mark.name.clone()]]
+        vec![(vec!["--target-name", &mark.name], &mark.state)]
     };
-    for target in targets {
-        let args: Vec<&str> = target.iter().map(String::as_str).collect();
+    for (args, expected) in targets {
         let mut restored = restore_and_start(setup, source.bin(), &args);
-        assert_eq!(state(&restored), mark.state, "PostgreSQL {major}, {args:?}");
+        assert_eq!(state(&restored), expected, "PostgreSQL {major}, {args:?}");
         assert_eq!(
             restored.psql("SELECT count(*) FROM scratch"),
             "0",
@@ -226,6 +240,24 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
         judge(&mut restored);
     }
     if all_targets {
+        // Paused at the target, the data is readable; resuming ends recovery.
+        let mut paused =
+            restore_with_action(setup, source.bin(), "pause", &["--target-name", &mark.name]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while paused.psql("SELECT pg_get_wal_replay_pause_state()") != "paused" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "recovery did not pause at the target; log:\n{}",
+                paused.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(paused.psql("SELECT pg_is_in_recovery()"), "t");
+        assert_eq!(state(&paused), mark.state, "paused at {:?}", mark.name);
+        paused.psql("SELECT pg_wal_replay_resume()");
+        paused.wait_promoted(Duration::from_secs(120));
+        judge(&mut paused);
+
         // With a backup taken after the marker, restores to its transaction id and to its
         // restore point must choose the backup before it: from the newer one, recovery
         // would never meet the target and would fail.
