@@ -10,7 +10,6 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::ops::Range;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,7 @@ use chrono::{DateTime, Utc};
 use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
+use crate::listing::Listing;
 use crate::repository::Repository;
 use crate::saver::{BlobSaver, ChangedChunk};
 use crate::snapshot::{mtime_ns, Node, NodeKind, Summary, Tree, TreeCursor, TreeWriter};
@@ -249,20 +249,11 @@ impl Walker<'_, '_> {
         relative: &Path,
         mut parent: Option<TreeCursor>,
     ) -> Result<Id> {
-        // The names in one buffer (not `DirEntry`s or a string each) and nodes written out
-        // as they come: a directory of 200,000 relation files costs a few MiB.
-        let mut names = Vec::new();
-        let mut spans = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| RepoError::io(dir, e))? {
-            let entry = entry.map_err(|e| RepoError::io(dir, e))?;
-            let start = names.len();
-            names.extend_from_slice(entry.file_name().as_bytes());
-            spans.push(start..names.len());
-        }
-        spans.sort_unstable_by(|a, b| names[a.clone()].cmp(&names[b.clone()]));
+        // Nodes are written out as they come: with the compact listing, a directory of
+        // 200,000 relation files costs a few MiB.
+        let listing = Listing::read(dir)?;
         let mut tree = TreeWriter::new(self.saver.repository());
-        for span in spans {
-            let os_name = std::ffi::OsStr::from_bytes(&names[span]);
+        for (os_name, _) in listing.iter() {
             let path = dir.join(os_name);
             let name = os_name.to_str().map(str::to_owned).ok_or_else(|| {
                 RepoError::Invalid(format!(

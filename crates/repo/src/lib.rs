@@ -21,6 +21,7 @@ pub mod gc;
 pub mod id;
 pub mod index;
 pub mod keys;
+mod listing;
 pub mod lock;
 pub mod pack;
 pub mod parallel;

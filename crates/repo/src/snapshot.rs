@@ -184,9 +184,9 @@ fn compressing_failed(e: std::io::Error) -> crate::RepoError {
     crate::RepoError::Invalid(format!("compressing a tree: {e}"))
 }
 
-/// The nodes of a stored tree, read in name order as a walk of the same directory asks
-/// for them: only the compressed blob and one node are held, so the previous backup's
-/// copy of a directory of 200,000 entries costs its compressed size.
+/// The nodes of a stored tree, read in name order (all of them, or those a walk of the
+/// same directory asks for): only the compressed blob and one node are held, so a
+/// directory of 200,000 entries costs its compressed size.
 pub struct TreeCursor {
     reader: std::io::BufReader<BlobReader>,
     next: Option<Node>,
@@ -229,6 +229,15 @@ impl TreeCursor {
             }
         }
         Ok(None)
+    }
+
+    /// The next node, in name order.
+    pub fn next_node(&mut self) -> Result<Option<Node>> {
+        let node = self.next.take();
+        if node.is_some() {
+            self.next = self.read_node()?;
+        }
+        Ok(node)
     }
 
     /// Reads the rest and checks the tree against its id.
