@@ -171,7 +171,7 @@ pub struct TablespaceInfo {
 
 pub fn tablespaces(conn: &mut Connection) -> Result<Vec<TablespaceInfo>, ConnError> {
     let sql = "SELECT oid::text, spcname, pg_tablespace_location(oid) FROM pg_tablespace \
-               WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid";
+               WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY pg_tablespace.oid";
     conn.query_rows(sql)?
         .into_iter()
         .map(|row| {

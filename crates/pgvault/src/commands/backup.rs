@@ -478,6 +478,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         if let Some(pgdata_node) = top.first_mut() {
             store_control_file_last(&saver, &pgdata, pgdata_node)?;
         }
+        // Trees are sorted by name, which for OIDs of different lengths is not their
+        // numeric order (restore looks tablespaces up by name).
+        tablespace_nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let tablespaces_tree = Tree {
             nodes: tablespace_nodes,
         }
