@@ -1174,11 +1174,12 @@ fn a_killed_backup_is_resumed_by_the_next() {
 
 /// Peak memory and the number of relation files: for the first backup of a directory of
 /// 200,000 (empty) relation files and for the next, which reads the first's tree of it as
-/// its parent; for a restore of that backup and a delta restore over it. The names are
-/// held in one buffer and the trees are streamed (compressed) in and out, so what remains
-/// is about 14 bytes of name and span and the compressed tree per entry: about 10 MiB here
-/// (31 and 72 MiB when the names and trees were held whole; the restore took 82 MiB when it
-/// held every file's node), bounded at 20 MiB.
+/// its parent, and for the estimate (`--dry-run`) of that next backup; for a restore of
+/// that backup and a delta restore over it. The names are held in one buffer and the
+/// trees are streamed (compressed) in and out, so what remains is about 14 bytes of name
+/// and span and the compressed tree per entry: about 10 MiB here (31 and 72 MiB when the
+/// names and trees were held whole; the restore took 82 MiB more when it held every
+/// file's node), bounded at 20 MiB.
 #[test]
 fn memory_is_flat_in_the_number_of_relation_files() {
     let setup = Setup::local();
@@ -1214,7 +1215,7 @@ fn memory_is_flat_in_the_number_of_relation_files() {
         (kib / 1024, out.stdout)
     };
     let pgdata = cluster.pgdata().display().to_string();
-    let measured_backup = || {
+    let measured_backup = |extra: &[&str]| {
         let conninfo = cluster.conninfo();
         let args = [
             "backup",
@@ -1223,8 +1224,10 @@ fn memory_is_flat_in_the_number_of_relation_files() {
             &conninfo,
             "--pgdata",
             &pgdata,
+            "--output",
+            "json",
         ];
-        let (mib, stdout) = measured(&[&args[..], &["--output", "json"]].concat());
+        let (mib, stdout) = measured(&[&args[..], extra].concat());
         let report: serde_json::Value = serde_json::from_slice(&stdout).expect("json");
         (mib, report)
     };
@@ -1242,21 +1245,24 @@ fn memory_is_flat_in_the_number_of_relation_files() {
         let (delta, _) = measured(&[&restore[..], &["--delta"]].concat());
         (full, delta)
     };
-    measured_backup(); // the key cache and the page cache are warm from here on
-    let (baseline, first) = measured_backup();
+    measured_backup(&[]); // the key cache and the page cache are warm from here on
+    let (baseline, first) = measured_backup(&[]);
+    let (estimate_baseline, _) = measured_backup(&["--dry-run"]);
     let database = cluster.psql("SELECT oid FROM pg_database WHERE datname = 'postgres'");
     let dir = cluster.pgdata().join("base").join(&database);
     for i in 0..200_000u32 {
         fs::write(dir.join(format!("{}", 900_000_000 + i)), b"").expect("relation file");
     }
-    let (many, report) = measured_backup();
-    let (again, _) = measured_backup();
+    let (many, report) = measured_backup(&[]);
+    let (estimate_many, _) = measured_backup(&["--dry-run"]);
+    let (again, _) = measured_backup(&[]);
     let (restore_baseline, delta_baseline) = measured_restores(&first);
     let (restore_many, delta_many) = measured_restores(&report);
     eprintln!(
         "backup max RSS: {baseline} MiB; with 200,000 more relation files {many} MiB, \
-         and {again} MiB for the backup after; restore {restore_baseline} → \
-         {restore_many} MiB, delta restore {delta_baseline} → {delta_many} MiB"
+         and {again} MiB for the backup after (its estimate: {estimate_baseline} → \
+         {estimate_many} MiB); restore {restore_baseline} → {restore_many} MiB, delta \
+         restore {delta_baseline} → {delta_many} MiB"
     );
     assert_eq!(
         report["files"].as_u64().unwrap_or(0),
@@ -1264,9 +1270,10 @@ fn memory_is_flat_in_the_number_of_relation_files() {
         "{report}"
     );
     assert!(
-        many.max(again) <= baseline + 20,
+        many.max(again) <= baseline + 20 && estimate_many <= estimate_baseline + 20,
         "200,000 relation files raised the peak from {baseline} MiB to {many} MiB, \
-         {again} MiB in the backup after"
+         {again} MiB in the backup after, {estimate_many} MiB (from {estimate_baseline}) \
+         in its estimate"
     );
     assert!(
         restore_many <= restore_baseline + 20 && delta_many <= delta_baseline + 20,

@@ -251,7 +251,7 @@ impl Walker<'_, '_> {
     ) -> Result<Id> {
         // Nodes are written out as they come: with the compact listing, a directory of
         // 200,000 relation files costs a few MiB.
-        let listing = Listing::read(dir)?;
+        let listing = Listing::read(dir).map_err(|e| RepoError::io(dir, e))?;
         let mut tree = TreeWriter::new(self.saver.repository());
         for (os_name, _) in listing.iter() {
             let path = dir.join(os_name);
@@ -488,47 +488,44 @@ pub struct Estimate {
 
 pub fn estimate_tree(repo: &Repository, root: &Path, options: &ArchiveOptions) -> Result<Estimate> {
     let parent = match options.parent {
-        Some((id, _)) => Some(Tree::load(repo, &id)?),
+        Some((id, _)) => Some(TreeCursor::open(repo, &id)?),
         None => None,
     };
     let mut estimate = Estimate::default();
-    estimate_dir(
-        repo,
-        options,
-        root,
-        Path::new(""),
-        parent.as_ref(),
-        &mut estimate,
-    )?;
+    estimate_dir(repo, options, root, Path::new(""), parent, &mut estimate)?;
     Ok(estimate)
 }
 
+/// Walks like [`Walker::archive_dir`], in name order, reading the parent's tree node by
+/// node.
 fn estimate_dir(
     repo: &Repository,
     options: &ArchiveOptions,
     dir: &Path,
     relative: &Path,
-    parent: Option<&Tree>,
+    mut parent: Option<TreeCursor>,
     estimate: &mut Estimate,
 ) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
+    let listing = match Listing::read(dir) {
+        Ok(listing) => listing,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(RepoError::io(dir, e)),
     };
-    for entry in entries {
-        let entry = entry.map_err(|e| RepoError::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
+    for (os_name, _) in listing.iter() {
+        let name = os_name.to_string_lossy();
+        let path = dir.join(os_name);
         let Ok(meta) = fs::symlink_metadata(&path) else {
             continue;
         };
-        let relative_path = relative.join(&name);
+        let relative_path = relative.join(&*name);
         let include = match &options.filter {
             Some(filter) => filter(&relative_path, &meta),
             None => Include::Yes,
         };
-        let previous = parent.and_then(|p| p.find(&name));
+        let previous = match &mut parent {
+            Some(parent) => parent.find(&name)?,
+            None => None,
+        };
         if include == Include::No {
             continue;
         }
@@ -536,23 +533,16 @@ fn estimate_dir(
             if include == Include::DirectoryOnly {
                 continue;
             }
-            let subtree = match previous.and_then(|p| p.subtree) {
-                Some(id) => Some(Tree::load(repo, &id)?),
+            let subtree = match previous.as_ref().and_then(|p| p.subtree) {
+                Some(id) => Some(TreeCursor::open(repo, &id)?),
                 None => None,
             };
-            estimate_dir(
-                repo,
-                options,
-                &path,
-                &relative_path,
-                subtree.as_ref(),
-                estimate,
-            )?;
+            estimate_dir(repo, options, &path, &relative_path, subtree, estimate)?;
         } else if meta.is_file() {
             let mtime_ns = mtime_ns(&meta);
             estimate.files += 1;
             estimate.bytes += meta.len();
-            if !previous.is_some_and(|p| is_unchanged(options, p, mtime_ns, meta.len())) {
+            if !previous.is_some_and(|p| is_unchanged(options, &p, mtime_ns, meta.len())) {
                 estimate.files_to_read += 1;
                 estimate.bytes_to_read += meta.len();
             }

@@ -4,11 +4,10 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, FileType};
+use std::io;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-use crate::error::{RepoError, Result};
 
 pub(crate) struct Listing {
     names: Vec<u8>,
@@ -18,14 +17,12 @@ pub(crate) struct Listing {
 impl Listing {
     /// Lists `dir`, sorted by the bytes of the names: the order of a tree's nodes, whose
     /// names are UTF-8.
-    pub(crate) fn read(dir: &Path) -> Result<Listing> {
+    pub(crate) fn read(dir: &Path) -> io::Result<Listing> {
         let mut names = Vec::new();
         let mut entries = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| RepoError::io(dir, e))? {
-            let entry = entry.map_err(|e| RepoError::io(dir, e))?;
-            let file_type = entry
-                .file_type()
-                .map_err(|e| RepoError::io(entry.path(), e))?;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let file_type = entry.file_type()?;
             let start = names.len();
             names.extend_from_slice(entry.file_name().as_bytes());
             entries.push((start..names.len(), file_type));

@@ -451,7 +451,7 @@ pub fn restore_tree_delta(
     let mut batch = Batch::default();
     let mut dirs = Vec::new();
     walk_dirs(repo, root, target, |dir, cursor| {
-        let listing = Listing::read(dir)?;
+        let listing = Listing::read(dir).map_err(|e| RepoError::io(dir, e))?;
         let mut present = listing.iter().peekable();
         let mut subdirs = Vec::new();
         while let Some(node) = cursor.next_node()? {
