@@ -128,40 +128,43 @@ fn with_workers<T>(
     let failure: Mutex<Option<RepoError>> = Mutex::new(None);
     let jobs = options.jobs.max(1);
     let (tx, rx) = crossbeam_channel::bounded::<Vec<ChangedChunk>>(jobs * 2);
-    let result = std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            let rx = rx.clone();
-            let failure = &failure;
-            scope.spawn(move || {
-                for batch in rx {
-                    if let Err(e) = saver.store_changed(&batch) {
-                        failure
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
-                        return;
+    let result = saver.uploading(jobs, || {
+        std::thread::scope(|scope| {
+            for _ in 0..jobs {
+                let rx = rx.clone();
+                let failure = &failure;
+                scope.spawn(move || {
+                    for batch in rx {
+                        if let Err(e) = saver.store_changed(&batch) {
+                            failure
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                            return;
+                        }
                     }
-                }
-            });
-        }
-        drop(rx);
-        let mut walker = Walker {
-            saver,
-            tx,
-            pending: Vec::with_capacity(BATCH),
-            failure: &failure,
-            options,
-            summary: Summary::default(),
-        };
-        let out = body(&mut walker).and_then(|value| walker.send_pending().map(|()| value));
-        let summary = walker.summary;
-        drop(walker); // closes the channel so workers finish
-        out.map(|v| (v, summary))
+                });
+            }
+            drop(rx);
+            let mut walker = Walker {
+                saver,
+                tx,
+                pending: Vec::with_capacity(BATCH),
+                failure: &failure,
+                options,
+                summary: Summary::default(),
+            };
+            let out = body(&mut walker).and_then(|value| walker.send_pending().map(|()| value));
+            let summary = walker.summary;
+            drop(walker); // closes the channel so workers finish
+            out.map(|v| (v, summary))
+        })
     });
+    // A failed upload is reported as itself, not as the worker it stopped.
+    let (value, mut summary) = result?;
     if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    let (value, mut summary) = result?;
     saver.flush()?;
     summary.save = saver.stats();
     summary.duration_ms = started.elapsed().as_millis() as u64;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::error::Result;
+use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::{BlobLocation, IndexFile};
 use crate::pack::{BlobType, FinishedPack, PackBuilder};
@@ -66,6 +66,10 @@ pub struct BlobSaver<'r> {
     tree_pack: Mutex<PackBuilder>,
     pending: Mutex<IndexFile>,
     counters: Counters,
+    /// Full packs go to the uploaders of [`BlobSaver::uploading`] while it runs; without
+    /// them, whoever fills a pack uploads it.
+    uploads: Mutex<Option<crossbeam_channel::Sender<PackBuilder>>>,
+    upload_failure: Mutex<Option<RepoError>>,
 }
 
 impl<'r> BlobSaver<'r> {
@@ -78,7 +82,40 @@ impl<'r> BlobSaver<'r> {
             tree_pack: Mutex::new(PackBuilder::default()),
             pending: Mutex::new(IndexFile::default()),
             counters: Counters::default(),
+            uploads: Mutex::new(None),
+            upload_failure: Mutex::new(None),
         }
+    }
+
+    /// Runs `body` while `threads` threads upload the packs that fill up, so that the
+    /// threads compressing go on while storage takes a pack in (a PUT to an object store
+    /// waits on the network, not the CPU). A full pack waits for a free uploader, so at
+    /// most `threads` more packs are held than without them.
+    pub fn uploading<T>(&self, threads: usize, body: impl FnOnce() -> Result<T>) -> Result<T> {
+        let (tx, rx) = crossbeam_channel::bounded::<PackBuilder>(0);
+        let result = std::thread::scope(|scope| {
+            for _ in 0..threads.max(1) {
+                let rx = rx.clone();
+                scope.spawn(move || {
+                    for packer in rx {
+                        if let Err(e) = self.upload(packer) {
+                            lock(&self.upload_failure).get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(rx);
+            *lock(&self.uploads) = Some(tx);
+            let result = body();
+            // Dropping the sender lets the uploaders finish; the scope waits for them.
+            lock(&self.uploads).take();
+            result
+        });
+        if let Some(e) = lock(&self.upload_failure).take() {
+            return Err(e);
+        }
+        result
     }
 
     pub fn repository(&self) -> &'r Repository {
@@ -261,9 +298,25 @@ impl<'r> BlobSaver<'r> {
             }
         };
         if let Some(packer) = full {
-            self.upload(packer)?;
+            self.hand_over(packer)?;
         }
         Ok(())
+    }
+
+    /// Has a full pack uploaded: by an uploader when [`uploading`](Self::uploading) runs.
+    fn hand_over(&self, packer: PackBuilder) -> Result<()> {
+        if lock(&self.upload_failure).is_some() {
+            return Err(RepoError::Invalid(
+                "a pack upload failed (reported when the uploads end)".into(),
+            ));
+        }
+        let uploads = lock(&self.uploads).clone();
+        match uploads {
+            Some(uploads) => uploads.send(packer).map_err(|_| {
+                RepoError::Invalid("a pack upload failed (reported when the uploads end)".into())
+            }),
+            None => self.upload(packer),
+        }
     }
 
     /// Reserve and store in one call; returns the blob id.
@@ -341,4 +394,8 @@ impl<'r> BlobSaver<'r> {
             blobs_delta: c.blobs_delta.load(Ordering::Relaxed),
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -922,3 +922,31 @@ fn large_directories_stream_their_trees() {
         assert_eq!(compared, 12_005);
     }
 }
+
+/// Packs are uploaded by threads of their own: when storage refuses one, the archive
+/// fails with storage's own error (not the worker it stopped), and nothing it stored is
+/// indexed as if durable.
+#[test]
+fn a_refused_pack_upload_fails_the_archive_with_its_own_error() {
+    let (repo, _storage, dir) = local_repo(Encryption::None, Compression::Zstd(1));
+    let data_dir = dir.path().join("repo").join("data");
+    std::fs::remove_dir_all(&data_dir).ok();
+    std::fs::write(&data_dir, b"not a directory").expect("block data/");
+    let options = ArchiveOptions {
+        jobs: 2,
+        ..ArchiveOptions::default()
+    };
+    // 4 MiB of varied data: several 256 KiB packs, so several uploads are refused.
+    let input = payload(7, 4 << 20);
+    let err = archive_stream(&BlobSaver::new(&repo), &input[..], "stream", &options)
+        .expect_err("storing into a blocked data/ must fail");
+    let message = err.to_string();
+    assert!(
+        message.contains("data/") && !message.contains("pack upload failed"),
+        "{message}"
+    );
+    let indexed = std::fs::read_dir(dir.path().join("repo").join("index"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(indexed, 0, "an index names packs that were never stored");
+}
