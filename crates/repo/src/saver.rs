@@ -107,10 +107,10 @@ impl<'r> BlobSaver<'r> {
             }
             drop(rx);
             *lock(&self.uploads) = Some(tx);
-            let result = body();
-            // Dropping the sender lets the uploaders finish; the scope waits for them.
-            lock(&self.uploads).take();
-            result
+            // Dropping the sender lets the uploaders finish (the scope waits for them),
+            // also when `body` panics.
+            let _close = CloseUploads(&self.uploads);
+            body()
         });
         if let Some(e) = lock(&self.upload_failure).take() {
             return Err(e);
@@ -393,6 +393,14 @@ impl<'r> BlobSaver<'r> {
             packs_written: c.packs_written.load(Ordering::Relaxed),
             blobs_delta: c.blobs_delta.load(Ordering::Relaxed),
         }
+    }
+}
+
+struct CloseUploads<'a>(&'a Mutex<Option<crossbeam_channel::Sender<PackBuilder>>>);
+
+impl Drop for CloseUploads<'_> {
+    fn drop(&mut self) {
+        lock(self.0).take();
     }
 }
 
