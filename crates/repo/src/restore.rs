@@ -234,14 +234,19 @@ pub fn restore_tree(
         Ok(subdirs)
     })?;
     restore_files(repo, &batch.take(), jobs)?;
-    // Directory metadata last (deepest first), since creating files changes mtimes.
+    finish_dirs(dirs, target)?;
+    Ok(stats)
+}
+
+/// Gives the directories their metadata, deepest first and last of all (creating files
+/// changes their mtimes), and fsyncs them and `target`.
+fn finish_dirs(mut dirs: Vec<PendingFile>, target: &Path) -> Result<()> {
     dirs.reverse();
     for dir in &dirs {
         apply_metadata(&dir.path, &dir.node)?;
         sync_dir(&dir.path)?;
     }
-    sync_dir(target)?;
-    Ok(stats)
+    sync_dir(target)
 }
 
 /// Writes new files in parallel, then fsyncs them.
@@ -496,12 +501,7 @@ pub fn restore_tree_delta(
         Ok(subdirs)
     })?;
     stats.add(&repair_files(repo, batch.take(), jobs)?);
-    dirs.reverse();
-    for dir in &dirs {
-        apply_metadata(&dir.path, &dir.node)?;
-        sync_dir(&dir.path)?;
-    }
-    sync_dir(target)?;
+    finish_dirs(dirs, target)?;
     Ok(stats)
 }
 
