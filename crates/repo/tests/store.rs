@@ -950,3 +950,61 @@ fn a_refused_pack_upload_fails_the_archive_with_its_own_error() {
         .unwrap_or(0);
     assert_eq!(indexed, 0, "an index names packs that were never stored");
 }
+
+/// Files dropped or truncated while a backup runs are normal (DROP TABLE, TRUNCATE,
+/// VACUUM): one removed after the directory was listed is left out, one truncated while
+/// it is read is stored as far as it then goes, and the archive completes (WAL replay
+/// brings both back to what they should be).
+#[test]
+fn files_removed_or_truncated_during_the_archive_are_normal() {
+    let (repo, _storage, _dir) = local_repo(Encryption::None, Compression::Zstd(1));
+    let source = tempfile::tempdir().expect("tempdir");
+    let root = source.path().to_path_buf();
+    // Chunks are 16 KiB: "shrinks" is read in four of them.
+    for (name, len) in [
+        ("a", 32 << 10),
+        ("dropped", 16 << 10),
+        ("shrinks", 64 << 10),
+    ] {
+        std::fs::write(root.join(name), payload(len as u64, len)).expect("write");
+    }
+    let original = std::fs::read(root.join("shrinks")).expect("read");
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inspector: repo::archive::Inspector = {
+        let root = root.clone();
+        let events = events.clone();
+        Arc::new(move |path, offset, _data| {
+            let event = match (path.to_str(), offset) {
+                (Some("a"), 0) => std::fs::remove_file(root.join("dropped")).map(|()| "dropped"),
+                (Some("shrinks"), 0) => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(root.join("shrinks"))
+                    .and_then(|file| file.set_len(20 << 10))
+                    .map(|()| "truncated"),
+                _ => return,
+            };
+            events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(event.expect("change the source"));
+        })
+    };
+    let options = ArchiveOptions {
+        inspector: Some(inspector),
+        ..ArchiveOptions::default()
+    };
+    let archived = archive(&repo, &root, &options);
+    assert_eq!(
+        *events.lock().unwrap_or_else(|e| e.into_inner()),
+        ["dropped", "truncated"]
+    );
+    let tree = Tree::load(&repo, &archived.tree).expect("tree");
+    let names: Vec<&str> = tree.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["a", "shrinks"]);
+    let shrinks = tree.find("shrinks").expect("shrinks");
+    assert_eq!(shrinks.size, 20 << 10);
+    assert_eq!(
+        restored_file(&repo, &archived.tree, "shrinks"),
+        original[..20 << 10]
+    );
+}
