@@ -2,8 +2,8 @@
 //! to a time, an LSN, a transaction (also excluding it) and a restore point (also
 //! pausing there) are started and judged by PostgreSQL's own tools (`pg_checksums
 //! --check`, `pg_amcheck --heapallindexed`) and by comparing data with the source at the
-//! target. Plus corrupted pages, unlogged tables,
-//! tablespaces, S3, and the refusals.
+//! target. Plus corrupted pages, unlogged tables, tablespaces, S3, SFTP, Azure, killed
+//! backups, memory with many files, and the refusals.
 
 use std::fs;
 use std::path::Path;
