@@ -243,15 +243,14 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
         // Paused at the target, the data is readable; resuming ends recovery.
         let mut paused =
             restore_with_action(setup, source.bin(), "pause", &["--target-name", &mark.name]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while paused.psql("SELECT pg_get_wal_replay_pause_state()") != "paused" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "recovery did not pause at the target; log:\n{}",
-                paused.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let reached = testkit::wait_until(Duration::from_secs(120), || {
+            paused.psql("SELECT pg_get_wal_replay_pause_state()") == "paused"
+        });
+        assert!(
+            reached,
+            "recovery did not pause at the target; log:\n{}",
+            paused.log_tail()
+        );
         assert_eq!(paused.psql("SELECT pg_is_in_recovery()"), "t");
         assert_eq!(state(&paused), mark.state, "paused at {:?}", mark.name);
         paused.psql("SELECT pg_wal_replay_resume()");

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -21,6 +21,7 @@ use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::listing::Listing;
+use crate::parallel::FirstError;
 use crate::repository::Repository;
 use crate::saver::{BlobSaver, ChangedChunk};
 use crate::snapshot::{mtime_ns, Node, NodeKind, Summary, Tree, TreeCursor, TreeWriter};
@@ -112,7 +113,7 @@ struct Walker<'a, 's> {
     /// Batches of new chunks, each with the chunk it replaces in the parent's copy.
     tx: crossbeam_channel::Sender<Vec<ChangedChunk>>,
     pending: Vec<ChangedChunk>,
-    failure: &'a Mutex<Option<RepoError>>,
+    failure: &'a FirstError<RepoError>,
     options: &'a ArchiveOptions,
     summary: Summary,
 }
@@ -125,7 +126,7 @@ fn with_workers<T>(
 ) -> Result<(T, Summary)> {
     let started = Instant::now();
     saver.repository().load_index()?;
-    let failure: Mutex<Option<RepoError>> = Mutex::new(None);
+    let failure = FirstError::new();
     let jobs = options.jobs.max(1);
     let (tx, rx) = crossbeam_channel::bounded::<Vec<ChangedChunk>>(jobs * 2);
     let result = saver.uploading(jobs, || {
@@ -136,10 +137,7 @@ fn with_workers<T>(
                 scope.spawn(move || {
                     for batch in rx {
                         if let Err(e) = saver.store_changed(&batch) {
-                            failure
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
+                            failure.record(e);
                             return;
                         }
                     }
@@ -162,7 +160,7 @@ fn with_workers<T>(
     });
     // A failed upload is reported as itself, not as the worker it stopped.
     let (value, mut summary) = result?;
-    if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+    if let Some(e) = failure.take() {
         return Err(e);
     }
     saver.flush()?;
@@ -173,8 +171,7 @@ fn with_workers<T>(
 
 impl Walker<'_, '_> {
     fn check_failure(&self) -> Result<()> {
-        let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.take() {
+        match self.failure.take() {
             Some(e) => Err(e),
             None => Ok(()),
         }

@@ -3,6 +3,32 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+/// The first error of threads working together; later ones are dropped (they are usually
+/// the same failure seen again, or others stopping because of it).
+pub(crate) struct FirstError<E>(Mutex<Option<E>>);
+
+impl<E> FirstError<E> {
+    pub(crate) fn new() -> FirstError<E> {
+        FirstError(Mutex::new(None))
+    }
+
+    pub(crate) fn record(&self, error: E) {
+        self.slot().get_or_insert(error);
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.slot().is_some()
+    }
+
+    pub(crate) fn take(&self) -> Option<E> {
+        self.slot().take()
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<E>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Applies `f` to every item on up to `jobs` threads; returns results in input order,
 /// or the first error (remaining items are skipped once an error occurs).
 pub fn map<T, R, E, F>(items: Vec<T>, jobs: usize, f: F) -> Result<Vec<R>, E>
@@ -17,11 +43,11 @@ where
     let items: Vec<Mutex<Option<T>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
     let results: Vec<Mutex<Option<R>>> = (0..count).map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
-    let error: Mutex<Option<E>> = Mutex::new(None);
+    let error = FirstError::new();
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             scope.spawn(|| loop {
-                if error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                if error.is_set() {
                     return;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -38,16 +64,14 @@ where
                         }
                     }
                     Err(e) => {
-                        if let Ok(mut slot) = error.lock() {
-                            slot.get_or_insert(e);
-                        }
+                        error.record(e);
                         return;
                     }
                 }
             });
         }
     });
-    if let Some(e) = error.into_inner().ok().flatten() {
+    if let Some(e) = error.take() {
         return Err(e);
     }
     Ok(results

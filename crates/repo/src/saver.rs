@@ -13,6 +13,7 @@ use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::{BlobLocation, IndexFile};
 use crate::pack::{BlobType, FinishedPack, PackBuilder};
+use crate::parallel::FirstError;
 use crate::repository::{pack_key, Repository, StoredBlobs};
 
 /// Write an index object after this many packs, so an interrupted run keeps its progress.
@@ -69,7 +70,7 @@ pub struct BlobSaver<'r> {
     /// Full packs go to the uploaders of [`BlobSaver::uploading`] while it runs; without
     /// them, whoever fills a pack uploads it.
     uploads: Mutex<Option<crossbeam_channel::Sender<PackBuilder>>>,
-    upload_failure: Mutex<Option<RepoError>>,
+    upload_failure: FirstError<RepoError>,
 }
 
 impl<'r> BlobSaver<'r> {
@@ -83,7 +84,7 @@ impl<'r> BlobSaver<'r> {
             pending: Mutex::new(IndexFile::default()),
             counters: Counters::default(),
             uploads: Mutex::new(None),
-            upload_failure: Mutex::new(None),
+            upload_failure: FirstError::new(),
         }
     }
 
@@ -99,7 +100,7 @@ impl<'r> BlobSaver<'r> {
                 scope.spawn(move || {
                     for packer in rx {
                         if let Err(e) = self.upload(packer) {
-                            lock(&self.upload_failure).get_or_insert(e);
+                            self.upload_failure.record(e);
                             return;
                         }
                     }
@@ -112,7 +113,7 @@ impl<'r> BlobSaver<'r> {
             let _close = CloseUploads(&self.uploads);
             body()
         });
-        if let Some(e) = lock(&self.upload_failure).take() {
+        if let Some(e) = self.upload_failure.take() {
             return Err(e);
         }
         result
@@ -131,12 +132,7 @@ impl<'r> BlobSaver<'r> {
 
     /// Whether `id` (of `len` plaintext bytes) is new and now ours to store.
     fn claim(&self, id: Id, len: usize) -> bool {
-        let new = !self.repo.index().contains(&id)
-            && self
-                .reserved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id);
+        let new = !self.repo.index().contains(&id) && lock(&self.reserved).insert(id);
         if !new {
             self.counters.blobs_reused.fetch_add(1, Ordering::Relaxed);
             self.counters
@@ -286,10 +282,7 @@ impl<'r> BlobSaver<'r> {
             .bytes_stored
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);
         let full = {
-            let mut packer = self
-                .packer(blob_type)
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut packer = lock(self.packer(blob_type));
             packer.add(blob_type, id, &sealed, len, base);
             if packer.len() >= self.repo.config().pack_size as usize {
                 Some(std::mem::take(&mut *packer))
@@ -305,18 +298,17 @@ impl<'r> BlobSaver<'r> {
 
     /// Has a full pack uploaded: by an uploader when [`uploading`](Self::uploading) runs.
     fn hand_over(&self, packer: PackBuilder) -> Result<()> {
-        if lock(&self.upload_failure).is_some() {
+        let uploads = lock(&self.uploads).clone();
+        let Some(uploads) = uploads else {
+            return self.upload(packer);
+        };
+        // A failed upload stops its uploader; the error itself is returned by `uploading`.
+        if self.upload_failure.is_set() || uploads.send(packer).is_err() {
             return Err(RepoError::Invalid(
                 "a pack upload failed (reported when the uploads end)".into(),
             ));
         }
-        let uploads = lock(&self.uploads).clone();
-        match uploads {
-            Some(uploads) => uploads.send(packer).map_err(|_| {
-                RepoError::Invalid("a pack upload failed (reported when the uploads end)".into())
-            }),
-            None => self.upload(packer),
-        }
+        Ok(())
     }
 
     /// Reserve and store in one call; returns the blob id.
@@ -343,7 +335,7 @@ impl<'r> BlobSaver<'r> {
         self.repo.storage().put_if_absent(&pack_key(&id), &bytes)?;
         self.counters.packs_written.fetch_add(1, Ordering::Relaxed);
         let batch = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = lock(&self.pending);
             pending.packs.push((id, entries));
             if pending.packs.len() >= PACKS_PER_INDEX {
                 Some(std::mem::take(&mut *pending))
@@ -370,15 +362,10 @@ impl<'r> BlobSaver<'r> {
     /// Call it before writing any object (snapshot) that refers to the stored blobs.
     pub fn flush(&self) -> Result<()> {
         for blob_type in [BlobType::Data, BlobType::Tree] {
-            let packer = std::mem::take(
-                &mut *self
-                    .packer(blob_type)
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()),
-            );
+            let packer = std::mem::take(&mut *lock(self.packer(blob_type)));
             self.upload(packer)?;
         }
-        let rest = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let rest = std::mem::take(&mut *lock(&self.pending));
         self.write_index(rest)
     }
 

@@ -220,11 +220,7 @@ impl TreeCursor {
         while let Some(node) = &self.next {
             match node.name.as_str().cmp(name) {
                 std::cmp::Ordering::Less => self.next = self.read_node()?,
-                std::cmp::Ordering::Equal => {
-                    let found = self.next.take();
-                    self.next = self.read_node()?;
-                    return Ok(found);
-                }
+                std::cmp::Ordering::Equal => return self.next_node(),
                 std::cmp::Ordering::Greater => return Ok(None),
             }
         }

@@ -39,7 +39,7 @@ pub(crate) fn spawn_watched(
 }
 
 /// Polls `ready` every 100 ms until it holds or `timeout` passes; whether it held.
-pub(crate) fn wait_until(timeout: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if ready() {
