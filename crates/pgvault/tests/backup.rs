@@ -455,8 +455,24 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
     );
 }
 
-/// A tablespace is backed up and restored to a mapped location; a restore with
-/// `--standby --primary-conn` becomes a streaming replica of the source.
+/// Creates tablespace `name` in a new directory `dir` of the cluster's own directory.
+fn create_tablespace(cluster: &Cluster, name: &str, dir: &str) {
+    let location = cluster.dir().join(dir);
+    fs::create_dir(&location).expect("mkdir");
+    std::process::Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&location)
+        .status()
+        .expect("chown");
+    cluster.psql(&format!(
+        "CREATE TABLESPACE {name} LOCATION '{}'",
+        location.display()
+    ));
+}
+
+/// Two tablespaces (OIDs of different lengths) are backed up and restored to mapped
+/// locations; a restore with `--standby --primary-conn` becomes a streaming replica of
+/// the source.
 #[test]
 fn tablespaces_and_standby_restores() {
     let setup = Setup::local();
@@ -464,17 +480,7 @@ fn tablespaces_and_standby_restores() {
         return;
     };
     setup.setup_cluster(&source);
-    let location = source.dir().join("tablespace");
-    fs::create_dir(&location).expect("mkdir");
-    std::process::Command::new("chown")
-        .args(["postgres:postgres"])
-        .arg(&location)
-        .status()
-        .expect("chown");
-    source.psql(&format!(
-        "CREATE TABLESPACE far LOCATION '{}'",
-        location.display()
-    ));
+    create_tablespace(&source, "far", "tablespace");
     source.psql("CREATE TABLE remote TABLESPACE far AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g");
     // A second tablespace whose OID has one digit more: OIDs sort otherwise as numbers
     // than as names.
@@ -489,17 +495,7 @@ fn tablespaces_and_standby_restores() {
         String::from_utf8_lossy(&out.stderr)
     );
     source.start_again().expect("restart the source");
-    let farther = source.dir().join("tablespace2");
-    fs::create_dir(&farther).expect("mkdir");
-    std::process::Command::new("chown")
-        .args(["postgres:postgres"])
-        .arg(&farther)
-        .status()
-        .expect("chown");
-    source.psql(&format!(
-        "CREATE TABLESPACE farther LOCATION '{}'",
-        farther.display()
-    ));
+    create_tablespace(&source, "farther", "tablespace2");
     assert_eq!(
         source.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'farther'"),
         "100000"
