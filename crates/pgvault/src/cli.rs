@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use repo::restore::SyncMethod;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -392,6 +393,12 @@ pub struct RestoreArgs {
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]
     pub force: bool,
+    /// How restored files are made durable: "fsync" each file and directory, or one
+    /// "syncfs" of each filesystem restored into (much faster for many small files; it also
+    /// writes out other dirty data on that filesystem, and Linux before 5.8 does not
+    /// report its write errors)
+    #[arg(long, default_value = "fsync", value_parser = str::parse::<SyncMethod>)]
+    pub sync_method: SyncMethod,
 }
 
 #[derive(Debug, Subcommand)]

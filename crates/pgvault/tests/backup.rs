@@ -453,6 +453,12 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         err.contains("ends before the target transaction 3") && err.contains("--backup"),
         "{err}"
     );
+    let err = restore_fails(&setup, "s", &["--sync-method", "sync"]);
+    assert!(
+        err.contains("--sync-method") && err.contains("syncfs"),
+        "{err}"
+    );
+    assert!(!setup.path("s").exists());
 }
 
 /// Creates tablespace `name` in a new directory `dir` of the cluster's own directory.
@@ -531,6 +537,8 @@ fn tablespaces_and_standby_restores() {
             &mapping2,
             "--archive-mode",
             "off",
+            "--sync-method",
+            "syncfs",
         ],
     );
     assert_eq!(restored.psql("SHOW archive_mode"), "off");
@@ -633,7 +641,8 @@ fn tablespaces_and_standby_restores() {
 }
 
 /// A restored server that ran on, had files deleted, damaged and added, is brought back
-/// to the backup by `restore --delta`, which rewrites only what differs.
+/// to the backup by `restore --delta`, which rewrites only what differs (made durable by
+/// one syncfs).
 #[test]
 fn delta_restore_rewrites_only_what_differs() {
     let setup = Setup::local();
@@ -668,6 +677,8 @@ fn delta_restore_rewrites_only_what_differs() {
         "--pgdata",
         &dir,
         "--delta",
+        "--sync-method",
+        "syncfs",
         "--output",
         "json",
         "--target-action",

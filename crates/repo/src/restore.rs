@@ -179,12 +179,38 @@ fn walk_dirs(
     Ok(())
 }
 
+/// How a restore makes what it wrote durable before it returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SyncMethod {
+    /// fsync every file written and every directory (what PostgreSQL's tools do by
+    /// default).
+    #[default]
+    Fsync,
+    /// One `syncfs(2)` of the target's filesystem at the end, as PostgreSQL's
+    /// `--sync-method=syncfs`: one journal commit instead of one per file (20,000 files of
+    /// 8 KiB: 0.19 s against 4.7 s), but it also writes out whatever else is dirty on that
+    /// filesystem, and before Linux 5.8 it did not report write errors.
+    Syncfs,
+}
+
+impl std::str::FromStr for SyncMethod {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<SyncMethod, String> {
+        match text {
+            "fsync" => Ok(SyncMethod::Fsync),
+            "syncfs" => Ok(SyncMethod::Syncfs),
+            _ => Err(format!("unknown sync method {text:?}: use fsync or syncfs")),
+        }
+    }
+}
+
 /// Restores the tree `root` into `target`, which must be absent or an empty directory.
 pub fn restore_tree(
     repo: &Repository,
     root: &Id,
     target: &Path,
     jobs: usize,
+    sync: SyncMethod,
 ) -> Result<RestoreStats> {
     repo.load_index()?;
     match fs::read_dir(target) {
@@ -226,31 +252,43 @@ pub fn restore_tree(
                     stats.files += 1;
                     stats.bytes += node.size;
                     if batch.add(PendingFile { path, node }) {
-                        restore_files(repo, &batch.take(), jobs)?;
+                        restore_files(repo, &batch.take(), jobs, sync)?;
                     }
                 }
             }
         }
         Ok(subdirs)
     })?;
-    restore_files(repo, &batch.take(), jobs)?;
-    finish_dirs(dirs, target)?;
+    restore_files(repo, &batch.take(), jobs, sync)?;
+    finish_dirs(dirs, target, sync)?;
     Ok(stats)
 }
 
 /// Gives the directories their metadata, deepest first and last of all (creating files
-/// changes their mtimes), and fsyncs them and `target`.
-fn finish_dirs(mut dirs: Vec<PendingFile>, target: &Path) -> Result<()> {
+/// changes their mtimes), and syncs them and `target`: the last step of a restore.
+fn finish_dirs(mut dirs: Vec<PendingFile>, target: &Path, sync: SyncMethod) -> Result<()> {
     dirs.reverse();
     for dir in &dirs {
         apply_metadata(&dir.path, &dir.node)?;
-        sync_dir(&dir.path)?;
+        if sync == SyncMethod::Fsync {
+            fsync_path(&dir.path)?;
+        }
     }
-    sync_dir(target)
+    match sync {
+        SyncMethod::Fsync => fsync_path(target),
+        SyncMethod::Syncfs => File::open(target)
+            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
+            .map_err(|e| RepoError::io(target, e)),
+    }
 }
 
-/// Writes new files in parallel, then fsyncs them.
-fn restore_files(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result<()> {
+/// Writes new files in parallel, then fsyncs them (under [`SyncMethod::Fsync`]).
+fn restore_files(
+    repo: &Repository,
+    files: &[PendingFile],
+    jobs: usize,
+    sync: SyncMethod,
+) -> Result<()> {
     let work = plan_restore(repo, files)?;
     // Threads take the work in order; each, as it takes one, has the storage start on the
     // next `jobs` (a thread otherwise waited on the disk for every window it read).
@@ -273,7 +311,9 @@ fn restore_files(repo: &Repository, files: &[PendingFile], jobs: usize) -> Resul
     // and the journal, and concurrent fsyncs share the journal's commits. Syncing each
     // file as it was done kept a CPU idle for 0.33 s of a 1.3 s restore (1,000 files).
     let numbers: Vec<usize> = (0..files.len()).collect();
-    crate::parallel::map(numbers, SYNC_THREADS, |number| finish_file(&files[number]))?;
+    crate::parallel::map(numbers, SYNC_THREADS, |number| {
+        finish_file(&files[number], sync)
+    })?;
     Ok(())
 }
 
@@ -387,10 +427,10 @@ fn fill(
 /// Threads of the fsync pass: fsync waits on the disk, not the CPU.
 const SYNC_THREADS: usize = 8;
 
-/// Writes, fsyncs and gives its metadata to one file.
-fn restore_file(repo: &Repository, file: &PendingFile) -> Result<()> {
+/// Writes, syncs and gives its metadata to one file.
+fn restore_file(repo: &Repository, file: &PendingFile, sync: SyncMethod) -> Result<()> {
     write_file(repo, file)?;
-    finish_file(file)
+    finish_file(file, sync)
 }
 
 /// Creates and writes one whole file; [`finish_file`] follows.
@@ -408,12 +448,12 @@ fn write_file(repo: &Repository, file: &PendingFile) -> Result<()> {
     .map(|_| ())
 }
 
-/// Fsyncs a written file, then gives it its mode, owner and times (last, as writing
-/// changes them).
-fn finish_file(file: &PendingFile) -> Result<()> {
-    File::open(&file.path)
-        .and_then(|handle| handle.sync_all())
-        .map_err(|e| RepoError::io(&file.path, e))?;
+/// Fsyncs a written file (under [`SyncMethod::Fsync`]), then gives it its mode, owner
+/// and times (last, as writing changes them).
+fn finish_file(file: &PendingFile, sync: SyncMethod) -> Result<()> {
+    if sync == SyncMethod::Fsync {
+        fsync_path(&file.path)?;
+    }
     apply_metadata(&file.path, &file.node)
 }
 
@@ -449,6 +489,7 @@ pub fn restore_tree_delta(
     root: &Id,
     target: &Path,
     jobs: usize,
+    sync: SyncMethod,
 ) -> Result<DeltaStats> {
     repo.load_index()?;
     fs::create_dir_all(target).map_err(|e| RepoError::io(target, e))?;
@@ -490,7 +531,7 @@ pub fn restore_tree_delta(
                 }
                 NodeKind::File => {
                     if batch.add(PendingFile { path, node }) {
-                        stats.add(&repair_files(repo, batch.take(), jobs)?);
+                        stats.add(&repair_files(repo, batch.take(), jobs, sync)?);
                     }
                 }
             }
@@ -500,8 +541,8 @@ pub fn restore_tree_delta(
         }
         Ok(subdirs)
     })?;
-    stats.add(&repair_files(repo, batch.take(), jobs)?);
-    finish_dirs(dirs, target)?;
+    stats.add(&repair_files(repo, batch.take(), jobs, sync)?);
+    finish_dirs(dirs, target, sync)?;
     Ok(stats)
 }
 
@@ -538,7 +579,12 @@ fn remove_entry(
 }
 
 /// Makes existing files equal to their nodes: see [`Repair`].
-fn repair_files(repo: &Repository, files: Vec<PendingFile>, jobs: usize) -> Result<DeltaStats> {
+fn repair_files(
+    repo: &Repository,
+    files: Vec<PendingFile>,
+    jobs: usize,
+    sync: SyncMethod,
+) -> Result<DeltaStats> {
     let mut stats = DeltaStats::default();
     let repairs = plan_repairs(repo, &files, jobs.max(1))?;
     let work: Vec<(PendingFile, Repair)> = files.into_iter().zip(repairs).collect();
@@ -550,13 +596,13 @@ fn repair_files(repo: &Repository, files: Vec<PendingFile>, jobs: usize) -> Resu
             Ok((false, 0))
         }
         Repair::Chunks(chunks) => {
-            let written = patch_chunks(repo, &f, &chunks)?;
+            let written = patch_chunks(repo, &f, &chunks, sync)?;
             apply_metadata(&f.path, &f.node)?;
             Ok((true, written))
         }
         Repair::Whole => {
             let _ = fs::remove_file(&f.path);
-            restore_file(repo, &f)?;
+            restore_file(repo, &f, sync)?;
             Ok::<_, RepoError>((true, f.node.size))
         }
     })?;
@@ -689,8 +735,13 @@ fn differing_chunks(
     Ok(differing)
 }
 
-/// Rewrites the given chunks of a file in place and fsyncs it; returns the bytes written.
-fn patch_chunks(repo: &Repository, file: &PendingFile, chunks: &[usize]) -> Result<u64> {
+/// Rewrites the given chunks of a file in place and syncs it; returns the bytes written.
+fn patch_chunks(
+    repo: &Repository,
+    file: &PendingFile,
+    chunks: &[usize],
+    sync: SyncMethod,
+) -> Result<u64> {
     let path = &file.path;
     let mut written = 0;
     let mut rest = chunks;
@@ -704,9 +755,9 @@ fn patch_chunks(repo: &Repository, file: &PendingFile, chunks: &[usize]) -> Resu
         written += restore_part(repo, file, first..first + run)?;
         rest = &rest[run..];
     }
-    File::open(path)
-        .and_then(|handle| handle.sync_all())
-        .map_err(|e| RepoError::io(path, e))?;
+    if sync == SyncMethod::Fsync {
+        fsync_path(path)?;
+    }
     Ok(written)
 }
 
@@ -714,7 +765,7 @@ fn patch_chunks(repo: &Repository, file: &PendingFile, chunks: &[usize]) -> Resu
 /// source directory (e.g. PostgreSQL insists on owning a 0700 data directory).
 pub fn apply_root_metadata(target: &Path, root: &Node) -> Result<()> {
     apply_metadata(target, root)?;
-    sync_dir(target)
+    fsync_path(target)
 }
 
 fn apply_metadata(path: &Path, node: &Node) -> Result<()> {
@@ -748,8 +799,9 @@ fn set_owner(path: &Path, node: &Node, symlink: bool) {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| RepoError::io(dir, e))
+/// fsyncs a file or a directory.
+fn fsync_path(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|e| RepoError::io(path, e))
 }

@@ -11,7 +11,7 @@ use repo::chunker::ChunkerParams;
 use repo::compression::Compression;
 use repo::crypto::Encryption;
 use repo::keys::KdfParams;
-use repo::restore::{restore_tree, restore_tree_delta, write_content};
+use repo::restore::{restore_tree, restore_tree_delta, write_content, SyncMethod};
 use repo::saver::BlobSaver;
 use repo::snapshot::{Snapshot, Tree, SNAPSHOT_VERSION};
 use repo::storage::{DynStorage, LocalStorage, PutOutcome, S3Config, S3Storage};
@@ -182,7 +182,7 @@ fn suite_tree_round_trip(storage: DynStorage) {
         archive_tree(&saver, source.path(), &ArchiveOptions::default()).expect("archive_tree");
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
-    restore_tree(&repo, &archived.tree, &restored, 2).expect("restore_tree");
+    restore_tree(&repo, &archived.tree, &restored, 2, SyncMethod::Fsync).expect("restore_tree");
     for i in 0..20u64 {
         let name = format!("base/1/{}", 16384 + i);
         assert!(
@@ -566,7 +566,7 @@ fn archive(
 fn restored_file(repo: &Repository, tree: &Id, name: &str) -> Vec<u8> {
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
-    restore_tree(repo, tree, &restored, 2).expect("restore_tree");
+    restore_tree(repo, tree, &restored, 2, SyncMethod::Fsync).expect("restore_tree");
     std::fs::read(restored.join(name)).expect("read restored")
 }
 
@@ -773,7 +773,7 @@ fn delta_restore_patches_only_differing_chunks() {
     std::fs::write(source.join("small"), &small).expect("write");
     let archived = archive(&repo, &source, &ArchiveOptions::default());
     let target = dir.path().join("target");
-    restore_tree(&repo, &archived.tree, &target, 2).expect("restore");
+    restore_tree(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("restore");
 
     let flip = |name: &str, offsets: &[usize]| {
         let mut bytes = std::fs::read(target.join(name)).expect("read");
@@ -788,7 +788,9 @@ fn delta_restore_patches_only_differing_chunks() {
             .expect("write in place");
     };
     flip("large", &[5 * 16384 + 7, 40 * 16384, 64 * 16384 + 99]);
-    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    // syncfs instead of per-file fsyncs changes nothing restored.
+    let stats =
+        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Syncfs).expect("delta");
     assert_eq!(
         (stats.files_kept, stats.files_written, stats.bytes_written),
         (1, 1, 2 * 16384 + 100),
@@ -799,20 +801,23 @@ fn delta_restore_patches_only_differing_chunks() {
     let other_name = dir.path().join("other-name");
     std::fs::hard_link(target.join("large"), &other_name).expect("link");
     flip("large", &[7 * 16384]);
-    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    let stats =
+        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("delta");
     assert_eq!(stats.bytes_written, large.len() as u64, "{stats:?}");
     assert!(std::fs::read(target.join("large")).expect("read") == large);
     assert!(std::fs::read(&other_name).expect("read") != large);
 
     std::fs::write(target.join("small"), &small[..4000]).expect("shorten");
-    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    let stats =
+        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Syncfs).expect("delta");
     assert_eq!(
         (stats.files_written, stats.bytes_written),
         (1, 5000),
         "{stats:?}"
     );
     assert_eq!(std::fs::read(target.join("small")).expect("read"), small);
-    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    let stats =
+        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("delta");
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
 
     // A kept file gets its mode and mtime back; one whose metadata is right already is
@@ -832,7 +837,8 @@ fn delta_restore_patches_only_differing_chunks() {
         .expect("touch");
     let large_ctime = (meta("large").ctime(), meta("large").ctime_nsec());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let stats = restore_tree_delta(&repo, &archived.tree, &target, 2).expect("delta");
+    let stats =
+        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("delta");
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
     assert_eq!(meta("small").mode(), small_mode);
     assert_eq!(meta("small").modified().expect("mtime"), small_mtime);
@@ -910,7 +916,7 @@ fn large_directories_stream_their_trees() {
         );
         let target = tempfile::tempdir().expect("tempdir");
         let restored = target.path().join("restored");
-        restore_tree(&repo, &second.tree, &restored, 2).expect("restore_tree");
+        restore_tree(&repo, &second.tree, &restored, 2, SyncMethod::Fsync).expect("restore_tree");
         let mut compared = 0;
         for entry in std::fs::read_dir(&many).expect("read_dir") {
             let name = entry.expect("entry").file_name();

@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 
 use super::archive::{load_identity, parse_duration, parse_size};
 use super::setup::{connect, connect_to};
+use repo::restore::SyncMethod;
+
 use crate::cli::{ReplicationStatusArgs, RestoreArgs, StandbyCreateArgs};
 use crate::context::Context;
 use crate::output::{bytes, print_json, Table};
@@ -78,6 +80,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         archive_mode: "preserve".to_string(),
         delta: false,
         force: args.force,
+        sync_method: SyncMethod::Fsync,
     };
     super::restore::restore(ctx, &restore)?;
     // After the restore, so a failed restore leaves no slot holding WAL on the primary.

@@ -356,14 +356,15 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .cloned()
         .context("backup has no pgdata tree")?;
     let pgdata_tree = pgdata_node.subtree.context("pgdata is not a directory")?;
+    let sync = args.sync_method;
     let mut kept = DeltaStats::default();
     let (mut total_files, mut total_bytes) = if args.delta {
-        let stats = restore_tree_delta(&repo, &pgdata_tree, &pgdata, ctx.jobs)
+        let stats = restore_tree_delta(&repo, &pgdata_tree, &pgdata, ctx.jobs, sync)
             .with_context(|| format!("delta restore into {}", pgdata.display()))?;
         kept.add(&stats);
         (stats.files_written, stats.bytes_written)
     } else {
-        let stats = restore_tree(&repo, &pgdata_tree, &pgdata, ctx.jobs)
+        let stats = restore_tree(&repo, &pgdata_tree, &pgdata, ctx.jobs, sync)
             .with_context(|| format!("restoring into {}", pgdata.display()))?;
         (stats.files, stats.bytes)
     };
@@ -381,12 +382,13 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             let subtree = node.subtree.context("tablespace is not a directory")?;
             let context = || format!("restoring tablespace {oid} into {}", dir.display());
             let (files, bytes) = if args.delta {
-                let stats =
-                    restore_tree_delta(&repo, &subtree, dir, ctx.jobs).with_context(context)?;
+                let stats = restore_tree_delta(&repo, &subtree, dir, ctx.jobs, sync)
+                    .with_context(context)?;
                 kept.add(&stats);
                 (stats.files_written, stats.bytes_written)
             } else {
-                let stats = restore_tree(&repo, &subtree, dir, ctx.jobs).with_context(context)?;
+                let stats =
+                    restore_tree(&repo, &subtree, dir, ctx.jobs, sync).with_context(context)?;
                 (stats.files, stats.bytes)
             };
             apply_root_metadata(dir, node)?;
@@ -399,6 +401,11 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             let owner = fs::metadata(dir)?;
             std::os::unix::fs::lchown(&link, Some(owner.uid()), Some(owner.gid()))?;
         }
+        // The links replaced the ones restored (and synced) with pg_tblspc.
+        let links = pgdata.join("pg_tblspc");
+        fs::File::open(&links)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot fsync directory {}", links.display()))?;
     }
 
     write_server_file(&pgdata, "backup_label", meta.backup_label.as_bytes())?;

@@ -9,7 +9,7 @@ use chrono::Utc;
 use repo::archive::{archive_stream, archive_tree, ArchiveOptions, Archived};
 use repo::lock::LockKind;
 use repo::repository::ObjectKind;
-use repo::restore::{apply_root_metadata, restore_tree, write_content};
+use repo::restore::{apply_root_metadata, restore_tree, write_content, SyncMethod};
 use repo::saver::BlobSaver;
 use repo::snapshot::{NodeKind, Snapshot, Tree, SNAPSHOT_VERSION};
 use serde_json::json;
@@ -221,7 +221,7 @@ fn restore(ctx: &Context, args: &SnapshotRestoreArgs) -> Result<()> {
         .target
         .as_ref()
         .context("--target or --stdout is required")?;
-    let stats = restore_tree(&repo, &snapshot.tree, target, ctx.jobs)?;
+    let stats = restore_tree(&repo, &snapshot.tree, target, ctx.jobs, SyncMethod::Fsync)?;
     if let Some(root) = &snapshot.root {
         apply_root_metadata(target, root)?;
     }
