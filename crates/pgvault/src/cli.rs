@@ -387,9 +387,12 @@ pub struct RestoreArgs {
     /// reporting copy); "preserve" keeps the source's archive settings
     #[arg(long, default_value = "preserve", value_parser = ["preserve", "off"])]
     pub archive_mode: String,
-    /// Restore over an existing (stopped) data directory, rewriting only what differs
-    #[arg(long)]
-    pub delta: bool,
+    /// Restore over an existing (stopped) data directory, rewriting only what differs:
+    /// "--delta" hashes every file to find it; "--delta=time" takes files with the
+    /// backup's size and mtime as unchanged without reading them, as the next backup would
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "checksum",
+          value_parser = ["checksum", "time"], value_name = "checksum|time")]
+    pub delta: Option<String>,
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]
     pub force: bool,

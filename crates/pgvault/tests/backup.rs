@@ -707,6 +707,38 @@ fn delta_restore_rewrites_only_what_differs() {
     restored.wait_promoted(Duration::from_secs(120));
     assert_eq!(state(&restored), expected, "back at the backup");
     judge(&mut restored);
+
+    // By size and time: what the promoted server wrote has new mtimes and is rewritten;
+    // the rest is not read.
+    let mut by_time = vec![
+        "restore",
+        "--pgdata",
+        &dir,
+        "--delta=time",
+        "--output",
+        "json",
+        "--target-action",
+        "promote",
+    ];
+    by_time.extend_from_slice(&args);
+    let report: serde_json::Value =
+        serde_json::from_str(&setup.ok(&by_time)).expect("restore JSON");
+    let kept = report["delta"]["files_kept"].as_u64().expect("kept");
+    let rewritten = report["delta"]["files_rewritten"]
+        .as_u64()
+        .expect("rewritten");
+    assert!(
+        kept > 0 && rewritten > 0 && rewritten * 4 < kept,
+        "{report}"
+    );
+    restored
+        .start_again()
+        .expect("start after the delta restore by time");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&restored), expected, "back at the backup again");
+    judge(&mut restored);
+    let err = restore_fails(&setup, "t", &["--delta=mtime"]);
+    assert!(err.contains("--delta") && err.contains("time"), "{err}");
 }
 
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {

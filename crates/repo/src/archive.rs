@@ -462,19 +462,13 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-/// Whether a file can reuse `previous` without being read: same size and mtime, and not
-/// modified within a second of the parent snapshot's start (a write in that second
-/// may not have changed the mtime).
+/// Whether a file can reuse `previous` without being read: see
+/// [`Node::same_file_by_size_and_time`].
 fn is_unchanged(options: &ArchiveOptions, previous: &Node, mtime_ns: i64, size: u64) -> bool {
     let Some((_, parent_time)) = options.parent else {
         return false;
     };
-    let racy_limit = parent_time.timestamp_nanos_opt().unwrap_or(i64::MIN) - 1_000_000_000;
-    !options.read_all
-        && previous.kind == NodeKind::File
-        && previous.size == size
-        && previous.mtime_ns == mtime_ns
-        && mtime_ns < racy_limit
+    !options.read_all && previous.same_file_by_size_and_time(size, mtime_ns, parent_time)
 }
 
 /// What [`archive_tree`] with the same options would read, without reading or writing.

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, Utc};
+
 use crate::direct::NewFile;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
@@ -479,16 +481,29 @@ impl DeltaStats {
     }
 }
 
+/// How a delta restore decides that an existing file already has its node's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaCheck {
+    /// Hash the chunks of every file of the node's size, the way they were stored.
+    Content,
+    /// Take a file of the node's size and mtime as it is, without reading it, as the next
+    /// backup would (see [`Node::same_file_by_size_and_time`]; the time is the
+    /// snapshot's start); hash the others. A file changed with its mtime put back is not
+    /// noticed.
+    SizeAndTime(DateTime<Utc>),
+}
+
 /// Makes `target` equal to the tree `root`, rewriting only the chunks whose content
 /// differs (judged by hashing the existing file's chunks into blob ids, the same way they
-/// were stored; see [`Repair`] for when a whole file is replaced instead) and removing
-/// what the snapshot does not have. Much faster than a full restore when little changed;
-/// the result is the same.
+/// were stored, unless `check` trusts size and time; see [`Repair`] for when a whole file
+/// is replaced instead) and removing what the snapshot does not have. Much faster than a
+/// full restore when little changed; the result is the same.
 pub fn restore_tree_delta(
     repo: &Repository,
     root: &Id,
     target: &Path,
     jobs: usize,
+    check: DeltaCheck,
     sync: SyncMethod,
 ) -> Result<DeltaStats> {
     repo.load_index()?;
@@ -531,7 +546,7 @@ pub fn restore_tree_delta(
                 }
                 NodeKind::File => {
                     if batch.add(PendingFile { path, node }) {
-                        stats.add(&repair_files(repo, batch.take(), jobs, sync)?);
+                        stats.add(&repair_files(repo, batch.take(), jobs, check, sync)?);
                     }
                 }
             }
@@ -541,7 +556,7 @@ pub fn restore_tree_delta(
         }
         Ok(subdirs)
     })?;
-    stats.add(&repair_files(repo, batch.take(), jobs, sync)?);
+    stats.add(&repair_files(repo, batch.take(), jobs, check, sync)?);
     finish_dirs(dirs, target, sync)?;
     Ok(stats)
 }
@@ -583,10 +598,11 @@ fn repair_files(
     repo: &Repository,
     files: Vec<PendingFile>,
     jobs: usize,
+    check: DeltaCheck,
     sync: SyncMethod,
 ) -> Result<DeltaStats> {
     let mut stats = DeltaStats::default();
-    let repairs = plan_repairs(repo, &files, jobs.max(1))?;
+    let repairs = plan_repairs(repo, &files, jobs.max(1), check)?;
     let work: Vec<(PendingFile, Repair)> = files.into_iter().zip(repairs).collect();
     let outcomes = crate::parallel::map(work, jobs.max(1), |(f, repair)| match repair {
         Repair::Nothing { metadata_differs } => {
@@ -652,8 +668,14 @@ fn metadata_matches(meta: &fs::Metadata, node: &Node) -> bool {
         && mtime_ns(meta) == node.mtime_ns
 }
 
-/// Decides each file's [`Repair`] by hashing its chunks the way they were stored.
-fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result<Vec<Repair>> {
+/// Decides each file's [`Repair`] by hashing its chunks the way they were stored (or, as
+/// `check` allows, by its size and mtime).
+fn plan_repairs(
+    repo: &Repository,
+    files: &[PendingFile],
+    jobs: usize,
+    check: DeltaCheck,
+) -> Result<Vec<Repair>> {
     use std::os::unix::fs::MetadataExt;
     let fixed = u64::from(repo.config().chunker.fixed_size);
     let mut repairs = Vec::with_capacity(files.len());
@@ -669,6 +691,16 @@ fn plan_repairs(repo: &Repository, files: &[PendingFile], jobs: usize) -> Result
             }
             Err(e) => return Err(RepoError::io(&file.path, e)),
         };
+        if let DeltaCheck::SizeAndTime(snapshot_time) = check {
+            if meta.is_file()
+                && node.same_file_by_size_and_time(meta.len(), mtime_ns(&meta), snapshot_time)
+            {
+                repairs.push(Repair::Nothing {
+                    metadata_differs: !metadata_matches(&meta, node),
+                });
+                continue;
+            }
+        }
         // Only files in whole fixed chunks can be compared chunk by chunk.
         if !meta.is_file() || meta.len() != node.size || !node.in_fixed_chunks(fixed) {
             repairs.push(Repair::Whole);

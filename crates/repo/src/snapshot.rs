@@ -48,6 +48,24 @@ pub struct Node {
 }
 
 impl Node {
+    /// Whether a file of this node's size and mtime can be taken to have its content
+    /// without being read, the node being from a snapshot started at `snapshot_time`: its
+    /// mtime must be more than a second before that start, since a write in the same
+    /// clock tick as the snapshot's read may have left the mtime as it was.
+    pub fn same_file_by_size_and_time(
+        &self,
+        size: u64,
+        mtime_ns: i64,
+        snapshot_time: DateTime<Utc>,
+    ) -> bool {
+        let settled_before =
+            snapshot_time.timestamp_nanos_opt().unwrap_or(i64::MIN) - 1_000_000_000;
+        self.kind == NodeKind::File
+            && self.size == size
+            && self.mtime_ns == mtime_ns
+            && mtime_ns < settled_before
+    }
+
     /// Whether this is a file stored in whole fixed chunks of `fixed` bytes, so that its
     /// chunk N holds bytes N × `fixed` onwards (what delta backups and delta restores
     /// compare chunk by chunk).

@@ -11,7 +11,7 @@ use repo::chunker::ChunkerParams;
 use repo::compression::Compression;
 use repo::crypto::Encryption;
 use repo::keys::KdfParams;
-use repo::restore::{restore_tree, restore_tree_delta, write_content, SyncMethod};
+use repo::restore::{restore_tree, restore_tree_delta, write_content, DeltaCheck, SyncMethod};
 use repo::saver::BlobSaver;
 use repo::snapshot::{Snapshot, Tree, SNAPSHOT_VERSION};
 use repo::storage::{DynStorage, LocalStorage, PutOutcome, S3Config, S3Storage};
@@ -789,8 +789,15 @@ fn delta_restore_patches_only_differing_chunks() {
     };
     flip("large", &[5 * 16384 + 7, 40 * 16384, 64 * 16384 + 99]);
     // syncfs instead of per-file fsyncs changes nothing restored.
-    let stats =
-        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Syncfs).expect("delta");
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::Content,
+        SyncMethod::Syncfs,
+    )
+    .expect("delta");
     assert_eq!(
         (stats.files_kept, stats.files_written, stats.bytes_written),
         (1, 1, 2 * 16384 + 100),
@@ -801,23 +808,44 @@ fn delta_restore_patches_only_differing_chunks() {
     let other_name = dir.path().join("other-name");
     std::fs::hard_link(target.join("large"), &other_name).expect("link");
     flip("large", &[7 * 16384]);
-    let stats =
-        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("delta");
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::Content,
+        SyncMethod::Fsync,
+    )
+    .expect("delta");
     assert_eq!(stats.bytes_written, large.len() as u64, "{stats:?}");
     assert!(std::fs::read(target.join("large")).expect("read") == large);
     assert!(std::fs::read(&other_name).expect("read") != large);
 
     std::fs::write(target.join("small"), &small[..4000]).expect("shorten");
-    let stats =
-        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Syncfs).expect("delta");
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::Content,
+        SyncMethod::Syncfs,
+    )
+    .expect("delta");
     assert_eq!(
         (stats.files_written, stats.bytes_written),
         (1, 5000),
         "{stats:?}"
     );
     assert_eq!(std::fs::read(target.join("small")).expect("read"), small);
-    let stats =
-        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("delta");
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::Content,
+        SyncMethod::Fsync,
+    )
+    .expect("delta");
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
 
     // A kept file gets its mode and mtime back; one whose metadata is right already is
@@ -837,8 +865,15 @@ fn delta_restore_patches_only_differing_chunks() {
         .expect("touch");
     let large_ctime = (meta("large").ctime(), meta("large").ctime_nsec());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let stats =
-        restore_tree_delta(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("delta");
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::Content,
+        SyncMethod::Fsync,
+    )
+    .expect("delta");
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
     assert_eq!(meta("small").mode(), small_mode);
     assert_eq!(meta("small").modified().expect("mtime"), small_mtime);
@@ -847,6 +882,78 @@ fn delta_restore_patches_only_differing_chunks() {
         large_ctime,
         "a delta restore rewrote the metadata of a file that already had it"
     );
+}
+
+/// `DeltaCheck::SizeAndTime` leaves files of the snapshot's size and mtime unread (even
+/// one changed with its mtime put back, which `Content` finds), hashes the others, and
+/// trusts no file whose mtime is within a second of the snapshot's start.
+#[test]
+fn delta_restore_by_size_and_time_reads_only_changed_looking_files() {
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    let originals: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| (format!("f{i}"), payload(30 + i, 3 * 16384 + 5)))
+        .collect();
+    for (name, bytes) in &originals {
+        std::fs::write(source.join(name), bytes).expect("write");
+    }
+    let archived = archive(&repo, &source, &ArchiveOptions::default());
+    let target = dir.path().join("target");
+    restore_tree(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("restore");
+    // Changed with the same size, the mtime put back (f0) or not (f1).
+    let change = |name: &str, keep_mtime: bool| {
+        let path = target.join(name);
+        let mtime = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[16384] ^= 0x01;
+        std::fs::write(&path, &bytes).expect("write");
+        if keep_mtime {
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(mtime))
+                .expect("set mtime");
+        }
+    };
+    change("f0", true);
+    change("f1", false);
+    let long_after = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::SizeAndTime(long_after),
+        SyncMethod::Fsync,
+    )
+    .expect("delta by time");
+    assert_eq!((stats.files_kept, stats.files_written), (2, 1), "{stats:?}");
+    let content = |name: &str| std::fs::read(target.join(name)).expect("read");
+    assert!(
+        content("f0") != originals[0].1,
+        "f0 looked unchanged and was not read"
+    );
+    assert!(content("f1") == originals[1].1);
+
+    // Within a second of the snapshot's start, size and time prove nothing.
+    let just_after = chrono::Utc::now();
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        2,
+        DeltaCheck::SizeAndTime(just_after),
+        SyncMethod::Fsync,
+    )
+    .expect("delta by time, racy");
+    assert_eq!((stats.files_kept, stats.files_written), (2, 1), "{stats:?}");
+    assert!(content("f0") == originals[0].1);
+    for (name, bytes) in &originals {
+        assert!(content(name) == *bytes, "{name}");
+    }
 }
 
 /// A directory of many entries: its tree is hashed and compressed as it is written (past

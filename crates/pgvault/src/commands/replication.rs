@@ -78,7 +78,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         primary_slot: args.slot.clone(),
         tablespace_map: args.tablespace_map.clone(),
         archive_mode: "preserve".to_string(),
-        delta: false,
+        delta: None,
         force: args.force,
         sync_method: SyncMethod::Fsync,
     };

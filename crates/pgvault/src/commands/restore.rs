@@ -14,7 +14,9 @@ use pg::recovery::{
 };
 use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
-use repo::restore::{apply_root_metadata, restore_tree, restore_tree_delta, DeltaStats};
+use repo::restore::{
+    apply_root_metadata, restore_tree, restore_tree_delta, DeltaCheck, DeltaStats,
+};
 use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
@@ -326,7 +328,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     if !is_empty_or_missing(&pgdata)? {
         if args.force {
             clear_directory(&pgdata)?;
-        } else if !args.delta {
+        } else if args.delta.is_none() {
             bail!(
                 "{} is not empty: restore into an empty directory, or pass --delta (rewrite only what differs) or --force (delete its contents first)",
                 pgdata.display()
@@ -338,7 +340,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let tablespaces = tablespace_locations(args, &meta)?;
     for (oid, dir) in &tablespaces {
-        if !is_empty_or_missing(dir)? && !args.delta {
+        if !is_empty_or_missing(dir)? && args.delta.is_none() {
             if args.force {
                 clear_directory(dir)?;
             } else {
@@ -357,9 +359,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .context("backup has no pgdata tree")?;
     let pgdata_tree = pgdata_node.subtree.context("pgdata is not a directory")?;
     let sync = args.sync_method;
+    // Judged against the backup's start, as the next backup would judge them.
+    let delta = args.delta.as_deref().map(|how| match how {
+        "time" => DeltaCheck::SizeAndTime(meta.start_time),
+        _ => DeltaCheck::Content,
+    });
     let mut kept = DeltaStats::default();
-    let (mut total_files, mut total_bytes) = if args.delta {
-        let stats = restore_tree_delta(&repo, &pgdata_tree, &pgdata, ctx.jobs, sync)
+    let (mut total_files, mut total_bytes) = if let Some(check) = delta {
+        let stats = restore_tree_delta(&repo, &pgdata_tree, &pgdata, ctx.jobs, check, sync)
             .with_context(|| format!("delta restore into {}", pgdata.display()))?;
         kept.add(&stats);
         (stats.files_written, stats.bytes_written)
@@ -381,8 +388,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 .with_context(|| format!("backup has no data for tablespace {oid}"))?;
             let subtree = node.subtree.context("tablespace is not a directory")?;
             let context = || format!("restoring tablespace {oid} into {}", dir.display());
-            let (files, bytes) = if args.delta {
-                let stats = restore_tree_delta(&repo, &subtree, dir, ctx.jobs, sync)
+            let (files, bytes) = if let Some(check) = delta {
+                let stats = restore_tree_delta(&repo, &subtree, dir, ctx.jobs, check, sync)
                     .with_context(context)?;
                 kept.add(&stats);
                 (stats.files_written, stats.bytes_written)
@@ -442,7 +449,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             "signal": signal,
             "files": total_files,
             "size_bytes": total_bytes,
-            "delta": args.delta.then(|| json!({
+            "delta": delta.map(|_| json!({
                 "files_kept": kept.files_kept,
                 "files_rewritten": kept.files_written,
                 "removed": kept.removed,
@@ -450,7 +457,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             "duration_ms": (seconds * 1000.0) as u64,
         }));
     }
-    if args.delta {
+    if delta.is_some() {
         eprintln!(
             "delta: {} files already matched the backup, {} rewritten, {} entries removed",
             kept.files_kept, kept.files_written, kept.removed
