@@ -672,24 +672,29 @@ fn delta_restore_rewrites_only_what_differs() {
     let files_in_backup = walk_files(&pgdata).len();
 
     let dir = pgdata.display().to_string();
-    let mut delta = vec![
-        "restore",
-        "--pgdata",
-        &dir,
-        "--delta",
-        "--sync-method",
-        "syncfs",
-        "--output",
-        "json",
-        "--target-action",
-        "promote",
-    ];
-    delta.extend_from_slice(&args);
-    let report: serde_json::Value = serde_json::from_str(&setup.ok(&delta)).expect("restore JSON");
-    let kept = report["delta"]["files_kept"].as_u64().expect("kept");
-    let rewritten = report["delta"]["files_rewritten"]
-        .as_u64()
-        .expect("rewritten");
+    // A delta restore with `extra` options, promoting at the target: its JSON report, and
+    // how many files it kept and rewrote.
+    let delta_restore = |extra: &[&str]| {
+        let mut delta = vec![
+            "restore",
+            "--pgdata",
+            &dir,
+            "--output",
+            "json",
+            "--target-action",
+            "promote",
+        ];
+        delta.extend_from_slice(extra);
+        delta.extend_from_slice(&args);
+        let report: serde_json::Value =
+            serde_json::from_str(&setup.ok(&delta)).expect("restore JSON");
+        let kept = report["delta"]["files_kept"].as_u64().expect("kept");
+        let rewritten = report["delta"]["files_rewritten"]
+            .as_u64()
+            .expect("rewritten");
+        (report, kept, rewritten)
+    };
+    let (report, kept, rewritten) = delta_restore(&["--delta", "--sync-method", "syncfs"]);
     assert!(kept > 0 && rewritten > 0, "{report}");
     assert!(
         rewritten * 4 < kept && (rewritten as usize) < files_in_backup,
@@ -701,42 +706,24 @@ fn delta_restore_rewrites_only_what_differs() {
     );
     assert!(!pgdata.join("base").join("stray").exists());
 
-    restored
-        .start_again()
-        .expect("start after the delta restore");
-    restored.wait_promoted(Duration::from_secs(120));
-    assert_eq!(state(&restored), expected, "back at the backup");
-    judge(&mut restored);
+    let start_and_judge = |restored: &mut Cluster| {
+        restored
+            .start_again()
+            .expect("start after the delta restore");
+        restored.wait_promoted(Duration::from_secs(120));
+        assert_eq!(state(restored), expected, "back at the backup");
+        judge(restored);
+    };
+    start_and_judge(&mut restored);
 
     // By size and time: what the promoted server wrote has new mtimes and is rewritten;
     // the rest is not read.
-    let mut by_time = vec![
-        "restore",
-        "--pgdata",
-        &dir,
-        "--delta=time",
-        "--output",
-        "json",
-        "--target-action",
-        "promote",
-    ];
-    by_time.extend_from_slice(&args);
-    let report: serde_json::Value =
-        serde_json::from_str(&setup.ok(&by_time)).expect("restore JSON");
-    let kept = report["delta"]["files_kept"].as_u64().expect("kept");
-    let rewritten = report["delta"]["files_rewritten"]
-        .as_u64()
-        .expect("rewritten");
+    let (report, kept, rewritten) = delta_restore(&["--delta=time"]);
     assert!(
         kept > 0 && rewritten > 0 && rewritten * 4 < kept,
         "{report}"
     );
-    restored
-        .start_again()
-        .expect("start after the delta restore by time");
-    restored.wait_promoted(Duration::from_secs(120));
-    assert_eq!(state(&restored), expected, "back at the backup again");
-    judge(&mut restored);
+    start_and_judge(&mut restored);
     let err = restore_fails(&setup, "t", &["--delta=mtime"]);
     assert!(err.contains("--delta") && err.contains("time"), "{err}");
 }

@@ -787,17 +787,13 @@ fn delta_restore_patches_only_differing_chunks() {
             .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
             .expect("write in place");
     };
+    let delta = |sync| {
+        restore_tree_delta(&repo, &archived.tree, &target, 2, DeltaCheck::Content, sync)
+            .expect("delta")
+    };
     flip("large", &[5 * 16384 + 7, 40 * 16384, 64 * 16384 + 99]);
     // syncfs instead of per-file fsyncs changes nothing restored.
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::Content,
-        SyncMethod::Syncfs,
-    )
-    .expect("delta");
+    let stats = delta(SyncMethod::Syncfs);
     assert_eq!(
         (stats.files_kept, stats.files_written, stats.bytes_written),
         (1, 1, 2 * 16384 + 100),
@@ -808,44 +804,20 @@ fn delta_restore_patches_only_differing_chunks() {
     let other_name = dir.path().join("other-name");
     std::fs::hard_link(target.join("large"), &other_name).expect("link");
     flip("large", &[7 * 16384]);
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::Content,
-        SyncMethod::Fsync,
-    )
-    .expect("delta");
+    let stats = delta(SyncMethod::Fsync);
     assert_eq!(stats.bytes_written, large.len() as u64, "{stats:?}");
     assert!(std::fs::read(target.join("large")).expect("read") == large);
     assert!(std::fs::read(&other_name).expect("read") != large);
 
     std::fs::write(target.join("small"), &small[..4000]).expect("shorten");
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::Content,
-        SyncMethod::Syncfs,
-    )
-    .expect("delta");
+    let stats = delta(SyncMethod::Syncfs);
     assert_eq!(
         (stats.files_written, stats.bytes_written),
         (1, 5000),
         "{stats:?}"
     );
     assert_eq!(std::fs::read(target.join("small")).expect("read"), small);
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::Content,
-        SyncMethod::Fsync,
-    )
-    .expect("delta");
+    let stats = delta(SyncMethod::Fsync);
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
 
     // A kept file gets its mode and mtime back; one whose metadata is right already is
@@ -865,15 +837,7 @@ fn delta_restore_patches_only_differing_chunks() {
         .expect("touch");
     let large_ctime = (meta("large").ctime(), meta("large").ctime_nsec());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::Content,
-        SyncMethod::Fsync,
-    )
-    .expect("delta");
+    let stats = delta(SyncMethod::Fsync);
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
     assert_eq!(meta("small").mode(), small_mode);
     assert_eq!(meta("small").modified().expect("mtime"), small_mtime);
@@ -920,16 +884,18 @@ fn delta_restore_by_size_and_time_reads_only_changed_looking_files() {
     };
     change("f0", true);
     change("f1", false);
-    let long_after = chrono::Utc::now() + chrono::Duration::seconds(60);
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::SizeAndTime(long_after),
-        SyncMethod::Fsync,
-    )
-    .expect("delta by time");
+    let delta_by_time = |snapshot_time| {
+        restore_tree_delta(
+            &repo,
+            &archived.tree,
+            &target,
+            2,
+            DeltaCheck::SizeAndTime(snapshot_time),
+            SyncMethod::Fsync,
+        )
+        .expect("delta by time")
+    };
+    let stats = delta_by_time(chrono::Utc::now() + chrono::Duration::seconds(60));
     assert_eq!((stats.files_kept, stats.files_written), (2, 1), "{stats:?}");
     let content = |name: &str| std::fs::read(target.join(name)).expect("read");
     assert!(
@@ -939,16 +905,7 @@ fn delta_restore_by_size_and_time_reads_only_changed_looking_files() {
     assert!(content("f1") == originals[1].1);
 
     // Within a second of the snapshot's start, size and time prove nothing.
-    let just_after = chrono::Utc::now();
-    let stats = restore_tree_delta(
-        &repo,
-        &archived.tree,
-        &target,
-        2,
-        DeltaCheck::SizeAndTime(just_after),
-        SyncMethod::Fsync,
-    )
-    .expect("delta by time, racy");
+    let stats = delta_by_time(chrono::Utc::now());
     assert_eq!((stats.files_kept, stats.files_written), (2, 1), "{stats:?}");
     assert!(content("f0") == originals[0].1);
     for (name, bytes) in &originals {
