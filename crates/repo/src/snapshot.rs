@@ -58,8 +58,10 @@ impl Node {
         mtime_ns: i64,
         snapshot_time: DateTime<Utc>,
     ) -> bool {
-        let settled_before =
-            snapshot_time.timestamp_nanos_opt().unwrap_or(i64::MIN) - 1_000_000_000;
+        let settled_before = snapshot_time
+            .timestamp_nanos_opt()
+            .unwrap_or(i64::MIN)
+            .saturating_sub(1_000_000_000);
         self.kind == NodeKind::File
             && self.size == size
             && self.mtime_ns == mtime_ns

@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use pg::conn::{quote_literal, Connection};
+use repo::restore::SyncMethod;
 use serde_json::{json, Value};
 
 use super::archive::{load_identity, parse_duration, parse_size};
 use super::setup::{connect, connect_to};
-use repo::restore::SyncMethod;
-
 use crate::cli::{ReplicationStatusArgs, RestoreArgs, StandbyCreateArgs};
 use crate::context::Context;
 use crate::output::{bytes, print_json, Table};
