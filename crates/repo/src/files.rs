@@ -107,10 +107,14 @@ impl Repository {
         plain.extend_from_slice(compressed);
         let sealed = self.crypto().seal(&plain);
         drop(plain);
-        match self.storage().put_if_absent(&object_key(name), &sealed)? {
+        let stored_bytes = sealed.len() as u64;
+        match self
+            .storage()
+            .put_if_absent(&object_key(name), sealed.into())?
+        {
             PutOutcome::Created => Ok(StoreOutcome::Created {
                 content_id,
-                stored_bytes: sealed.len() as u64,
+                stored_bytes,
             }),
             PutOutcome::AlreadyExists => {
                 let existing = self.load_file(name)?.content_id;

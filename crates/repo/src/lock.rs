@@ -85,7 +85,7 @@ impl std::fmt::Debug for RepoLock {
 fn write_lock(storage: &DynStorage, info: &LockInfo) -> Result<String> {
     let key = format!("locks/{}", Id::random());
     let bytes = serde_json::to_vec(info).map_err(|e| RepoError::Invalid(e.to_string()))?;
-    storage.put_if_absent(&key, &bytes)?;
+    storage.put_if_absent(&key, bytes.into())?;
     Ok(key)
 }
 

@@ -159,7 +159,7 @@ impl Repository {
         }
         let bytes =
             serde_json::to_vec_pretty(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        if storage.put_if_absent(CONFIG_KEY, &bytes)? == PutOutcome::AlreadyExists {
+        if storage.put_if_absent(CONFIG_KEY, bytes.into())? == PutOutcome::AlreadyExists {
             if let Some(key) = key_id {
                 storage.delete(&format!("keys/{key}"))?;
             }
@@ -425,7 +425,7 @@ impl Repository {
         let sealed = self.crypto.seal(&Compression::Zstd(3).compress(plaintext));
         let id = Id::of_bytes(&sealed);
         self.storage
-            .put_if_absent(&format!("{dir}/{id}"), &sealed)?;
+            .put_if_absent(&format!("{dir}/{id}"), sealed.into())?;
         Ok(id)
     }
 
@@ -823,7 +823,7 @@ fn write_key_file(
     let bytes =
         serde_json::to_vec_pretty(&key_file).map_err(|e| RepoError::Invalid(e.to_string()))?;
     let id = Id::of_bytes(&bytes);
-    storage.put_if_absent(&format!("keys/{id}"), &bytes)?;
+    storage.put_if_absent(&format!("keys/{id}"), bytes.into())?;
     Ok(id)
 }
 

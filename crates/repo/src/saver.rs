@@ -332,7 +332,9 @@ impl<'r> BlobSaver<'r> {
             return Ok(());
         }
         let FinishedPack { id, bytes, entries } = packer.finish(self.repo.crypto());
-        self.repo.storage().put_if_absent(&pack_key(&id), &bytes)?;
+        self.repo
+            .storage()
+            .put_if_absent(&pack_key(&id), bytes.into())?;
         self.counters.packs_written.fetch_add(1, Ordering::Relaxed);
         let batch = {
             let mut pending = lock(&self.pending);

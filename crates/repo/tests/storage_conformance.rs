@@ -6,6 +6,7 @@
 //! `AzblobStorage` (against Azurite). Without those servers the tests print a skip reason,
 //! except under `CI=true` where they fail.
 
+use bytes::Bytes;
 use repo::storage::{
     parse_sftp_url, retry, AzblobConfig, AzblobStorage, GcsConfig, GcsStorage, LocalStorage,
     PutOutcome, RetryPolicy, RetryingStorage, S3Config, S3Storage, SftpConfig, SftpStorage,
@@ -45,12 +46,18 @@ fn conformance_put_if_absent(s: &dyn Storage) {
     let key = "objects/first";
     let original = payload(1, 1000);
     assert_eq!(
-        expect_ok("first put", s.put_if_absent(key, &original)),
+        expect_ok(
+            "first put",
+            s.put_if_absent(key, Bytes::copy_from_slice(&original))
+        ),
         PutOutcome::Created
     );
     let other = payload(2, 1234);
     assert_eq!(
-        expect_ok("second put", s.put_if_absent(key, &other)),
+        expect_ok(
+            "second put",
+            s.put_if_absent(key, Bytes::copy_from_slice(&other))
+        ),
         PutOutcome::AlreadyExists
     );
     assert_eq!(
@@ -62,7 +69,10 @@ fn conformance_put_if_absent(s: &dyn Storage) {
 
     // Empty objects are objects too.
     assert_eq!(
-        expect_ok("empty put", s.put_if_absent("objects/empty", b"")),
+        expect_ok(
+            "empty put",
+            s.put_if_absent("objects/empty", Bytes::from_static(b""))
+        ),
         PutOutcome::Created
     );
     assert_eq!(
@@ -71,7 +81,10 @@ fn conformance_put_if_absent(s: &dyn Storage) {
     );
     assert_eq!(expect_ok("empty size", s.size("objects/empty")), Some(0));
     assert_eq!(
-        expect_ok("empty put again", s.put_if_absent("objects/empty", b"x")),
+        expect_ok(
+            "empty put again",
+            s.put_if_absent("objects/empty", Bytes::from_static(b"x"))
+        ),
         PutOutcome::AlreadyExists
     );
 }
@@ -79,7 +92,7 @@ fn conformance_put_if_absent(s: &dyn Storage) {
 fn conformance_get_and_range(s: &dyn Storage) {
     let key = "ranges/obj";
     let data = payload(3, 1000);
-    expect_ok("put", s.put_if_absent(key, &data));
+    expect_ok("put", s.put_if_absent(key, Bytes::copy_from_slice(&data)));
     assert_eq!(expect_ok("get", s.get(key)), data);
     assert_eq!(
         expect_ok("range head", s.get_range(key, 0, 10)),
@@ -143,7 +156,10 @@ fn conformance_list(s: &dyn Storage) {
         ("index/snap/1", 16),
     ];
     for (i, (key, len)) in objects.iter().enumerate() {
-        expect_ok(key, s.put_if_absent(key, &payload(10 + i as u64, *len)));
+        expect_ok(
+            key,
+            s.put_if_absent(key, Bytes::from(payload(10 + i as u64, *len))),
+        );
     }
     let listed = |prefix: &str| -> BTreeMap<String, u64> {
         expect_ok(&format!("list {prefix:?}"), s.list(prefix))
@@ -196,7 +212,10 @@ fn conformance_list(s: &dyn Storage) {
 }
 
 fn conformance_size(s: &dyn Storage) {
-    expect_ok("put", s.put_if_absent("sizes/a", &payload(4, 4321)));
+    expect_ok(
+        "put",
+        s.put_if_absent("sizes/a", Bytes::from(payload(4, 4321))),
+    );
     assert_eq!(expect_ok("size", s.size("sizes/a")), Some(4321));
     assert_eq!(expect_ok("size missing", s.size("sizes/b")), None);
     // Not checked here: `size` of a key that is only a "directory" (`sizes`). S3 answers
@@ -205,7 +224,10 @@ fn conformance_size(s: &dyn Storage) {
 
 fn conformance_delete(s: &dyn Storage) {
     let key = "del/obj";
-    expect_ok("put", s.put_if_absent(key, b"to be deleted"));
+    expect_ok(
+        "put",
+        s.put_if_absent(key, Bytes::from_static(b"to be deleted")),
+    );
     expect_ok("delete", s.delete(key));
     assert_eq!(expect_ok("size after delete", s.size(key)), None);
     match s.get(key) {
@@ -216,7 +238,10 @@ fn conformance_delete(s: &dyn Storage) {
     expect_ok("delete never existing", s.delete("del/never"));
     // The key is free again.
     assert_eq!(
-        expect_ok("put after delete", s.put_if_absent(key, b"new")),
+        expect_ok(
+            "put after delete",
+            s.put_if_absent(key, Bytes::from_static(b"new"))
+        ),
         PutOutcome::Created
     );
     assert_eq!(expect_ok("get new", s.get(key)), b"new");
@@ -240,7 +265,7 @@ fn conformance_large_object(s: &dyn Storage) {
     let key = "large/forty-mib";
     let data = payload(5, 40 * 1024 * 1024 + 123);
     assert_eq!(
-        expect_ok("put", s.put_if_absent(key, &data)),
+        expect_ok("put", s.put_if_absent(key, Bytes::copy_from_slice(&data))),
         PutOutcome::Created
     );
     assert_eq!(expect_ok("size", s.size(key)), Some(data.len() as u64));
@@ -254,7 +279,7 @@ fn conformance_large_object(s: &dyn Storage) {
     assert_eq!(
         expect_ok(
             "second put",
-            s.put_if_absent(key, &payload(6, 20 * 1024 * 1024))
+            s.put_if_absent(key, Bytes::from(payload(6, 20 * 1024 * 1024)))
         ),
         PutOutcome::AlreadyExists
     );
@@ -291,7 +316,9 @@ fn race(s: &dyn Storage, key: &str, writers: usize, len: usize) {
                     barrier.wait();
                     // As in production (`open_storage` wraps backends in `RetryingStorage`):
                     // moto answers 500 now and then to racing large PUTs.
-                    retry(race_policy(), key, || s.put_if_absent(key, data))
+                    retry(race_policy(), key, || {
+                        s.put_if_absent(key, Bytes::copy_from_slice(data))
+                    })
                 })
             })
             .collect();
@@ -341,7 +368,7 @@ fn conformance_invalid_keys(s: &dyn Storage) {
         "back\\slash",
     ] {
         let results = [
-            s.put_if_absent(key, b"x").err(),
+            s.put_if_absent(key, Bytes::from_static(b"x")).err(),
             s.get(key).err(),
             s.get_range(key, 0, 1).err(),
             s.size(key).err(),
@@ -488,7 +515,7 @@ fn gcs_missing_bucket_is_a_clear_permanent_error() {
     };
     let bucket = testkit::unique("absent").to_lowercase();
     let storage = expect_ok("new", GcsStorage::new(gcs_config(server, &bucket, "repo")));
-    let Some(err) = storage.put_if_absent("k", b"v").err() else {
+    let Some(err) = storage.put_if_absent("k", Bytes::from_static(b"v")).err() else {
         panic!("put into a missing bucket succeeded")
     };
     assert!(!err.is_retryable(), "retryable: {err}");
@@ -542,7 +569,10 @@ mod gcs {
         with(|s| {
             let data = payload(9, 24 << 20);
             assert_eq!(
-                expect_ok("put", s.put_if_absent("big/object", &data)),
+                expect_ok(
+                    "put",
+                    s.put_if_absent("big/object", Bytes::copy_from_slice(&data))
+                ),
                 PutOutcome::Created
             );
             assert_eq!(
@@ -657,7 +687,7 @@ fn sftp_refuses_unknown_host_keys_and_wrong_keys() {
         ..sftp_config(server, "never")
     };
     let storage = expect_ok("new", SftpStorage::new(unknown_host));
-    match storage.put_if_absent("k", b"v") {
+    match storage.put_if_absent("k", Bytes::from_static(b"v")) {
         Err(StorageError::Permanent { detail, .. }) => {
             assert!(detail.contains("host key"), "{detail}");
             assert!(detail.contains("ssh-keyscan"), "{detail}");
@@ -676,7 +706,7 @@ fn sftp_refuses_unknown_host_keys_and_wrong_keys() {
         ..sftp_config(server, "never")
     };
     let storage = expect_ok("new", SftpStorage::new(wrong_key));
-    match storage.put_if_absent("k", b"v") {
+    match storage.put_if_absent("k", Bytes::from_static(b"v")) {
         Err(StorageError::PermissionDenied { detail, .. }) => {
             assert!(detail.contains("refused the key"), "{detail}")
         }
@@ -689,7 +719,7 @@ fn sftp_refuses_unknown_host_keys_and_wrong_keys() {
     });
     let outside = expect_ok("new", outside);
     assert!(matches!(
-        outside.put_if_absent("k", b"v"),
+        outside.put_if_absent("k", Bytes::from_static(b"v")),
         Err(StorageError::PermissionDenied { .. })
     ));
 }
@@ -705,7 +735,10 @@ fn azblob_missing_container_is_a_clear_permanent_error() {
         AzblobStorage::new(azblob_config(azurite, &container, "repo")),
     );
     for (op, result) in [
-        ("put", storage.put_if_absent("k", b"v").err()),
+        (
+            "put",
+            storage.put_if_absent("k", Bytes::from_static(b"v")).err(),
+        ),
         ("list", storage.list("").err()),
     ] {
         let Some(err) = result else {
@@ -734,7 +767,7 @@ fn azblob_wrong_key_is_permission_denied() {
         ..AzblobConfig::default()
     };
     let storage = expect_ok("new", AzblobStorage::new(config));
-    match storage.put_if_absent("k", b"v") {
+    match storage.put_if_absent("k", Bytes::from_static(b"v")) {
         Err(StorageError::PermissionDenied { .. }) => {}
         other => panic!("a wrong account key must be permission denied, got {other:?}"),
     }
@@ -744,7 +777,10 @@ fn azblob_wrong_key_is_permission_denied() {
 fn local_list_skips_temporary_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = LocalStorage::new(dir.path());
-    expect_ok("put", storage.put_if_absent("data/ab/x", b"x"));
+    expect_ok(
+        "put",
+        storage.put_if_absent("data/ab/x", Bytes::from_static(b"x")),
+    );
     std::fs::write(dir.path().join("data/ab/.tmp-leftover"), b"half").expect("write temp");
     let keys: Vec<String> = expect_ok("list", storage.list(""))
         .into_iter()
@@ -774,11 +810,17 @@ fn s3_bucket_root_and_nested_prefix() {
     assert_eq!(nested.location(), format!("s3://{bucket}/some/prefix"));
 
     assert_eq!(
-        expect_ok("root put", root.put_if_absent("top/a", b"root")),
+        expect_ok(
+            "root put",
+            root.put_if_absent("top/a", Bytes::from_static(b"root"))
+        ),
         PutOutcome::Created
     );
     assert_eq!(
-        expect_ok("nested put", nested.put_if_absent("data/b", b"nested")),
+        expect_ok(
+            "nested put",
+            nested.put_if_absent("data/b", Bytes::from_static(b"nested"))
+        ),
         PutOutcome::Created
     );
 
@@ -805,7 +847,7 @@ fn s3_bucket_root_and_nested_prefix() {
     assert_eq!(
         expect_ok(
             "root put over nested",
-            root.put_if_absent("some/prefix/data/b", b"other")
+            root.put_if_absent("some/prefix/data/b", Bytes::from_static(b"other"))
         ),
         PutOutcome::AlreadyExists
     );
@@ -837,7 +879,7 @@ fn s3_unreachable_endpoint_fails_fast() {
     };
     let storage = expect_ok("new", S3Storage::new(config));
     let start = Instant::now();
-    let err = match storage.put_if_absent("k", b"v") {
+    let err = match storage.put_if_absent("k", Bytes::from_static(b"v")) {
         Err(e) => e,
         Ok(outcome) => panic!("put to an unreachable endpoint returned {outcome:?}"),
     };
@@ -886,7 +928,7 @@ fn s3_missing_bucket_is_a_clear_permanent_error() {
     };
     let bucket = testkit::unique("absent").to_lowercase();
     let storage = expect_ok("new", S3Storage::new(s3_config(moto, &bucket, "repo")));
-    let put = storage.put_if_absent("k", b"v");
+    let put = storage.put_if_absent("k", Bytes::from_static(b"v"));
     let list = storage.list("");
     let get = storage.get("k");
     for (op, result) in [("put", put.err()), ("list", list.err()), ("get", get.err())] {
@@ -949,7 +991,10 @@ fn s3_storage_is_shareable_across_threads() {
                     let key = format!("threads/{t}/{i}");
                     let data = payload(t * 1000 + i, 100 + i as usize);
                     assert_eq!(
-                        expect_ok("put", storage.put_if_absent(&key, &data)),
+                        expect_ok(
+                            "put",
+                            storage.put_if_absent(&key, Bytes::copy_from_slice(&data))
+                        ),
                         PutOutcome::Created
                     );
                     assert_eq!(expect_ok("get", storage.get(&key)), data);
@@ -971,7 +1016,10 @@ fn s3_works_from_inside_an_async_context() {
         .expect("runtime");
     rt.block_on(async {
         assert_eq!(
-            expect_ok("put", storage.put_if_absent("async/k", b"v")),
+            expect_ok(
+                "put",
+                storage.put_if_absent("async/k", Bytes::from_static(b"v"))
+            ),
             PutOutcome::Created
         );
         assert_eq!(expect_ok("get", storage.get("async/k")), b"v");
@@ -1037,12 +1085,15 @@ fn cutting_proxy(target: u16, limit: usize) -> u16 {
 /// then works.
 fn check_interrupted_upload(through_proxy: &dyn Storage, direct: &dyn Storage) {
     let data = payload(77, 8 << 20);
-    let result = through_proxy.put_if_absent("cut/object", &data);
+    let result = through_proxy.put_if_absent("cut/object", Bytes::copy_from_slice(&data));
     assert!(result.is_err(), "upload through a cut connection succeeded");
     assert_eq!(expect_ok("size", direct.size("cut/object")), None);
     assert!(expect_ok("list", direct.list("cut/")).is_empty());
     assert_eq!(
-        expect_ok("retry", direct.put_if_absent("cut/object", &data)),
+        expect_ok(
+            "retry",
+            direct.put_if_absent("cut/object", Bytes::copy_from_slice(&data))
+        ),
         PutOutcome::Created
     );
     assert!(expect_ok("get", direct.get("cut/object")) == data);

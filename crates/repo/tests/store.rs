@@ -104,7 +104,9 @@ fn pack_keys(storage: &DynStorage) -> Vec<String> {
 fn overwrite(storage: &DynStorage, key: &str, data: &[u8]) {
     storage.delete(key).expect("delete");
     assert_eq!(
-        storage.put_if_absent(key, data).expect("put"),
+        storage
+            .put_if_absent(key, bytes::Bytes::copy_from_slice(data))
+            .expect("put"),
         PutOutcome::Created
     );
 }
@@ -507,7 +509,11 @@ impl repo::storage::Storage for CountingStorage {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> repo::storage::StorageResult<PutOutcome> {
+    fn put_if_absent(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+    ) -> repo::storage::StorageResult<PutOutcome> {
         self.inner.put_if_absent(key, data)
     }
     fn get(&self, key: &str) -> repo::storage::StorageResult<Vec<u8>> {

@@ -14,6 +14,7 @@
 
 use super::{check_key, ObjectMeta, PutOutcome, Storage, StorageError, StorageResult};
 use crate::direct::NewFile;
+use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -230,12 +231,12 @@ impl Storage for LocalStorage {
         self.root.display().to_string()
     }
 
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome> {
+    fn put_if_absent(&self, key: &str, data: Bytes) -> StorageResult<PutOutcome> {
         let path = self.path(key)?;
         if path.exists() {
             return Ok(PutOutcome::AlreadyExists);
         }
-        self.write_new(key, &path, data)
+        self.write_new(key, &path, &data)
     }
 
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
@@ -370,13 +371,17 @@ mod claim_tests {
             .expect("age the claim");
         drop(file);
         assert_eq!(
-            storage.put_if_absent("wal", b"x").expect("put"),
+            storage
+                .put_if_absent("wal", Bytes::from_static(b"x"))
+                .expect("put"),
             PutOutcome::Created
         );
         assert_eq!(storage.get("wal").expect("get"), b"x");
         assert!(!claim.exists(), "claim released");
         assert_eq!(
-            storage.put_if_absent("wal", b"y").expect("put"),
+            storage
+                .put_if_absent("wal", Bytes::from_static(b"y"))
+                .expect("put"),
             PutOutcome::AlreadyExists
         );
         assert_eq!(storage.get("wal").expect("get"), b"x");

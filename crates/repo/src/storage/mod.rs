@@ -35,7 +35,7 @@ macro_rules! delegate_storage {
             fn location(&self) -> String {
                 self.0.location()
             }
-            fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome> {
+            fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StorageResult<PutOutcome> {
                 self.0.put_if_absent(key, data)
             }
             fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
@@ -63,6 +63,8 @@ pub(crate) use delegate_storage;
 
 use std::fmt;
 use std::sync::Arc;
+
+use bytes::Bytes;
 
 /// What `put_if_absent` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +146,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Human-readable location used in messages (e.g. `s3://bucket/prefix`).
     fn location(&self) -> String;
 
-    /// Publishes `data` under `key` unless an object already exists there.
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome>;
+    /// Publishes `data` under `key` unless an object already exists there. The bytes are
+    /// taken by value (a `Vec<u8>` converts without a copy) so that an object store can
+    /// send them, and a retry send them again, without copying a 16 MiB pack or segment.
+    fn put_if_absent(&self, key: &str, data: Bytes) -> StorageResult<PutOutcome>;
 
     /// Reads a whole object.
     fn get(&self, key: &str) -> StorageResult<Vec<u8>>;

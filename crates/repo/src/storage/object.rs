@@ -20,6 +20,7 @@
 //! instead of hanging.
 
 use super::{check_key, ObjectMeta, PutOutcome, Storage, StorageError, StorageResult};
+use bytes::Bytes;
 use opendal::{Buffer, ErrorKind, Operator};
 use std::future::Future;
 use std::sync::OnceLock;
@@ -261,7 +262,7 @@ impl Storage for ObjectStore {
         )
     }
 
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome> {
+    fn put_if_absent(&self, key: &str, data: Bytes) -> StorageResult<PutOutcome> {
         self.check(key)?;
         if let Some(max) = self.service.max_conditional_put {
             if data.len() > max {
@@ -277,7 +278,7 @@ impl Storage for ObjectStore {
         }
         let deadline =
             self.timeout + Duration::from_secs((data.len() / WRITE_BYTES_PER_SECOND) as u64);
-        let body = Buffer::from(data.to_vec());
+        let body = Buffer::from(data);
         let fut = async {
             match self.op.write_with(key, body).if_not_exists(true).await {
                 Ok(_) => Ok(PutOutcome::Created),

@@ -1,6 +1,7 @@
 //! One retry helper with exponential backoff, used by every backend and caller.
 
 use super::{ObjectMeta, PutOutcome, Storage, StorageResult};
+use bytes::Bytes;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
@@ -58,8 +59,10 @@ impl<S: Storage> Storage for RetryingStorage<S> {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome> {
-        retry(self.policy, key, || self.inner.put_if_absent(key, data))
+    fn put_if_absent(&self, key: &str, data: Bytes) -> StorageResult<PutOutcome> {
+        retry(self.policy, key, || {
+            self.inner.put_if_absent(key, data.clone())
+        })
     }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         retry(self.policy, key, || self.inner.get(key))

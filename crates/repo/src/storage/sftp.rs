@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use openssh::{KnownHosts, SessionBuilder};
@@ -432,8 +433,9 @@ impl Storage for SftpStorage {
         location_of(&self.config)
     }
 
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> StorageResult<PutOutcome> {
+    fn put_if_absent(&self, key: &str, data: Bytes) -> StorageResult<PutOutcome> {
         let path = self.path(key)?;
+        let data: &[u8] = &data;
         let deadline = self.timeout + Duration::from_secs((data.len() / (1024 * 1024)) as u64);
         self.run("put", key, deadline, |sftp| {
             Box::pin(async move { self.publish(&sftp, &path, data).await })
