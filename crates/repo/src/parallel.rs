@@ -1,7 +1,7 @@
 //! Small helpers to run independent work items on a bounded number of threads.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// The first error of threads working together; later ones are dropped (they are usually
 /// the same failure seen again, or others stopping because of it).
@@ -24,9 +24,15 @@ impl<E> FirstError<E> {
         self.slot().take()
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<E>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn slot(&self) -> MutexGuard<'_, Option<E>> {
+        lock(&self.0)
     }
+}
+
+/// Locks `mutex`, also after a thread panicked holding it: what it guards stays usable
+/// (the panic itself is reported where the thread is joined).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Applies `f` to every item on up to `jobs` threads; returns results in input order,

@@ -182,11 +182,10 @@ fn walk_dirs(
 }
 
 /// How a restore makes what it wrote durable before it returns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMethod {
     /// fsync every file written and every directory (what PostgreSQL's tools do by
     /// default).
-    #[default]
     Fsync,
     /// One `syncfs(2)` of the target's filesystem at the end, as PostgreSQL's
     /// `--sync-method=syncfs`: one journal commit instead of one per file (20,000 files of
@@ -202,6 +201,28 @@ impl std::str::FromStr for SyncMethod {
             "fsync" => Ok(SyncMethod::Fsync),
             "syncfs" => Ok(SyncMethod::Syncfs),
             _ => Err(format!("unknown sync method {text:?}: use fsync or syncfs")),
+        }
+    }
+}
+
+impl SyncMethod {
+    /// Syncs a file or directory just written or changed; under [`SyncMethod::Syncfs`]
+    /// nothing until [`SyncMethod::finish`].
+    fn written(self, path: &Path) -> Result<()> {
+        match self {
+            SyncMethod::Fsync => fsync_path(path),
+            SyncMethod::Syncfs => Ok(()),
+        }
+    }
+
+    /// The last sync of a restore into `target`: the directory itself, or its whole
+    /// filesystem.
+    fn finish(self, target: &Path) -> Result<()> {
+        match self {
+            SyncMethod::Fsync => fsync_path(target),
+            SyncMethod::Syncfs => File::open(target)
+                .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
+                .map_err(|e| RepoError::io(target, e)),
         }
     }
 }
@@ -272,16 +293,9 @@ fn finish_dirs(mut dirs: Vec<PendingFile>, target: &Path, sync: SyncMethod) -> R
     dirs.reverse();
     for dir in &dirs {
         apply_metadata(&dir.path, &dir.node)?;
-        if sync == SyncMethod::Fsync {
-            fsync_path(&dir.path)?;
-        }
+        sync.written(&dir.path)?;
     }
-    match sync {
-        SyncMethod::Fsync => fsync_path(target),
-        SyncMethod::Syncfs => File::open(target)
-            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
-            .map_err(|e| RepoError::io(target, e)),
-    }
+    sync.finish(target)
 }
 
 /// Writes new files in parallel, then fsyncs them (under [`SyncMethod::Fsync`]).
@@ -453,9 +467,7 @@ fn write_file(repo: &Repository, file: &PendingFile) -> Result<()> {
 /// Fsyncs a written file (under [`SyncMethod::Fsync`]), then gives it its mode, owner
 /// and times (last, as writing changes them).
 fn finish_file(file: &PendingFile, sync: SyncMethod) -> Result<()> {
-    if sync == SyncMethod::Fsync {
-        fsync_path(&file.path)?;
-    }
+    sync.written(&file.path)?;
     apply_metadata(&file.path, &file.node)
 }
 
@@ -787,9 +799,7 @@ fn patch_chunks(
         written += restore_part(repo, file, first..first + run)?;
         rest = &rest[run..];
     }
-    if sync == SyncMethod::Fsync {
-        fsync_path(path)?;
-    }
+    sync.written(path)?;
     Ok(written)
 }
 

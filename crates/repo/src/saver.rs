@@ -13,7 +13,7 @@ use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::{BlobLocation, IndexFile};
 use crate::pack::{BlobType, FinishedPack, PackBuilder};
-use crate::parallel::FirstError;
+use crate::parallel::{lock, FirstError};
 use crate::repository::{pack_key, Repository, StoredBlobs};
 
 /// Write an index object after this many packs, so an interrupted run keeps its progress.
@@ -391,8 +391,4 @@ impl Drop for CloseUploads<'_> {
     fn drop(&mut self) {
         lock(self.0).take();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

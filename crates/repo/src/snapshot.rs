@@ -93,6 +93,13 @@ pub struct Tree {
 }
 
 impl Tree {
+    /// A tree of `nodes`, sorted by name as [`Tree::find`] and [`TreeCursor`] expect (for
+    /// names that are numbers, such as OIDs of different lengths, not their numeric order).
+    pub fn sorted(mut nodes: Vec<Node>) -> Tree {
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Tree { nodes }
+    }
+
     pub fn find(&self, name: &str) -> Option<&Node> {
         self.nodes
             .binary_search_by(|n| n.name.as_str().cmp(name))

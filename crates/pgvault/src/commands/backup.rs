@@ -478,13 +478,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         if let Some(pgdata_node) = top.first_mut() {
             store_control_file_last(&saver, &pgdata, pgdata_node)?;
         }
-        // Trees are sorted by name, which for OIDs of different lengths is not their
-        // numeric order (restore looks tablespaces up by name).
-        tablespace_nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let tablespaces_tree = Tree {
-            nodes: tablespace_nodes,
-        }
-        .save(&saver)?;
+        let tablespaces_tree = Tree::sorted(tablespace_nodes).save(&saver)?;
         top.push(Node {
             name: "tablespaces".into(),
             kind: NodeKind::Dir,
@@ -529,7 +523,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         stop.segment
     );
 
-    let tree = Tree { nodes: top }.save(&saver)?;
+    let tree = Tree::sorted(top).save(&saver)?;
     saver.flush()?;
     summary.save = saver.stats();
     wait_for_wal(&repo, &ctx.cluster, &stop.segment, wal_timeout, wal_hint)?;

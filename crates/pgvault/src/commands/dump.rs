@@ -174,14 +174,8 @@ fn store_output(
     Ok((node, archived.summary))
 }
 
-/// A tree of `nodes`, sorted by name as [`Tree::find`] expects.
-pub fn sorted_tree(mut nodes: Vec<Node>) -> Tree {
-    nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    Tree { nodes }
-}
-
 fn dir_node(name: &str, nodes: Vec<Node>, saver: &BlobSaver<'_>) -> Result<Node> {
-    let subtree = sorted_tree(nodes).save(saver)?;
+    let subtree = Tree::sorted(nodes).save(saver)?;
     Ok(Node {
         name: name.to_string(),
         kind: NodeKind::Dir,
@@ -422,7 +416,7 @@ fn dump(ctx: &Context, args: &DumpArgs) -> Result<()> {
     }
     databases.sort_by(|a, b| a.name.cmp(&b.name));
     top.push(dir_node("databases", database_nodes, &saver)?);
-    let tree = sorted_tree(top).save(&saver)?;
+    let tree = Tree::sorted(top).save(&saver)?;
     saver.flush()?;
     summary.save.bytes_stored += saver.stats().bytes_stored;
     summary.duration_ms = (Utc::now() - start_time).num_milliseconds().max(0) as u64;

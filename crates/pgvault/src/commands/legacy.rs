@@ -24,7 +24,7 @@ use repo::storage::{DynStorage, Location};
 use serde_json::json;
 
 use super::dump::{
-    collect_stderr, sorted_tree, tool_command, DumpMeta, DUMPALL_FILE, DUMPALL_FORMAT, DUMP_KIND,
+    collect_stderr, tool_command, DumpMeta, DUMPALL_FILE, DUMPALL_FORMAT, DUMP_KIND,
     SNAPSHOT_VERSION,
 };
 use crate::cli::{LegacyCommand, LegacyDecryptArgs, LegacySourceArgs};
@@ -537,7 +537,7 @@ fn import(
         .into_iter()
         .next()
         .context("stored stream has no node")?;
-    let tree = sorted_tree(vec![node]).save(&saver)?;
+    let tree = Tree::sorted(vec![node]).save(&saver)?;
     saver.flush()?;
     let version_num = |text: &Option<String>| -> u32 {
         text.as_deref()
