@@ -20,7 +20,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Every command takes these; the help lists them apart from the command's own options.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// TOML config file [default: /etc/pgvault/pgvault.toml if present]
     #[arg(long, global = true, env = "PGVAULT_CONFIG", value_name = "FILE")]

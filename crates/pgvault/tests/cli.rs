@@ -954,3 +954,22 @@ fn gcs_repository_round_trip() {
     .expect("config");
     round_trip(&s, |args| run_with_config(&s, &config, args));
 }
+
+#[test]
+fn help_lists_a_commands_own_options_before_the_global_ones() {
+    let s = Scratch::new();
+    let help = s.ok(&["restore", "--help"]);
+    let own = help
+        .find("--target-time")
+        .expect("restore's own option listed");
+    let heading = help
+        .find("Global options:")
+        .expect("a heading for the global options");
+    let global = help
+        .find("--passphrase-file")
+        .expect("global option listed");
+    assert!(
+        own < heading && heading < global,
+        "restore --help mixes its own options with the global ones:\n{help}"
+    );
+}
