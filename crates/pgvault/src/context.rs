@@ -156,6 +156,11 @@ impl Context {
         self.clusters.get(cluster)?.pg_conn.clone()
     }
 
+    /// The tags that file a snapshot under this context's cluster.
+    pub fn cluster_tags(&self) -> std::collections::BTreeMap<String, String> {
+        [("cluster".to_string(), self.cluster.clone())].into()
+    }
+
     pub fn json(&self) -> bool {
         self.output == OutputFormat::Json
     }

@@ -102,7 +102,7 @@ impl KeyFile {
         Ok(KeyFile {
             version: 1,
             created: Utc::now(),
-            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            hostname: crate::hostname(),
             username: std::env::var("USER").unwrap_or_default(),
             kdf: Kdf {
                 algorithm: "argon2id".into(),

@@ -43,6 +43,11 @@ use storage::{
     RetryPolicy, RetryingStorage, S3Config, S3Storage, SftpConfig, SftpStorage,
 };
 
+/// This machine's name, as recorded in snapshots, locks and key files.
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
 /// Settings of the object-store backends beyond what the location URL says.
 #[derive(Debug, Clone, Default)]
 pub struct BackendOptions {

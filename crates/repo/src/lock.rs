@@ -47,7 +47,7 @@ impl LockInfo {
         if age > STALE_AFTER {
             return true;
         }
-        let this_host = gethostname::gethostname().to_string_lossy() == self.hostname;
+        let this_host = crate::hostname() == self.hostname;
         this_host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 
@@ -121,7 +121,7 @@ impl RepoLock {
         let now = Utc::now();
         let info = LockInfo {
             kind,
-            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            hostname: crate::hostname(),
             pid: std::process::id(),
             command: command.to_string(),
             created: now,

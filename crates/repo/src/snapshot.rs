@@ -365,6 +365,32 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot of `tree` taken on this host, with no label, paths, root, parent, tags
+    /// or layer metadata yet.
+    pub fn new(
+        kind: &str,
+        time: DateTime<Utc>,
+        end_time: DateTime<Utc>,
+        tree: Id,
+        summary: Summary,
+    ) -> Snapshot {
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            kind: kind.to_string(),
+            time,
+            end_time,
+            hostname: crate::hostname(),
+            label: None,
+            paths: Vec::new(),
+            tree,
+            root: None,
+            parent: None,
+            tags: BTreeMap::new(),
+            summary,
+            meta: serde_json::Value::Null,
+        }
+    }
+
     pub fn save(&self, repo: &Repository) -> Result<Id> {
         repo.save_object(ObjectKind::Snapshot, self)
     }

@@ -13,7 +13,7 @@ use repo::crypto::Encryption;
 use repo::keys::KdfParams;
 use repo::restore::{restore_tree, restore_tree_delta, write_content, DeltaCheck, SyncMethod};
 use repo::saver::BlobSaver;
-use repo::snapshot::{Snapshot, Tree, SNAPSHOT_VERSION};
+use repo::snapshot::{Snapshot, Tree};
 use repo::storage::{DynStorage, LocalStorage, PutOutcome, S3Config, S3Storage};
 use repo::verify::{verify, VerifyOptions};
 use repo::{Id, InitOptions, RepoError, Repository};
@@ -66,19 +66,14 @@ fn store(repo: &Repository, data: &[u8]) -> (Vec<Id>, repo::saver::SaveStats) {
     let tree = Tree::load(repo, &archived.tree).expect("load tree");
     let stats = archived.summary.save;
     Snapshot {
-        version: SNAPSHOT_VERSION,
-        kind: "stream".into(),
-        time: started,
-        end_time: chrono::Utc::now(),
-        hostname: "store-suite".into(),
-        label: None,
-        paths: Vec::new(),
-        tree: archived.tree,
         root: archived.root,
-        parent: None,
-        tags: Default::default(),
-        summary: archived.summary,
-        meta: serde_json::Value::Null,
+        ..Snapshot::new(
+            "stream",
+            started,
+            chrono::Utc::now(),
+            archived.tree,
+            archived.summary,
+        )
     }
     .save(repo)
     .expect("save snapshot");
@@ -542,19 +537,14 @@ fn save_tree_snapshot(
     time: chrono::DateTime<chrono::Utc>,
 ) -> Id {
     Snapshot {
-        version: SNAPSHOT_VERSION,
-        kind: "files".into(),
-        time,
-        end_time: chrono::Utc::now(),
-        hostname: "store-suite".into(),
-        label: None,
-        paths: Vec::new(),
-        tree: archived.tree,
         root: archived.root.clone(),
-        parent: None,
-        tags: Default::default(),
-        summary: archived.summary,
-        meta: serde_json::Value::Null,
+        ..Snapshot::new(
+            "files",
+            time,
+            chrono::Utc::now(),
+            archived.tree,
+            archived.summary,
+        )
     }
     .save(repo)
     .expect("save snapshot")

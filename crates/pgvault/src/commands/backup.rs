@@ -24,7 +24,7 @@ use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
 use repo::lock::LockKind;
 use repo::pack::BlobType;
 use repo::saver::BlobSaver;
-use repo::snapshot::{Node, NodeKind, Snapshot, Summary, Tree, SNAPSHOT_VERSION};
+use repo::snapshot::{Node, NodeKind, Snapshot, Summary, Tree};
 use repo::{Id, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -551,19 +551,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {
-        version: SNAPSHOT_VERSION,
-        kind: BACKUP_KIND.into(),
-        time: start_time,
-        end_time: Utc::now(),
-        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         label: Some(label.clone()),
         paths: vec![pgdata.display().to_string()],
-        tree,
-        root: None,
         parent: previous.as_ref().map(|(id, _, _)| *id),
-        tags: [("cluster".to_string(), ctx.cluster.clone())].into(),
-        summary,
+        tags: ctx.cluster_tags(),
         meta: serde_json::to_value(&meta).context("encode backup metadata")?,
+        ..Snapshot::new(BACKUP_KIND, start_time, Utc::now(), tree, summary)
     };
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;

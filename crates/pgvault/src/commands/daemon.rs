@@ -553,7 +553,7 @@ async fn run_job(job: &mut JobLoop, trigger: &str) {
         stored_bytes,
         result_id,
         error: error.map(|e| jobs::redact(&e)),
-        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+        hostname: repo::hostname(),
     };
     match outcome {
         Outcome::Ok => tracing::info!(

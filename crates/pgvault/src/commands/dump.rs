@@ -38,7 +38,6 @@ use crate::context::Context;
 use crate::output::{bytes, print_json, Table};
 
 pub const DUMP_KIND: &str = "dump";
-pub const SNAPSHOT_VERSION: u32 = 1;
 
 /// One database of a dump.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -436,19 +435,10 @@ fn dump(ctx: &Context, args: &DumpArgs) -> Result<()> {
         source: None,
     };
     let snapshot = Snapshot {
-        version: SNAPSHOT_VERSION,
-        kind: DUMP_KIND.into(),
-        time: start_time,
-        end_time: meta.stop_time,
-        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         label: args.label.clone(),
-        paths: Vec::new(),
-        tree,
-        root: None,
-        parent: None,
-        tags: [("cluster".to_string(), ctx.cluster.clone())].into(),
-        summary,
+        tags: ctx.cluster_tags(),
         meta: serde_json::to_value(&meta).context("encode dump metadata")?,
+        ..Snapshot::new(DUMP_KIND, start_time, meta.stop_time, tree, summary)
     };
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;

@@ -25,7 +25,6 @@ use serde_json::json;
 
 use super::dump::{
     collect_stderr, tool_command, DumpMeta, DUMPALL_FILE, DUMPALL_FORMAT, DUMP_KIND,
-    SNAPSHOT_VERSION,
 };
 use crate::cli::{LegacyCommand, LegacyDecryptArgs, LegacySourceArgs};
 use crate::config::read_secret_file;
@@ -581,21 +580,12 @@ fn import(
     summary.save = saver.stats();
     summary.duration_ms = (Utc::now() - start_time).num_milliseconds().max(0) as u64;
     let snapshot = Snapshot {
-        version: SNAPSHOT_VERSION,
-        kind: DUMP_KIND.into(),
-        time: meta.start_time,
-        end_time: meta.stop_time,
-        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         label: label
             .map(str::to_string)
             .or_else(|| Some(format!("legacy {}", stream.backup.id))),
-        paths: Vec::new(),
-        tree,
-        root: None,
-        parent: None,
-        tags: [("cluster".to_string(), ctx.cluster.clone())].into(),
-        summary,
+        tags: ctx.cluster_tags(),
         meta: serde_json::to_value(&meta).context("encode dump metadata")?,
+        ..Snapshot::new(DUMP_KIND, meta.start_time, meta.stop_time, tree, summary)
     };
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;

@@ -11,7 +11,7 @@ use repo::lock::LockKind;
 use repo::repository::ObjectKind;
 use repo::restore::{apply_root_metadata, restore_tree, write_content, SyncMethod};
 use repo::saver::BlobSaver;
-use repo::snapshot::{NodeKind, Snapshot, Tree, SNAPSHOT_VERSION};
+use repo::snapshot::{NodeKind, Snapshot, Tree};
 use serde_json::json;
 
 use crate::cli::{SnapshotCommand, SnapshotCreateArgs, SnapshotRestoreArgs};
@@ -76,19 +76,12 @@ fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
         ("tree", vec![path_text], archived, parent.map(|(id, _)| id))
     };
     let snapshot = Snapshot {
-        version: SNAPSHOT_VERSION,
-        kind: kind.to_string(),
-        time: started,
-        end_time: Utc::now(),
-        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         label: args.label.clone(),
         paths,
-        tree: archived.tree,
         root: archived.root,
         parent,
         tags,
-        summary: archived.summary,
-        meta: serde_json::Value::Null,
+        ..Snapshot::new(kind, started, Utc::now(), archived.tree, archived.summary)
     };
     lock.ensure_held()?;
     let id = snapshot.save(&repo)?;
