@@ -2,8 +2,10 @@
 //! to a time, an LSN, a transaction (also excluding it) and a restore point (also
 //! pausing there) are started and judged by PostgreSQL's own tools (`pg_checksums
 //! --check`, `pg_amcheck --heapallindexed`) and by comparing data with the source at the
-//! target. Plus corrupted pages, unlogged tables, tablespaces, S3, SFTP, Azure, killed
-//! backups, memory with many files, and the refusals.
+//! target (before 14, which has neither pg_amcheck nor heap checks in amcheck:
+//! `bt_index_check` with `heapallindexed` and a checksum-verifying read of every block).
+//! On every major from 12 to 18. Plus corrupted pages, unlogged tables, tablespaces,
+//! standbys, S3, SFTP, Azure, killed backups, memory with many files, and the refusals.
 
 use std::fs;
 use std::path::Path;
@@ -595,68 +597,14 @@ fn tablespaces_and_standby_restores() {
     judge(&mut restored);
 
     // A standby seeded from the repository that streams from the source.
-    let dir = tempfile::Builder::new()
-        .prefix("pgvault-standby-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let pgdata = dir.path().join("data").display().to_string();
-    let standby_ts = format!("far={}", dir.path().join("ts").display());
-    let standby_ts2 = format!("farther={}", dir.path().join("ts2").display());
-    let primary = format!("host=127.0.0.1 port={} user=postgres", source.port());
-    setup.ok(&[
-        "restore",
-        "--pgdata",
-        &pgdata,
-        "--standby",
-        "--primary-conn",
-        &primary,
-        "--tablespace-map",
-        &standby_ts,
-        "--tablespace-map",
-        &standby_ts2,
-    ]);
-    assert!(Path::new(&pgdata).join("standby.signal").exists());
-    let standby = Cluster::adopt(source.bin().clone(), dir).expect("start the standby");
-    source.psql("INSERT INTO marks VALUES ('after the backup')");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let status =
-            standby.psql("SELECT coalesce((SELECT status FROM pg_stat_wal_receiver), 'none')");
-        let seen = standby.psql("SELECT count(*) FROM marks");
-        if status == "streaming" && seen == "1" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "standby not streaming (status {status}, marks {seen}):\n{}",
-            standby.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    let standby = streaming_standby(&setup, &source, &[("far", "ts"), ("farther", "ts2")]);
 
     // A backup taken from the standby, its last segment switched on the primary, is a
     // complete backup: restored, it holds what the standby had replayed.
-    let standby_pgdata = standby.pgdata().display().to_string();
     let primary_only = setup.fails(&["backup", "--from-standby", "--pg-conn", &source.conninfo()]);
     assert!(primary_only.contains("is a primary"), "{primary_only}");
-    let report: serde_json::Value = serde_json::from_str(&setup.ok(&[
-        "backup",
-        "--fast",
-        "--pg-conn",
-        &standby.conninfo(),
-        "--pgdata",
-        &standby_pgdata,
-        "--primary-conn",
-        &primary,
-        "--output",
-        "json",
-        "--wal-timeout",
-        "60s",
-    ]))
-    .expect("backup JSON");
+    let id = backup_from_standby(&setup, &standby, &source);
     source.psql("INSERT INTO marks VALUES ('after the standby backup')");
-    let id = report["id"].as_str().expect("backup id").to_string();
     let elsewhere = format!("far={}", standby.dir().join("ts-restored").display());
     let elsewhere2 = format!("farther={}", standby.dir().join("ts2-restored").display());
     let mut restored = restore_and_start(
@@ -679,6 +627,114 @@ fn tablespaces_and_standby_restores() {
     assert_eq!(restored.psql(remote_state), expected);
     judge(&mut restored);
     source.stop();
+}
+
+/// A standby restored from the repository with `--standby --primary-conn` (tablespaces
+/// mapped under its own directory: name → subdirectory), started, and streaming from
+/// `source` once a row inserted into `marks` there has reached it.
+fn streaming_standby(setup: &Setup, source: &Cluster, tablespaces: &[(&str, &str)]) -> Cluster {
+    let dir = tempfile::Builder::new()
+        .prefix("pgvault-standby-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let pgdata = dir.path().join("data").display().to_string();
+    let primary = primary_conn(source);
+    let mut args = vec![
+        "restore".to_string(),
+        "--pgdata".to_string(),
+        pgdata.clone(),
+        "--standby".to_string(),
+        "--primary-conn".to_string(),
+        primary,
+    ];
+    for (name, subdir) in tablespaces {
+        args.push("--tablespace-map".to_string());
+        args.push(format!("{name}={}", dir.path().join(subdir).display()));
+    }
+    setup.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(Path::new(&pgdata).join("standby.signal").exists());
+    let standby = Cluster::adopt(source.bin().clone(), dir).expect("start the standby");
+    let before = source.psql("SELECT count(*) FROM marks");
+    source.psql("INSERT INTO marks VALUES ('after the backup')");
+    let expected = source.psql("SELECT count(*) FROM marks");
+    assert_ne!(before, expected);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status =
+            standby.psql("SELECT coalesce((SELECT status FROM pg_stat_wal_receiver), 'none')");
+        let seen = standby.psql("SELECT count(*) FROM marks");
+        if status == "streaming" && seen == expected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "standby not streaming (status {status}, marks {seen}):\n{}",
+            standby.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    standby
+}
+
+fn primary_conn(source: &Cluster) -> String {
+    format!("host=127.0.0.1 port={} user=postgres", source.port())
+}
+
+/// `backup --fast` of `standby`, its last segment switched on `primary`: the backup id.
+fn backup_from_standby(setup: &Setup, standby: &Cluster, primary: &Cluster) -> String {
+    let report: serde_json::Value = serde_json::from_str(&setup.ok(&[
+        "backup",
+        "--fast",
+        "--pg-conn",
+        &standby.conninfo(),
+        "--pgdata",
+        &standby.pgdata().display().to_string(),
+        "--primary-conn",
+        &primary_conn(primary),
+        "--output",
+        "json",
+        "--wal-timeout",
+        "60s",
+    ]))
+    .expect("backup JSON");
+    assert_eq!(report["from_standby"], serde_json::json!(true), "{report}");
+    report["id"].as_str().expect("backup id").to_string()
+}
+
+/// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
+/// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
+/// 13+).
+#[test]
+fn standby_backups_before_postgresql_15() {
+    for major in [12, 14] {
+        let setup = Setup::local();
+        let Some(mut source) = with_pgbench(&setup, archiving_cluster_of(major), "1") else {
+            continue;
+        };
+        backup(&setup, &source, &[]);
+        let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+        wait_archived(&source, &last);
+        let standby = streaming_standby(&setup, &source, &[]);
+        let id = backup_from_standby(&setup, &standby, &source);
+        let expected = state(&standby);
+        source.psql("INSERT INTO marks VALUES ('after the standby backup')");
+        let mut restored = restore_and_start(
+            &setup,
+            source.bin(),
+            &[
+                "--backup",
+                &id,
+                "--target",
+                "immediate",
+                "--archive-mode",
+                "off",
+            ],
+        );
+        assert_eq!(state(&restored), expected, "PostgreSQL {major}");
+        judge(&mut restored);
+        source.stop();
+    }
 }
 
 /// A restored server that ran on, had files deleted, damaged and added, is brought back
