@@ -71,6 +71,23 @@ fn restore_and_start(setup: &Setup, bin: &PgBin, extra: &[&str]) -> Cluster {
     cluster
 }
 
+/// Backup `id` restored to its end and started, not archiving (a check copy must not
+/// push a timeline of its own into the source's archive).
+fn check_copy(setup: &Setup, bin: &PgBin, id: &str) -> Cluster {
+    restore_and_start(
+        setup,
+        bin,
+        &[
+            "--backup",
+            id,
+            "--target",
+            "immediate",
+            "--archive-mode",
+            "off",
+        ],
+    )
+}
+
 /// Restores into a fresh directory with `--target-action action` and starts the server.
 fn restore_with_action(setup: &Setup, bin: &PgBin, action: &str, extra: &[&str]) -> Cluster {
     let dir = tempfile::Builder::new()
@@ -719,18 +736,7 @@ fn standby_backups_before_postgresql_15() {
         let id = backup_from_standby(&setup, &standby, &source);
         let expected = state(&standby);
         source.psql("INSERT INTO marks VALUES ('after the standby backup')");
-        let mut restored = restore_and_start(
-            &setup,
-            source.bin(),
-            &[
-                "--backup",
-                &id,
-                "--target",
-                "immediate",
-                "--archive-mode",
-                "off",
-            ],
-        );
+        let mut restored = check_copy(&setup, source.bin(), &id);
         assert_eq!(state(&restored), expected, "PostgreSQL {major}");
         judge(&mut restored);
         source.stop();
@@ -1193,18 +1199,7 @@ fn wal_summaries_limit_reads_to_modified_blocks() {
     let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
     wait_archived(&source, &last);
     let id = second["id"].as_str().expect("id").to_string();
-    let mut restored = restore_and_start(
-        &setup,
-        source.bin(),
-        &[
-            "--backup",
-            &id,
-            "--target",
-            "immediate",
-            "--archive-mode",
-            "off",
-        ],
-    );
+    let mut restored = check_copy(&setup, source.bin(), &id);
     let got = format!(
         "{}|{}|{}",
         state(&restored),
