@@ -1,9 +1,10 @@
 //! Logical dumps against real servers: a rich source cluster (several databases, roles
 //! with memberships and passwords, contrib extensions, partitioned tables, sequences,
 //! views, functions, triggers, large objects, ACLs, comments, per-database settings) is
-//! dumped, restored into fresh servers of the same and of a newer major version, and
-//! compared: `pg_dump --schema-only` of source and target (by the same, newest pg_dump),
-//! per-table row counts and checksums, roles. Plus --as, --table, to-file/to-dir,
+//! dumped (on 15, and on 12 and 13 for the upgrade to 17), restored into fresh servers of
+//! the same and of a newer major version, and compared: `pg_dump --schema-only` of
+//! source and target (by the same, newest pg_dump), per-table row counts and checksums,
+//! roles. Plus --as, --table, to-file/to-dir,
 //! dedup between consecutive dumps, the bad inputs and a dump killed half-way.
 
 use std::path::Path;
@@ -155,6 +156,76 @@ fn dump_json(setup: &Setup, source: &Cluster, extra: &[&str]) -> serde_json::Val
     serde_json::from_str(&setup.ok(&args)).expect("dump JSON")
 }
 
+/// Restores the latest dump into `target` with the tools of `newest` and compares it with
+/// `source`: schema, data, roles, a view's result, a per-database setting, the owner.
+fn restore_like_the_source(setup: &Setup, source: &Cluster, target: &Cluster, newest: &PgBin) {
+    let major = target.major();
+    setup.ok(&[
+        "dump",
+        "restore",
+        "--target-conn",
+        &target.conninfo(),
+        "--pg-bin",
+        &newest.dir.display().to_string(),
+        "--jobs",
+        "1",
+    ]);
+    for db in ["app", "shop floor"] {
+        let (want, got) = (
+            schema(source, db, &newest.tool("pg_dump")),
+            schema(target, db, &newest.tool("pg_dump")),
+        );
+        if want != got {
+            let diff: Vec<String> = want
+                .lines()
+                .zip(got.lines())
+                .filter(|(a, b)| a != b)
+                .take(5)
+                .map(|(a, b)| format!("-{a}\n+{b}"))
+                .collect();
+            panic!(
+                "schema of {db} differs on PostgreSQL {major}:\n{}",
+                diff.join("\n")
+            );
+        }
+        assert_eq!(
+            data_fingerprint(source, db),
+            data_fingerprint(target, db),
+            "{db} on {major}"
+        );
+    }
+    assert_eq!(roles(source), roles(target), "roles on PostgreSQL {major}");
+    let view = "SELECT count(*) || ' ' || sum(amount) FROM big_orders";
+    assert_eq!(source.psql_db("app", view), target.psql_db("app", view));
+    assert_eq!(target.psql_db("app", "SHOW work_mem"), "8MB");
+    assert_eq!(
+        target.psql_db(
+            "app",
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'app'"
+        ),
+        "app_owner"
+    );
+}
+
+/// The upgrade path off the oldest supported majors: a 12 and a 13 cluster dumped (by
+/// the newest pg_dump pgvault finds for them) and restored into 17.
+#[test]
+fn dumps_of_postgresql_12_and_13_restore_into_17() {
+    for major in [12, 13] {
+        let setup = Setup::local();
+        let Some(source) = server(major) else { return };
+        rich_source(&source);
+        let dump = dump_json(&setup, &source, &[]);
+        assert!(
+            dump["databases"].to_string().contains("shop floor"),
+            "{dump}"
+        );
+        let Some(target) = server(17) else { return };
+        let newest = PgBin::find(17).expect("binaries");
+        restore_like_the_source(&setup, &source, &target, &newest);
+    }
+}
+
 #[test]
 fn dump_and_restore_a_rich_cluster_into_the_same_and_a_newer_major() {
     let setup = Setup::local();
@@ -203,55 +274,7 @@ fn dump_and_restore_a_rich_cluster_into_the_same_and_a_newer_major() {
     for major in [15, 17] {
         let Some(target) = server(major) else { return };
         let newest = PgBin::find(major.max(15)).expect("binaries");
-        setup.ok(&[
-            "dump",
-            "restore",
-            "--target-conn",
-            &target.conninfo(),
-            "--pg-bin",
-            &newest.dir.display().to_string(),
-            "--jobs",
-            "1",
-        ]);
-        for db in ["app", "shop floor"] {
-            let (want, got) = (
-                schema(&source, db, &newest.tool("pg_dump")),
-                schema(&target, db, &newest.tool("pg_dump")),
-            );
-            if want != got {
-                let diff: Vec<String> = want
-                    .lines()
-                    .zip(got.lines())
-                    .filter(|(a, b)| a != b)
-                    .take(5)
-                    .map(|(a, b)| format!("-{a}\n+{b}"))
-                    .collect();
-                panic!(
-                    "schema of {db} differs on PostgreSQL {major}:\n{}",
-                    diff.join("\n")
-                );
-            }
-            assert_eq!(
-                data_fingerprint(&source, db),
-                data_fingerprint(&target, db),
-                "{db} on {major}"
-            );
-        }
-        assert_eq!(
-            roles(&source),
-            roles(&target),
-            "roles on PostgreSQL {major}"
-        );
-        let view = "SELECT count(*) || ' ' || sum(amount) FROM big_orders";
-        assert_eq!(source.psql_db("app", view), target.psql_db("app", view));
-        assert_eq!(target.psql_db("app", "SHOW work_mem"), "8MB");
-        assert_eq!(
-            target.psql_db(
-                "app",
-                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'app'"
-            ),
-            "app_owner"
-        );
+        restore_like_the_source(&setup, &source, &target, &newest);
 
         // Restoring again must not clobber: then --if-exists drop replaces, in parallel.
         let err = setup.fails(&[
