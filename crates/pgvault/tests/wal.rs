@@ -591,3 +591,36 @@ fn setup_and_check_name_what_is_wrong() {
         "on"
     );
 }
+
+/// Each pgvault process ends the SSH connection it opened: archive_command runs one
+/// process per segment, and a connection left behind each time would pile up ssh
+/// processes here and sessions on the backup server.
+#[test]
+fn sftp_connections_end_with_their_process() {
+    let Some(setup) = Setup::sftp() else {
+        return;
+    };
+    setup.ok(&["info"]);
+    let key = setup.path("sftp_key").display().to_string();
+    let gone = testkit::wait_until(Duration::from_secs(30), || {
+        processes_naming(&key).is_empty()
+    });
+    assert!(
+        gone,
+        "ssh processes left behind: {:?}",
+        processes_naming(&key)
+    );
+}
+
+/// Command lines of the running processes that contain `needle`.
+fn processes_naming(needle: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(needle))
+        .collect()
+}

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use openssh::{KnownHosts, SessionBuilder};
+use openssh::{ControlPersist, KnownHosts, SessionBuilder};
 use openssh_sftp_client::error::{Error as SftpError, SftpErrorKind};
 use openssh_sftp_client::{Sftp, SftpOptions};
 use tokio::io::AsyncSeekExt;
@@ -62,6 +62,34 @@ pub struct SftpStorage {
     sftp: tokio::sync::Mutex<Option<Arc<Sftp>>>,
     /// Directories known to exist, to spare a round trip per object.
     made_dirs: Mutex<HashSet<PathBuf>>,
+}
+
+/// How long an ssh master with no session open waits before it exits.
+const MASTER_IDLE_SECONDS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(10) {
+    Some(seconds) => seconds,
+    None => panic!("zero"),
+};
+
+/// Ends the SSH connection with the storage, so that the ssh master exits now rather
+/// than when it has been idle long enough.
+impl Drop for SftpStorage {
+    fn drop(&mut self) {
+        let Some(sftp) = self.sftp.get_mut().take() else {
+            return;
+        };
+        // Still shared (a request in flight elsewhere), or dropped on the runtime's own
+        // threads where it cannot be waited for: the idle timeout ends it.
+        let Ok(sftp) = Arc::try_unwrap(sftp) else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let closing = async { tokio::time::timeout(Duration::from_secs(10), sftp.close()).await };
+        if let Ok(Err(e)) = self.runtime.block_on(closing) {
+            tracing::debug!("closing the SFTP session to {}: {e}", self.config.host);
+        }
+    }
 }
 
 impl std::fmt::Debug for SftpStorage {
@@ -154,7 +182,11 @@ impl SftpStorage {
             .known_hosts_check(KnownHosts::Strict)
             .control_directory(std::env::temp_dir())
             .connect_timeout(Duration::from_secs(15))
-            .server_alive_interval(Duration::from_secs(15));
+            .server_alive_interval(Duration::from_secs(15))
+            // The ssh master outlives this process if it is killed or never closes the
+            // session (the crate's default keeps it forever): with one process per
+            // archived segment they would pile up. Idle, it ends by itself.
+            .control_persist(ControlPersist::IdleFor(MASTER_IDLE_SECONDS));
         if let Some(user) = &self.config.user {
             builder.user(user.clone());
         }
