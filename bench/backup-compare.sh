@@ -46,7 +46,10 @@ pgdata="$WORK/pgdata"
 as_pg mkdir -p "$WORK/pgv-repo" "$WORK/pgbr/repo" "$WORK/pgbr/log" "$WORK/pgbr/lock" "$WORK/pgbr/spool" "$WORK/basebackup"
 # pgvault encrypts (its default, XChaCha20-Poly1305); pgBackRest and pg_basebackup do not.
 as_pg bash -c "umask 077; echo bench-passphrase > $WORK/passphrase"
-as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" init --compression "$PGV_COMPRESSION" >/dev/null
+# pgvault on the benchmark's repository, for its set-up (not timed).
+pgv_admin() { as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" "$@" >/dev/null; }
+rustic_init() { "$rustic" init --set-compression "$LEVEL" --set-extra-verify false >/dev/null 2>&1; }
+pgv_admin init --compression "$PGV_COMPRESSION"
 as_pg tee "$WORK/pgbackrest.conf" >/dev/null <<CONF
 [global]
 repo1-path=$WORK/pgbr/repo
@@ -78,13 +81,13 @@ chmod 755 "$WORK/bin/synced"
 if [ "$RUSTIC" = 1 ]; then
     as_pg mkdir -p "$WORK/rustic"
     rustic=$(wrapper rustic "$rustic_bin" -r "$WORK/rustic/repo" -p "$WORK/passphrase" --no-cache --no-progress --log-level warn)
-    "$rustic" init --set-compression "$LEVEL" --set-extra-verify false >/dev/null 2>&1
+    rustic_init
 fi
 # Both tools archive: pgvault's archive_command pushes to its repository, then pgBackRest's.
 new_server "$pgdata" "$port" "archive_mode = on" "wal_level = replica" \
     "archive_command = '$PGVAULT --repo $WORK/pgv-repo --passphrase-file $WORK/passphrase --jobs 2 archive-push %p && pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench archive-push %p'"
 conninfo="host=127.0.0.1 port=$port user=postgres"
-as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" setup --pg-conn "$conninfo" >/dev/null
+pgv_admin setup --pg-conn "$conninfo"
 "$pgbr" stanza-create >/dev/null
 # 100,000 rows per scale unit of ~150 bytes: 32 random hex digits and a repeated word.
 TEXT_ROWS=$((SCALE * 100000))
@@ -116,11 +119,11 @@ for run in $(seq "$REPEAT"); do
         wait_archived "$port"
         rm -rf "$WORK/pgv-repo"
         as_pg mkdir -p "$WORK/pgv-repo"
-        as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" init --compression "$PGV_COMPRESSION" >/dev/null
-        as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" setup --pg-conn "$conninfo" >/dev/null
+        pgv_admin init --compression "$PGV_COMPRESSION"
+        pgv_admin setup --pg-conn "$conninfo"
         if [ "$RUSTIC" = 1 ]; then
             rm -rf "$WORK/rustic/repo"
-            "$rustic" init --set-compression "$LEVEL" --set-extra-verify false >/dev/null 2>&1
+            rustic_init
         fi
     fi
     measure pgvault-full "$pgv" backup --fast --pg-conn "$conninfo" --pgdata "$pgdata"

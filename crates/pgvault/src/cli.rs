@@ -65,6 +65,13 @@ pub struct GlobalArgs {
     pub quiet: bool,
 }
 
+/// How `restore --delta` finds the files that already match the backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeltaMode {
+    Checksum,
+    Time,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Text,
@@ -393,8 +400,8 @@ pub struct RestoreArgs {
     /// "--delta" hashes every file to find it; "--delta=time" takes files with the
     /// backup's size and mtime as unchanged without reading them, as the next backup would
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "checksum",
-          value_parser = ["checksum", "time"], value_name = "checksum|time")]
-    pub delta: Option<String>,
+          value_enum, value_name = "checksum|time")]
+    pub delta: Option<DeltaMode>,
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]
     pub force: bool,

@@ -196,11 +196,16 @@ pub fn write_atomically(path: &Path, data: &[u8], durable: bool) -> Result<()> {
         .map_err(|e| e.error)
         .with_context(|| format!("cannot rename into {}", path.display()))?;
     if durable {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
+        fsync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Makes the entries of `dir` (names created, renamed or removed) durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory {}", dir.display()))
 }
 
 /// The per-cluster spool directory with the async push queue and prefetched WAL.

@@ -21,10 +21,10 @@ use repo::snapshot::{Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
-use super::archive::{fetch_file, list_wal, write_atomically};
+use super::archive::{fetch_file, fsync_dir, list_wal, write_atomically};
 use super::backup::{list_backups, BackupMeta};
 use super::setup::command_prefix;
-use crate::cli::RestoreArgs;
+use crate::cli::{DeltaMode, RestoreArgs};
 use crate::context::Context;
 use crate::output::{bytes, print_json};
 
@@ -360,21 +360,27 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let pgdata_tree = pgdata_node.subtree.context("pgdata is not a directory")?;
     let sync = args.sync_method;
     // Judged against the backup's start, as the next backup would judge them.
-    let delta = args.delta.as_deref().map(|how| match how {
-        "time" => DeltaCheck::SizeAndTime(meta.start_time),
-        _ => DeltaCheck::Content,
+    let delta = args.delta.map(|mode| match mode {
+        DeltaMode::Time => DeltaCheck::SizeAndTime(meta.start_time),
+        DeltaMode::Checksum => DeltaCheck::Content,
     });
     let mut kept = DeltaStats::default();
-    let (mut total_files, mut total_bytes) = if let Some(check) = delta {
-        let stats = restore_tree_delta(&repo, &pgdata_tree, &pgdata, ctx.jobs, check, sync)
-            .with_context(|| format!("delta restore into {}", pgdata.display()))?;
-        kept.add(&stats);
-        (stats.files_written, stats.bytes_written)
-    } else {
-        let stats = restore_tree(&repo, &pgdata_tree, &pgdata, ctx.jobs, sync)
-            .with_context(|| format!("restoring into {}", pgdata.display()))?;
-        (stats.files, stats.bytes)
+    // Files and bytes written into `dir` from `tree`.
+    let mut restore_into = |tree: &Id, dir: &Path| -> repo::Result<(u64, u64)> {
+        Ok(match delta {
+            Some(check) => {
+                let stats = restore_tree_delta(&repo, tree, dir, ctx.jobs, check, sync)?;
+                kept.add(&stats);
+                (stats.files_written, stats.bytes_written)
+            }
+            None => {
+                let stats = restore_tree(&repo, tree, dir, ctx.jobs, sync)?;
+                (stats.files, stats.bytes)
+            }
+        })
     };
+    let (mut total_files, mut total_bytes) = restore_into(&pgdata_tree, &pgdata)
+        .with_context(|| format!("restoring into {}", pgdata.display()))?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
     if !tablespaces.is_empty() {
         let tablespace_tree = top
@@ -387,17 +393,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 .find(&oid.to_string())
                 .with_context(|| format!("backup has no data for tablespace {oid}"))?;
             let subtree = node.subtree.context("tablespace is not a directory")?;
-            let context = || format!("restoring tablespace {oid} into {}", dir.display());
-            let (files, bytes) = if let Some(check) = delta {
-                let stats = restore_tree_delta(&repo, &subtree, dir, ctx.jobs, check, sync)
-                    .with_context(context)?;
-                kept.add(&stats);
-                (stats.files_written, stats.bytes_written)
-            } else {
-                let stats =
-                    restore_tree(&repo, &subtree, dir, ctx.jobs, sync).with_context(context)?;
-                (stats.files, stats.bytes)
-            };
+            let (files, bytes) = restore_into(&subtree, dir)
+                .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))?;
             apply_root_metadata(dir, node)?;
             total_bytes += bytes;
             total_files += files;
@@ -409,10 +406,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             std::os::unix::fs::lchown(&link, Some(owner.uid()), Some(owner.gid()))?;
         }
         // The links replaced the ones restored (and synced) with pg_tblspc.
-        let links = pgdata.join("pg_tblspc");
-        fs::File::open(&links)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot fsync directory {}", links.display()))?;
+        fsync_dir(&pgdata.join("pg_tblspc"))?;
     }
 
     write_server_file(&pgdata, "backup_label", meta.backup_label.as_bytes())?;
