@@ -66,10 +66,24 @@ pub struct GlobalArgs {
 }
 
 /// How `restore --delta` finds the files that already match the backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeltaMode {
     Checksum,
     Time,
+}
+
+impl std::str::FromStr for DeltaMode {
+    type Err = String;
+    /// A one-line error (clap's list of possible values takes a line of its own).
+    fn from_str(text: &str) -> Result<DeltaMode, String> {
+        match text {
+            "checksum" => Ok(DeltaMode::Checksum),
+            "time" => Ok(DeltaMode::Time),
+            _ => Err(format!(
+                "use --delta (hash every file) or --delta=time (trust size and mtime), not {text:?}"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -400,7 +414,7 @@ pub struct RestoreArgs {
     /// "--delta" hashes every file to find it; "--delta=time" takes files with the
     /// backup's size and mtime as unchanged without reading them, as the next backup would
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "checksum",
-          value_enum, value_name = "checksum|time")]
+          value_parser = str::parse::<DeltaMode>, value_name = "checksum|time")]
     pub delta: Option<DeltaMode>,
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]

@@ -828,7 +828,11 @@ fn delta_restore_rewrites_only_what_differs() {
     );
     start_and_judge(&mut restored);
     let err = restore_fails(&setup, "t", &["--delta=mtime"]);
-    assert!(err.contains("--delta") && err.contains("time"), "{err}");
+    // The one error line names what to use instead.
+    assert!(
+        err.contains("--delta=time") && err.contains("mtime"),
+        "{err}"
+    );
 }
 
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
