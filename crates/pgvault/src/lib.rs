@@ -20,9 +20,42 @@ use tracing_subscriber::EnvFilter;
 use cli::{Cli, Command};
 use context::Context;
 
+/// Exits on a command-line error. clap lists the choices for a bad value on a line of
+/// their own; here they are part of the one error line, as every other error is.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::InvalidValue {
+        if let (
+            Some(ContextValue::String(arg)),
+            Some(ContextValue::String(value)),
+            Some(ContextValue::Strings(choices)),
+        ) = (
+            e.get(ContextKind::InvalidArg),
+            e.get(ContextKind::InvalidValue),
+            e.get(ContextKind::ValidValue),
+        ) {
+            eprintln!(
+                "error: invalid value {value:?} for {arg}: use {}",
+                either(choices)
+            );
+            std::process::exit(2);
+        }
+    }
+    e.exit()
+}
+
+/// "a", "a or b", "a, b or c".
+fn either(choices: &[String]) -> String {
+    match choices.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
 /// Runs the command line of this process.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => code,

@@ -973,3 +973,22 @@ fn help_lists_a_commands_own_options_before_the_global_ones() {
         "restore --help mixes its own options with the global ones:\n{help}"
     );
 }
+
+#[test]
+fn a_bad_choice_is_one_error_line_naming_the_choices() {
+    let s = Scratch::new();
+    let out = s.run(&[
+        "restore",
+        "--pgdata",
+        "/nonexistent",
+        "--archive-mode",
+        "maybe",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim().lines().collect::<Vec<_>>(),
+        ["error: invalid value \"maybe\" for --archive-mode <ARCHIVE_MODE>: use preserve or off"],
+        "{stderr}"
+    );
+}
