@@ -4,11 +4,13 @@
 //! --check`, `pg_amcheck --heapallindexed`) and by comparing data with the source at the
 //! target (before 14, which has neither pg_amcheck nor heap checks in amcheck:
 //! `bt_index_check` with `heapallindexed` and a checksum-verifying read of every block).
-//! On every major from 12 to 18. Plus corrupted pages, unlogged tables, tablespaces,
-//! standbys, S3, SFTP, Azure, killed backups, memory with many files, and the refusals.
+//! On every major from 12 to 18. Plus backups taken under write load and DDL, corrupted
+//! pages, unlogged tables, tablespaces, standbys, S3, SFTP, Azure, killed backups, memory
+//! with many files, and the refusals.
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use testkit::pg::{Cluster, PgBin};
@@ -1401,4 +1403,190 @@ fn memory_is_flat_in_the_number_of_relation_files() {
         "200,000 relation files raised the restore's peak from {restore_baseline} MiB to \
          {restore_many} MiB, the delta restore's from {delta_baseline} MiB to {delta_many} MiB"
     );
+}
+
+/// The pgbench balances of accounts, tellers, branches and history: every pgbench
+/// transaction adds the same delta to one row of each, so in any consistent state the
+/// four sums are equal (all start at zero).
+fn pgbench_balances(cluster: &Cluster) -> Vec<i64> {
+    let sums = cluster.psql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
+         (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
+         (SELECT sum(bbalance) FROM pgbench_branches) || ' ' || \
+         (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+    );
+    sums.split(' ')
+        .map(|sum| sum.parse().expect("a sum"))
+        .collect()
+}
+
+fn history_rows(cluster: &Cluster) -> u64 {
+    let count = cluster.psql("SELECT count(*) FROM pgbench_history");
+    count.parse().expect("a count")
+}
+
+/// The pgbench state and every `churn_*` table's rows, for comparing with the source.
+fn state_with_churn(cluster: &Cluster) -> String {
+    let tables = cluster.psql(
+        "SELECT string_agg(relname, ' ' ORDER BY relname) FROM pg_class \
+         WHERE relname LIKE 'churn\\_%' AND relkind = 'r'",
+    );
+    let mut all = state(cluster);
+    for table in tables.split_whitespace() {
+        all.push_str(&cluster.psql(&format!(
+            "SELECT ' {table}:' || count(*) || '/' || coalesce(md5(string_agg(h, ',' ORDER BY g)), '') \
+             FROM {table}"
+        )));
+    }
+    all
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Tables created, filled, indexed, shrunk by VACUUM, truncated (a new file) and dropped,
+/// one after another until `stop`: files appear, shrink and vanish under a backup.
+fn churn(cluster: &Cluster, stop: &AtomicBool) -> u32 {
+    let mut round = 0;
+    while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        cluster.psql(&format!(
+            "CREATE TABLE churn_{round} AS SELECT g, md5(g::text) AS h \
+             FROM generate_series(1, 20000) g; CREATE INDEX ON churn_{round} (g)"
+        ));
+        if round > 1 {
+            let previous = round - 1;
+            cluster.psql(&format!("DELETE FROM churn_{previous} WHERE g > 500"));
+            cluster.psql(&format!("VACUUM churn_{previous}"));
+        }
+        if round > 2 {
+            let older = round - 2;
+            cluster.psql(&format!(
+                "TRUNCATE churn_{older}; INSERT INTO churn_{older} SELECT 1, 'kept'"
+            ));
+        }
+        if round > 3 {
+            cluster.psql(&format!("DROP TABLE churn_{}", round - 3));
+        }
+    }
+    round
+}
+
+/// Hot backups as production takes them: pgbench clients and a loop of DDL (`churn`) run
+/// through a first and a second backup, so pages are written while read and relation
+/// files grow, shrink, vanish and appear. Each backup, restored to its own end, passes
+/// PostgreSQL's checks and pgbench's invariant and holds what was committed before it
+/// started; after the load, a delta restore over the first backup's copy to a restore
+/// point equals the source.
+fn backups_under_write_load(major: u32, summaries: bool) {
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster_of(major) else {
+        return;
+    };
+    if summaries {
+        source.psql("ALTER SYSTEM SET summarize_wal = on");
+        source.psql("SELECT pg_reload_conf()");
+    }
+    let Some(mut source) = with_pgbench(&setup, Some(source), "10") else {
+        return;
+    };
+    let port = source.port().to_string();
+    let mut load = std::process::Command::new(source.bin().tool("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .args([
+            "-n", "-c", "4", "-j", "2", "-R", "100", "-T", "600", "postgres",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pgbench");
+    let stop = AtomicBool::new(false);
+    let (reports, rounds) = std::thread::scope(|scope| {
+        let churning = scope.spawn(|| churn(&source, &stop));
+        // Also when a backup panics, or the scope would wait for the loop forever.
+        let _stop = StopOnDrop(&stop);
+        let mut reports = Vec::new();
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(1500));
+            let committed = history_rows(&source);
+            let report = backup(&setup, &source, &["--jobs", "2"]);
+            reports.push((committed, report));
+        }
+        drop(_stop);
+        (reports, churning.join().expect("the DDL loop"))
+    });
+    assert!(
+        load.try_wait().expect("pgbench").is_none(),
+        "pgbench ended before the backups did"
+    );
+    load.kill().expect("stop pgbench");
+    load.wait().expect("reap pgbench");
+    assert!(rounds > 3, "only {rounds} rounds of DDL");
+    if summaries {
+        let second = &reports[1].1;
+        assert!(
+            second["wal_summary_blocks"].as_u64() > Some(0),
+            "WAL summaries were not used: {second}"
+        );
+    }
+
+    source.psql("INSERT INTO marks VALUES ('after the load')");
+    source.psql("SELECT pg_create_restore_point('after-the-load')");
+    let expected = state_with_churn(&source);
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+
+    let mut copies = Vec::new();
+    for (committed, report) in &reports {
+        let id = report["id"].as_str().expect("id");
+        let mut copy = check_copy(&setup, source.bin(), id);
+        let balances = pgbench_balances(&copy);
+        assert!(
+            balances.windows(2).all(|pair| pair[0] == pair[1]),
+            "pgbench's sums differ in backup {id}: {balances:?}"
+        );
+        let restored = history_rows(&copy);
+        assert!(
+            restored > *committed,
+            "backup {id} holds {restored} pgbench transactions, {committed} had committed \
+             before it started"
+        );
+        judge(&mut copy);
+        copies.push(copy);
+    }
+
+    let mut copy = copies.swap_remove(0);
+    let pgdata = copy.pgdata().display().to_string();
+    setup.ok(&[
+        "restore",
+        "--pgdata",
+        &pgdata,
+        "--delta",
+        "--target-name",
+        "after-the-load",
+        "--target-action",
+        "promote",
+        "--target-timeline",
+        "current",
+    ]);
+    copy.start_again().expect("start after the delta restore");
+    copy.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state_with_churn(&copy), expected);
+    judge(&mut copy);
+    source.stop();
+}
+
+#[test]
+fn backups_under_write_load_restore_consistently() {
+    backups_under_write_load(15, false);
+}
+
+#[test]
+fn block_level_backups_under_write_load_restore_consistently() {
+    backups_under_write_load(17, true);
 }
