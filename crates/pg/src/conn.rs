@@ -851,6 +851,54 @@ fn error_text(error: &postgres::Error) -> String {
     text
 }
 
+/// The server's WAL archiver, from `pg_stat_archiver`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiverStatus {
+    pub last_archived_wal: Option<String>,
+    pub failed_count: u64,
+    pub last_failed_wal: Option<String>,
+    pub last_failed_time: Option<String>,
+    /// The last attempt failed: its failure is newer than its last success.
+    pub failing: bool,
+}
+
+impl ArchiverStatus {
+    pub fn read(conn: &mut Connection) -> Result<ArchiverStatus, ConnError> {
+        let row = conn
+            .query_rows(
+                "SELECT last_archived_wal, failed_count::text, last_failed_wal, \
+                 last_failed_time::text, (last_failed_time IS NOT NULL AND \
+                 (last_archived_time IS NULL OR last_failed_time > last_archived_time))::text \
+                 FROM pg_stat_archiver",
+            )?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let field = |i: usize| row.get(i).cloned().flatten();
+        Ok(ArchiverStatus {
+            last_archived_wal: field(0),
+            failed_count: field(1).and_then(|n| n.parse().ok()).unwrap_or(0),
+            last_failed_wal: field(2),
+            last_failed_time: field(3),
+            failing: field(4).as_deref() == Some("true"),
+        })
+    }
+
+    /// What an error about WAL that did not arrive should say about the archiver.
+    pub fn explain(&self) -> String {
+        match (&self.last_failed_wal, &self.last_failed_time) {
+            (Some(wal), Some(time)) if self.failing => format!(
+                "the archiver is failing: it last failed on {wal} at {time} ({} failures so far); the PostgreSQL server log has archive_command's error",
+                self.failed_count
+            ),
+            _ => format!(
+                "the archiver is not failing (last archived: {}): is it behind or stopped? see pg_stat_archiver and the server log",
+                self.last_archived_wal.as_deref().unwrap_or("none")
+            ),
+        }
+    }
+}
+
 /// What pgvault needs to know about a running server.
 #[derive(Debug, Clone)]
 pub struct ClusterInfo {

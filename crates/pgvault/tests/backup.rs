@@ -433,6 +433,69 @@ fn restore_point_named_again_during_a_backup() {
     source.stop();
 }
 
+/// Archiving that fails: `check` and a backup wait for their segment, then fail with one
+/// line naming the archiver's failure, and no backup is listed; mended, the next backup
+/// completes and restores.
+#[test]
+fn a_backup_whose_wal_is_not_archived_names_the_archivers_failure() {
+    let setup = Setup::local();
+    let Some(mut cluster) = with_pgbench(&setup, archiving_cluster(), "1") else {
+        return;
+    };
+    let working = cluster.psql("SHOW archive_command");
+    // Still an archive-push command, so the backup's own set-up check passes.
+    cluster.psql("ALTER SYSTEM SET archive_command = 'false archive-push %p'");
+    cluster.psql("SELECT pg_reload_conf()");
+    let conn = cluster.conninfo();
+    let err = setup.fails(&["check", "--pg-conn", &conn, "--timeout", "3s"]);
+    assert!(
+        err.contains("did not arrive within 3s: the archiver is failing: it last failed on")
+            && err.contains("server log"),
+        "{err}"
+    );
+    let out = setup.run(
+        &backup_args(&cluster, &["--wal-timeout", "4s"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!out.status.success(), "a backup without its WAL succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Half-way through the wait, a warning says why; then the one error line.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].contains("WARN")
+            && lines[0].contains("the archiver is failing"),
+        "{stderr}"
+    );
+    let error = lines[1];
+    assert!(
+        error.starts_with("error: the backup's last WAL segment")
+            && error.contains("did not reach the repository within 4s")
+            && error.contains("was not recorded; the archiver is failing: it last failed on"),
+        "{stderr}"
+    );
+    assert_eq!(
+        ids(&info(&setup)),
+        Vec::<String>::new(),
+        "a backup without WAL is listed"
+    );
+
+    cluster.psql(&format!(
+        "ALTER SYSTEM SET archive_command = '{}'",
+        working.replace('\'', "''")
+    ));
+    cluster.psql("SELECT pg_reload_conf()");
+    let expected = state(&cluster);
+    let report = backup(&setup, &cluster, &["--wal-timeout", "2m"]);
+    assert_eq!(ids(&info(&setup)).len(), 1, "{report}");
+    let mut restored = restore_and_start(&setup, cluster.bin(), &["--target", "immediate"]);
+    assert_eq!(state(&restored), expected);
+    judge(&mut restored);
+    cluster.stop();
+}
+
 #[test]
 fn corrupted_pages_are_reported_and_the_backup_completes() {
     let setup = Setup::local();

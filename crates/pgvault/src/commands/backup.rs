@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
-use pg::conn::{ClusterInfo, ConnectOptions, Connection};
+use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, RelationFile};
 use pg::summary::ChangedBlocks;
@@ -526,7 +526,20 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let tree = Tree::sorted(top).save(&saver)?;
     saver.flush()?;
     summary.save = saver.stats();
-    wait_for_wal(&repo, &ctx.cluster, &stop.segment, wal_timeout, wal_hint)?;
+    // Where the segment is archived from, when pgvault can ask that server.
+    let archiving_server = match primary.as_mut() {
+        Some((conn, _)) => Some(conn),
+        None if from_standby => None,
+        None => Some(&mut conn),
+    };
+    wait_for_wal(
+        &repo,
+        &ctx.cluster,
+        &stop.segment,
+        wal_timeout,
+        archiving_server,
+        wal_hint,
+    )?;
 
     let meta = BackupMeta {
         cluster: ctx.cluster.clone(),
@@ -688,15 +701,29 @@ fn find_path(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Node>> {
     Ok(found)
 }
 
+/// Waits until `segment` is in the repository. `archiving_server`, the server that
+/// archives it, is asked what its archiver is doing: once after a few seconds (a
+/// warning while the wait goes on) and at the timeout (in the error).
 fn wait_for_wal(
     repo: &Repository,
     cluster: &str,
     segment: &WalFileName,
     timeout: Duration,
+    mut archiving_server: Option<&mut Connection>,
     hint: &str,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+    const WARN_AFTER: Duration = Duration::from_secs(10);
+    let started = Instant::now();
     let name = wal_name(cluster, segment);
+    let mut archiver = || match archiving_server.as_mut().map(|c| ArchiverStatus::read(c)) {
+        Some(Ok(status)) => Some(status),
+        Some(Err(e)) => {
+            tracing::debug!("reading pg_stat_archiver: {e}");
+            None
+        }
+        None => None,
+    };
+    let mut warned = false;
     // The archiver usually delivers the segment within tens of milliseconds: poll fast
     // at first, then back off so a slow archive does not flood the storage with checks.
     let mut pause = Duration::from_millis(10);
@@ -704,11 +731,27 @@ fn wait_for_wal(
         if repo.has_file(&name)? {
             return Ok(());
         }
-        if Instant::now() > deadline {
+        if started.elapsed() > timeout {
+            let archiver = archiver().map(|status| format!("; {}", status.explain()));
             bail!(
-                "the backup's last WAL segment {segment} did not reach the repository within {}: the backup is not usable without it and was not recorded; check archiving with `pgvault check` and pg_stat_archiver{hint}",
-                humantime::format_duration(timeout)
+                "the backup's last WAL segment {segment} did not reach the repository within {}: the backup is not usable without it and was not recorded{}; check archiving with `pgvault check`{hint}",
+                humantime::format_duration(timeout),
+                archiver.unwrap_or_default()
             );
+        }
+        if !warned && started.elapsed() > WARN_AFTER.min(timeout / 2) {
+            warned = true;
+            match archiver() {
+                Some(status) if status.failing => tracing::warn!(
+                    "waiting for {segment} to be archived (up to {}): {}",
+                    humantime::format_duration(timeout),
+                    status.explain()
+                ),
+                _ => tracing::info!(
+                    "still waiting for {segment} to be archived (up to {})",
+                    humantime::format_duration(timeout)
+                ),
+            }
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(200));

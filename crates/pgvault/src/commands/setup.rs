@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
-use pg::conn::{quote_literal, ClusterInfo, ConnectOptions, Connection};
+use pg::conn::{quote_literal, ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
 use pg::wal::WalFileName;
 use serde_json::json;
 
@@ -222,23 +222,10 @@ pub fn check(ctx: &Context, args: &CheckArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let failure = conn
-        .query_rows("SELECT coalesce(last_failed_wal, ''), coalesce(last_failed_time::text, ''), coalesce(last_archived_wal, '') FROM pg_stat_archiver")?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
-    let field = |i: usize| failure.get(i).cloned().flatten().unwrap_or_default();
-    if !field(0).is_empty() {
-        bail!(
-            "segment {segment} did not arrive within {}: the archiver last failed on {} at {}; the PostgreSQL server log has archive-push's error",
-            humantime::format_duration(timeout),
-            field(0),
-            field(1)
-        );
-    }
+    let archiver = ArchiverStatus::read(&mut conn)?;
     bail!(
-        "segment {segment} did not arrive within {} (last archived: {}): is the archiver running and behind? see pg_stat_archiver and the server log",
+        "segment {segment} did not arrive within {}: {}",
         humantime::format_duration(timeout),
-        if field(2).is_empty() { "none".to_string() } else { field(2) }
+        archiver.explain()
     )
 }
