@@ -6,6 +6,10 @@
 
 use std::path::{Component, Path};
 
+/// The control file. A data directory without it cannot be started, which makes it the
+/// file a restore writes last and a restore into an existing directory removes first.
+pub const CONTROL_FILE: &str = "global/pg_control";
+
 /// What to do with one directory entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {

@@ -900,6 +900,78 @@ fn delta_restore_rewrites_only_what_differs() {
     );
 }
 
+/// A restore that fails half-way (here: on a damaged pack) leaves a data directory that
+/// cannot be started, also when it was a delta restore over one that could: the control
+/// file goes first and comes back last. Run again once the repository is mended, the
+/// delta restore completes and the server starts on the backup's data.
+#[test]
+fn an_interrupted_restore_leaves_a_directory_that_cannot_start() {
+    let setup = Setup::local();
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "1") else {
+        return;
+    };
+    backup(&setup, &source, &[]);
+    let expected = state(&source);
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+    source.stop();
+    let args = ["--target", "immediate", "--archive-mode", "off"];
+    let mut restored = restore_and_start(&setup, source.bin(), &args);
+    pgbench(&restored, &["-n", "-t", "100"]);
+    restored.stop();
+    let control = restored.pgdata().join("global").join("pg_control");
+
+    // The largest pack holds the data (trees have packs of their own): every blob in it
+    // damaged.
+    let pack = repo_files(&setup, "data").remove(0);
+    let original = fs::read(&pack).expect("read pack");
+    replace_object(&pack, |bytes| {
+        for byte in bytes.iter_mut().step_by(512) {
+            *byte ^= 0xff;
+        }
+    });
+    let dir = restored.pgdata().display().to_string();
+    let mut delta = vec![
+        "restore",
+        "--pgdata",
+        &dir,
+        "--delta",
+        "--target-action",
+        "promote",
+    ];
+    delta.extend_from_slice(&args);
+    let err = setup.fails(&delta);
+    assert!(
+        err.contains("the data directory is incomplete and cannot be started")
+            && err.contains("run the restore again"),
+        "{err}"
+    );
+    assert!(
+        !control.exists(),
+        "the control file is back after a failed restore"
+    );
+    let started = restored.start_again();
+    assert!(
+        started
+            .as_ref()
+            .is_err_and(|log| log.contains("pg_control")),
+        "a half-restored data directory: {started:?}"
+    );
+    let fresh = setup.path("fresh");
+    let err = restore_fails(&setup, "fresh", &args);
+    assert!(err.contains("incomplete and cannot be started"), "{err}");
+    assert!(fresh.join("base").is_dir() && !fresh.join("global").join("pg_control").exists());
+
+    replace_object(&pack, |bytes| *bytes = original);
+    setup.ok(&delta);
+    restored
+        .start_again()
+        .expect("start after the delta restore");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&restored), expected);
+    judge(&mut restored);
+}
+
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).expect("read_dir").flatten() {

@@ -227,14 +227,41 @@ impl SyncMethod {
     }
 }
 
+/// How a restore writes.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions<'a> {
+    /// Threads writing (in a delta restore also comparing) files.
+    pub jobs: usize,
+    pub sync: SyncMethod,
+    /// A file, relative to the target, that the restore neither writes nor touches, for
+    /// the caller to write last with [`restore_file_last`]: one whose presence says that
+    /// the restore is complete (a PostgreSQL data directory cannot start without its
+    /// `global/pg_control`, so an interrupted restore cannot be started by mistake).
+    pub held_back: Option<&'a Path>,
+}
+
+impl RestoreOptions<'_> {
+    pub fn new(jobs: usize, sync: SyncMethod) -> RestoreOptions<'static> {
+        RestoreOptions {
+            jobs,
+            sync,
+            held_back: None,
+        }
+    }
+
+    fn holds_back(&self, target: &Path, path: &Path) -> bool {
+        self.held_back.is_some_and(|held| target.join(held) == path)
+    }
+}
+
 /// Restores the tree `root` into `target`, which must be absent or an empty directory.
 pub fn restore_tree(
     repo: &Repository,
     root: &Id,
     target: &Path,
-    jobs: usize,
-    sync: SyncMethod,
+    options: RestoreOptions<'_>,
 ) -> Result<RestoreStats> {
+    let RestoreOptions { jobs, sync, .. } = options;
     repo.load_index()?;
     match fs::read_dir(target) {
         Ok(mut entries) => {
@@ -274,6 +301,9 @@ pub fn restore_tree(
                 NodeKind::File => {
                     stats.files += 1;
                     stats.bytes += node.size;
+                    if options.holds_back(target, &path) {
+                        continue;
+                    }
                     if batch.add(PendingFile { path, node }) {
                         restore_files(repo, &batch.take(), jobs, sync)?;
                     }
@@ -440,6 +470,38 @@ fn fill(
     Ok(written)
 }
 
+/// Writes the file a restore held back ([`RestoreOptions::held_back`]) as `path`, once
+/// everything else is durable: under a temporary name first, synced, then renamed into
+/// place (replacing what is there) and its directory synced.
+pub fn restore_file_last(
+    repo: &Repository,
+    node: &Node,
+    path: &Path,
+    sync: SyncMethod,
+) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    if sync == SyncMethod::Syncfs {
+        sync.finish(parent)?;
+    }
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".restoring");
+    let file = PendingFile {
+        path: PathBuf::from(temporary),
+        node: node.clone(),
+    };
+    match fs::remove_file(&file.path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(RepoError::io(&file.path, e))
+        }
+        _ => {}
+    }
+    write_file(repo, &file)?;
+    apply_metadata(&file.path, &file.node)?;
+    fsync_path(&file.path)?;
+    fs::rename(&file.path, path).map_err(|e| RepoError::io(path, e))?;
+    fsync_path(parent)
+}
+
 /// Threads of the fsync pass: fsync waits on the disk, not the CPU.
 const SYNC_THREADS: usize = 8;
 
@@ -514,10 +576,10 @@ pub fn restore_tree_delta(
     repo: &Repository,
     root: &Id,
     target: &Path,
-    jobs: usize,
     check: DeltaCheck,
-    sync: SyncMethod,
+    options: RestoreOptions<'_>,
 ) -> Result<DeltaStats> {
+    let RestoreOptions { jobs, sync, .. } = options;
     repo.load_index()?;
     fs::create_dir_all(target).map_err(|e| RepoError::io(target, e))?;
     let mut stats = DeltaStats::default();
@@ -533,12 +595,12 @@ pub fn restore_tree_delta(
             while let Some(entry) = present.next_if(|(other, _)| other.as_bytes() < name) {
                 remove_entry(dir, entry, &mut stats)?;
             }
+            let path = dir.join(&node.name);
             if let Some(entry) = present.next_if(|(other, _)| other.as_bytes() == name) {
-                if !is_already(dir, entry, &node) {
+                if !is_already(dir, entry, &node) && !options.holds_back(target, &path) {
                     remove_entry(dir, entry, &mut stats)?;
                 }
             }
-            let path = dir.join(&node.name);
             match node.kind {
                 NodeKind::Dir => {
                     if !path.is_dir() {
@@ -556,6 +618,7 @@ pub fn restore_tree_delta(
                         set_owner(&path, &node, true);
                     }
                 }
+                NodeKind::File if options.holds_back(target, &path) => {}
                 NodeKind::File => {
                     if batch.add(PendingFile { path, node }) {
                         stats.add(&repair_files(repo, batch.take(), jobs, check, sync)?);

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -90,6 +91,28 @@ fn is_zero(n: &u64) -> bool {
 pub struct Tree {
     /// Sorted by name.
     pub nodes: Vec<Node>,
+}
+
+/// The node at `path` (relative, e.g. `global/pg_control`) under the tree `root`.
+pub fn find_path(repo: &Repository, root: &Id, path: &Path) -> Result<Option<Node>> {
+    let mut tree = *root;
+    let mut parts = path.iter().peekable();
+    while let Some(part) = parts.next() {
+        let Some(node) = Tree::load(repo, &tree)?
+            .find(&part.to_string_lossy())
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if parts.peek().is_none() {
+            return Ok(Some(node));
+        }
+        match node.subtree {
+            Some(subtree) => tree = subtree,
+            None => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 impl Tree {

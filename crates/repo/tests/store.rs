@@ -3,6 +3,7 @@
 //! compression × encryption mode, storing data twice adds nothing, and a flipped byte
 //! anywhere in a pack is detected rather than returned as data.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -11,7 +12,10 @@ use repo::chunker::ChunkerParams;
 use repo::compression::Compression;
 use repo::crypto::Encryption;
 use repo::keys::KdfParams;
-use repo::restore::{restore_tree, restore_tree_delta, write_content, DeltaCheck, SyncMethod};
+use repo::restore::{
+    restore_file_last, restore_tree, restore_tree_delta, write_content, DeltaCheck, RestoreOptions,
+    SyncMethod,
+};
 use repo::saver::BlobSaver;
 use repo::snapshot::{Snapshot, Tree};
 use repo::storage::{DynStorage, LocalStorage, PutOutcome, S3Config, S3Storage};
@@ -179,7 +183,13 @@ fn suite_tree_round_trip(storage: DynStorage) {
         archive_tree(&saver, source.path(), &ArchiveOptions::default()).expect("archive_tree");
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
-    restore_tree(&repo, &archived.tree, &restored, 2, SyncMethod::Fsync).expect("restore_tree");
+    restore_tree(
+        &repo,
+        &archived.tree,
+        &restored,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("restore_tree");
     for i in 0..20u64 {
         let name = format!("base/1/{}", 16384 + i);
         assert!(
@@ -562,7 +572,13 @@ fn archive(
 fn restored_file(repo: &Repository, tree: &Id, name: &str) -> Vec<u8> {
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
-    restore_tree(repo, tree, &restored, 2, SyncMethod::Fsync).expect("restore_tree");
+    restore_tree(
+        repo,
+        tree,
+        &restored,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("restore_tree");
     std::fs::read(restored.join(name)).expect("read restored")
 }
 
@@ -749,6 +765,69 @@ fn changed_chunks_are_stored_as_deltas() {
     assert!(read_back(&repo, &second_content[2..3]).is_err());
 }
 
+/// A held-back file is neither written nor touched by a restore or a delta restore, and
+/// `restore_file_last` puts it in place (over what is there) with its metadata.
+#[test]
+fn a_held_back_file_is_written_last() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
+    let repo = Repository::init(
+        storage,
+        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
+        Some(PASSPHRASE),
+    )
+    .expect("init");
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(source.join("global")).expect("mkdir");
+    let last = payload(31, 8192);
+    std::fs::write(source.join("global").join("last"), &last).expect("write");
+    std::fs::write(source.join("other"), payload(32, 20000)).expect("write");
+    let archived = archive(&repo, &source, &ArchiveOptions::default());
+    let held = Path::new("global/last");
+    let options = RestoreOptions {
+        held_back: Some(held),
+        ..RestoreOptions::new(2, SyncMethod::Fsync)
+    };
+    let node = repo::snapshot::find_path(&repo, &archived.tree, held)
+        .expect("find")
+        .expect("a node");
+
+    for sync in [SyncMethod::Fsync, SyncMethod::Syncfs] {
+        let target = dir.path().join(format!("target-{sync:?}"));
+        restore_tree(
+            &repo,
+            &archived.tree,
+            &target,
+            RestoreOptions { sync, ..options },
+        )
+        .expect("restore");
+        assert!(target.join("other").is_file() && !target.join(held).exists());
+        restore_file_last(&repo, &node, &target.join(held), sync).expect("last");
+        assert!(std::fs::read(target.join(held)).expect("read") == last);
+        let names: Vec<_> = std::fs::read_dir(target.join("global"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["last"], "nothing temporary is left");
+        let (restored, original) = (
+            std::fs::metadata(target.join(held)).expect("stat"),
+            std::fs::metadata(source.join(held)).expect("stat"),
+        );
+        assert_eq!(restored.modified().ok(), original.modified().ok());
+    }
+
+    // A delta restore leaves a different copy of it alone, and repairs the rest.
+    let target = dir.path().join("target-Fsync");
+    std::fs::write(target.join(held), b"stale").expect("write");
+    std::fs::write(target.join("other"), b"changed").expect("write");
+    restore_tree_delta(&repo, &archived.tree, &target, DeltaCheck::Content, options)
+        .expect("delta");
+    assert_eq!(std::fs::read(target.join(held)).expect("read"), b"stale");
+    assert!(std::fs::read(target.join("other")).expect("read") == payload(32, 20000));
+    restore_file_last(&repo, &node, &target.join(held), SyncMethod::Fsync).expect("last");
+    assert!(std::fs::read(target.join(held)).expect("read") == last);
+}
+
 /// A delta restore rewrites only the chunks that differ, in place; a file with another
 /// hard link, or of another size, is replaced whole (the other name keeps its bytes).
 #[test]
@@ -769,7 +848,13 @@ fn delta_restore_patches_only_differing_chunks() {
     std::fs::write(source.join("small"), &small).expect("write");
     let archived = archive(&repo, &source, &ArchiveOptions::default());
     let target = dir.path().join("target");
-    restore_tree(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("restore");
+    restore_tree(
+        &repo,
+        &archived.tree,
+        &target,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("restore");
 
     let flip = |name: &str, offsets: &[usize]| {
         let mut bytes = std::fs::read(target.join(name)).expect("read");
@@ -784,8 +869,14 @@ fn delta_restore_patches_only_differing_chunks() {
             .expect("write in place");
     };
     let delta = |sync| {
-        restore_tree_delta(&repo, &archived.tree, &target, 2, DeltaCheck::Content, sync)
-            .expect("delta")
+        restore_tree_delta(
+            &repo,
+            &archived.tree,
+            &target,
+            DeltaCheck::Content,
+            RestoreOptions::new(2, sync),
+        )
+        .expect("delta")
     };
     flip("large", &[5 * 16384 + 7, 40 * 16384, 64 * 16384 + 99]);
     // syncfs instead of per-file fsyncs changes nothing restored.
@@ -860,7 +951,13 @@ fn delta_restore_by_size_and_time_reads_only_changed_looking_files() {
     }
     let archived = archive(&repo, &source, &ArchiveOptions::default());
     let target = dir.path().join("target");
-    restore_tree(&repo, &archived.tree, &target, 2, SyncMethod::Fsync).expect("restore");
+    restore_tree(
+        &repo,
+        &archived.tree,
+        &target,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("restore");
     // Changed with the same size, the mtime put back (f0) or not (f1).
     let change = |name: &str, keep_mtime: bool| {
         let path = target.join(name);
@@ -885,9 +982,8 @@ fn delta_restore_by_size_and_time_reads_only_changed_looking_files() {
             &repo,
             &archived.tree,
             &target,
-            2,
             DeltaCheck::SizeAndTime(snapshot_time),
-            SyncMethod::Fsync,
+            RestoreOptions::new(2, SyncMethod::Fsync),
         )
         .expect("delta by time")
     };
@@ -976,7 +1072,13 @@ fn large_directories_stream_their_trees() {
         );
         let target = tempfile::tempdir().expect("tempdir");
         let restored = target.path().join("restored");
-        restore_tree(&repo, &second.tree, &restored, 2, SyncMethod::Fsync).expect("restore_tree");
+        restore_tree(
+            &repo,
+            &second.tree,
+            &restored,
+            RestoreOptions::new(2, SyncMethod::Fsync),
+        )
+        .expect("restore_tree");
         let mut compared = 0;
         for entry in std::fs::read_dir(&many).expect("read_dir") {
             let name = entry.expect("entry").file_name();

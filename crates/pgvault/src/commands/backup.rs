@@ -24,7 +24,7 @@ use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
 use repo::lock::LockKind;
 use repo::pack::BlobType;
 use repo::saver::BlobSaver;
-use repo::snapshot::{Node, NodeKind, Snapshot, Summary, Tree};
+use repo::snapshot::{find_path, Node, NodeKind, Snapshot, Summary, Tree};
 use repo::{Id, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -241,7 +241,7 @@ fn parent_of(
     let Some((tree, time)) = previous else {
         return Ok(None);
     };
-    Ok(find_path(repo, &tree, name)?
+    Ok(find_path(repo, &tree, Path::new(name))?
         .and_then(|node| node.subtree)
         .map(|id| (id, time)))
 }
@@ -683,22 +683,6 @@ fn store_control_file_last(
     global.subtree = Some(global_tree.save(saver)?);
     pgdata_node.subtree = Some(root.save(saver)?);
     Ok(())
-}
-
-/// Finds `a/b` in a tree, one level per path component.
-fn find_path(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Node>> {
-    let mut current = *tree;
-    let mut found = None;
-    for part in path.split('/') {
-        let Some(node) = Tree::load(repo, &current)?.find(part).cloned() else {
-            return Ok(None);
-        };
-        if let Some(sub) = node.subtree {
-            current = sub;
-        }
-        found = Some(node);
-    }
-    Ok(found)
 }
 
 /// Waits until `segment` is in the repository. `archiving_server`, the server that

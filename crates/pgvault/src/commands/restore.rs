@@ -15,9 +15,10 @@ use pg::recovery::{
 use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
 use repo::restore::{
-    apply_root_metadata, restore_tree, restore_tree_delta, DeltaCheck, DeltaStats,
+    apply_root_metadata, restore_file_last, restore_tree, restore_tree_delta, DeltaCheck,
+    DeltaStats, RestoreOptions,
 };
-use repo::snapshot::{Snapshot, Tree};
+use repo::snapshot::{find_path, Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
@@ -217,6 +218,20 @@ fn refuse_if_in_use(pgdata: &Path) -> Result<()> {
     }
 }
 
+/// Removes the control file of the data directory about to be overwritten, before
+/// anything else is changed: an interrupted restore then leaves a directory that cannot
+/// be started, rather than one that starts on a mix of old and new files.
+fn make_unstartable(pgdata: &Path) -> Result<()> {
+    let control = pgdata.join(pg::pgdata::CONTROL_FILE);
+    match fs::remove_file(&control) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", control.display())),
+    }
+    let global = control.parent().unwrap_or(pgdata);
+    fsync_dir(global).with_context(|| format!("cannot sync {}", global.display()))
+}
+
 /// Empties `dir` (but keeps it), for --force.
 fn clear_directory(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -325,39 +340,49 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .clone()
         .context("restore needs --pgdata DIR (or PGDATA, or pgdata in the cluster's config)")?;
     refuse_if_in_use(&pgdata)?;
-    if !is_empty_or_missing(&pgdata)? {
-        if args.force {
-            clear_directory(&pgdata)?;
-        } else if args.delta.is_none() {
-            bail!(
-                "{} is not empty: restore into an empty directory, or pass --delta (rewrite only what differs) or --force (delete its contents first)",
-                pgdata.display()
-            );
-        }
+    let overwrite = !is_empty_or_missing(&pgdata)?;
+    if overwrite && !args.force && args.delta.is_none() {
+        bail!(
+            "{} is not empty: restore into an empty directory, or pass --delta (rewrite only what differs) or --force (delete its contents first)",
+            pgdata.display()
+        );
     }
     let target = target_of(args)?;
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let tablespaces = tablespace_locations(args, &meta)?;
+    let mut cleared = Vec::new();
     for (oid, dir) in &tablespaces {
         if !is_empty_or_missing(dir)? && args.delta.is_none() {
-            if args.force {
-                clear_directory(dir)?;
-            } else {
+            if !args.force {
                 bail!(
                     "tablespace {oid} would be restored into {}, which is not empty: empty it or map it elsewhere with --tablespace-map {oid}=DIR",
                     dir.display()
                 );
             }
+            cleared.push(dir);
         }
     }
-
     let top = Tree::load(&repo, &snapshot.tree)?;
     let pgdata_node = top
         .find("pgdata")
         .cloned()
         .context("backup has no pgdata tree")?;
     let pgdata_tree = pgdata_node.subtree.context("pgdata is not a directory")?;
+    let control_file = Path::new(pg::pgdata::CONTROL_FILE);
+    let control = find_path(&repo, &pgdata_tree, control_file)?
+        .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?;
+    // Nothing is changed before every check has passed.
+    if overwrite {
+        make_unstartable(&pgdata)?;
+        if args.force {
+            clear_directory(&pgdata)?;
+        }
+    }
+    for dir in cleared {
+        clear_directory(dir)?;
+    }
+
     let sync = args.sync_method;
     // Judged against the backup's start, as the next backup would judge them.
     let delta = args.delta.map(|mode| match mode {
@@ -366,21 +391,33 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     });
     let mut kept = DeltaStats::default();
     // Files and bytes written into `dir` from `tree`.
-    let mut restore_into = |tree: &Id, dir: &Path| -> repo::Result<(u64, u64)> {
+    let mut restore_into = |tree: &Id, dir: &Path, held_back| -> repo::Result<(u64, u64)> {
+        let options = RestoreOptions {
+            held_back,
+            ..RestoreOptions::new(ctx.jobs, sync)
+        };
         Ok(match delta {
             Some(check) => {
-                let stats = restore_tree_delta(&repo, tree, dir, ctx.jobs, check, sync)?;
+                let stats = restore_tree_delta(&repo, tree, dir, check, options)?;
                 kept.add(&stats);
                 (stats.files_written, stats.bytes_written)
             }
             None => {
-                let stats = restore_tree(&repo, tree, dir, ctx.jobs, sync)?;
+                let stats = restore_tree(&repo, tree, dir, options)?;
                 (stats.files, stats.bytes)
             }
         })
     };
-    let (mut total_files, mut total_bytes) = restore_into(&pgdata_tree, &pgdata)
-        .with_context(|| format!("restoring into {}", pgdata.display()))?;
+    let incomplete = |dir: &Path| {
+        format!(
+            "restoring into {}; the data directory is incomplete and cannot be started (it has no {}): run the restore again, with --delta to keep what was written",
+            dir.display(),
+            control_file.display()
+        )
+    };
+    let (mut total_files, mut total_bytes) =
+        restore_into(&pgdata_tree, &pgdata, Some(control_file))
+            .with_context(|| incomplete(&pgdata))?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
     if !tablespaces.is_empty() {
         let tablespace_tree = top
@@ -393,8 +430,9 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 .find(&oid.to_string())
                 .with_context(|| format!("backup has no data for tablespace {oid}"))?;
             let subtree = node.subtree.context("tablespace is not a directory")?;
-            let (files, bytes) = restore_into(&subtree, dir)
-                .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))?;
+            let (files, bytes) = restore_into(&subtree, dir, None)
+                .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
+                .with_context(|| incomplete(&pgdata))?;
             apply_root_metadata(dir, node)?;
             total_bytes += bytes;
             total_files += files;
@@ -433,6 +471,9 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         rewrite_auto_conf(&auto_conf, &settings).as_bytes(),
     )?;
     write_server_file(&pgdata, signal, b"")?;
+    // Last: until it is there the directory cannot be started, half restored.
+    restore_file_last(&repo, &control, &pgdata.join(control_file), sync)
+        .with_context(|| incomplete(&pgdata))?;
 
     let seconds = started.elapsed().as_secs_f64();
     if ctx.json() {

@@ -9,7 +9,7 @@ use chrono::Utc;
 use repo::archive::{archive_stream, archive_tree, ArchiveOptions, Archived};
 use repo::lock::LockKind;
 use repo::repository::ObjectKind;
-use repo::restore::{apply_root_metadata, restore_tree, write_content, SyncMethod};
+use repo::restore::{apply_root_metadata, restore_tree, write_content, RestoreOptions, SyncMethod};
 use repo::saver::BlobSaver;
 use repo::snapshot::{NodeKind, Snapshot, Tree};
 use serde_json::json;
@@ -214,7 +214,12 @@ fn restore(ctx: &Context, args: &SnapshotRestoreArgs) -> Result<()> {
         .target
         .as_ref()
         .context("--target or --stdout is required")?;
-    let stats = restore_tree(&repo, &snapshot.tree, target, ctx.jobs, SyncMethod::Fsync)?;
+    let stats = restore_tree(
+        &repo,
+        &snapshot.tree,
+        target,
+        RestoreOptions::new(ctx.jobs, SyncMethod::Fsync),
+    )?;
     if let Some(root) = &snapshot.root {
         apply_root_metadata(target, root)?;
     }
