@@ -60,10 +60,14 @@ pub fn decide(relative: &Path, is_dir: bool, unlogged: &dyn Fn(&Path) -> bool) -
     if name.starts_with("pgsql_tmp") {
         return Decision::Exclude;
     }
+    // Also when it is a symlink (pg_wal on another disk through `initdb --waldir`,
+    // pg_stat_tmp on a RAM disk): an empty directory, as pg_basebackup stores pg_wal. A
+    // restored link would point a copy restored on the same host at the source's live
+    // WAL, for the copy's recovery to write into and recycle.
+    if depth == 1 && EMPTY_DIRECTORIES.contains(&name) {
+        return Decision::DirectoryOnly;
+    }
     if is_dir {
-        if depth == 1 && EMPTY_DIRECTORIES.contains(&name) {
-            return Decision::DirectoryOnly;
-        }
         return Decision::Include;
     }
     if EXCLUDED_ANYWHERE.contains(&name) || (depth == 1 && EXCLUDED_AT_TOP.contains(&name)) {
@@ -273,6 +277,10 @@ mod tests {
         assert_eq!(decide_for("base/5/16401", false), Decision::Include);
         // A nested pg_wal is not the server's.
         assert_eq!(decide_for("base/pg_wal", true), Decision::Include);
+        // Symlinked elsewhere: still an empty directory, never the link.
+        assert_eq!(decide_for("pg_wal", false), Decision::DirectoryOnly);
+        assert_eq!(decide_for("pg_stat_tmp", false), Decision::DirectoryOnly);
+        assert_eq!(decide_for("base/pg_wal", false), Decision::Include);
     }
 
     #[test]

@@ -406,6 +406,10 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Put pg_wal on another disk: pg_wal becomes a symlink to DIR (absolute; created if
+    /// missing; must be empty, or is emptied with --delta/--force)
+    #[arg(long, value_name = "DIR")]
+    pub waldir: Option<PathBuf>,
     /// "off" keeps the restored server from archiving into the repository (a test or
     /// reporting copy); "preserve" keeps the source's archive settings
     #[arg(long, default_value = "preserve", value_parser = ["preserve", "off"])]
@@ -473,6 +477,10 @@ pub struct StandbyCreateArgs {
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Put pg_wal on another disk: pg_wal becomes a symlink to DIR (absolute; created if
+    /// missing; must be empty, or is emptied with --delta/--force)
+    #[arg(long, value_name = "DIR")]
+    pub waldir: Option<PathBuf>,
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long)]
     pub force: bool,

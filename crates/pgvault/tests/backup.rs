@@ -972,6 +972,103 @@ fn an_interrupted_restore_leaves_a_directory_that_cannot_start() {
     judge(&mut restored);
 }
 
+fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = (fs::read_dir(dir).expect("list").flatten())
+        .map(|entry| entry.file_name())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A data directory with pg_wal on another disk (a symlink, as `initdb --waldir` lays it
+/// out): the backup stores pg_wal as an empty directory, not the link, so a copy restored
+/// on the same host recovers into a pg_wal of its own and never into the source's live
+/// WAL. `--waldir` puts a restored pg_wal on a disk of its own again, also in a delta
+/// restore; bad `--waldir` values are refused before anything is touched.
+#[test]
+fn a_symlinked_pg_wal_is_restored_as_a_directory_or_onto_waldir() {
+    let setup = Setup::local();
+    let Some(mut source) = archiving_cluster() else {
+        return;
+    };
+    source.stop();
+    let wal_disk = shared_tempdir();
+    let source_wal = wal_disk.path().join("source-wal");
+    fs::rename(source.pgdata().join("pg_wal"), &source_wal).expect("move pg_wal");
+    std::os::unix::fs::symlink(&source_wal, source.pgdata().join("pg_wal")).expect("link");
+    source.start_again().expect("start with pg_wal linked");
+    let Some(mut source) = with_pgbench(&setup, Some(source), "1") else {
+        return;
+    };
+    backup(&setup, &source, &[]);
+    let expected = state(&source);
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+
+    let args = ["--target", "immediate", "--archive-mode", "off"];
+    let mut copy = restore_and_start(&setup, source.bin(), &args);
+    let wal = copy.pgdata().join("pg_wal");
+    assert!(
+        fs::symlink_metadata(&wal).expect("stat").is_dir(),
+        "pg_wal is not a directory"
+    );
+    assert_eq!(state(&copy), expected);
+    assert!(wal.join("00000002.history").exists());
+    assert!(
+        !source_wal.join("00000002.history").exists(),
+        "the copy wrote into the source's WAL"
+    );
+    copy.stop();
+
+    let source_names = names_in(&source_wal);
+    let pgdata = setup.path("refused").display().to_string();
+    let inside = format!("{pgdata}/wal");
+    let source_wal_text = source_wal.display().to_string();
+    for (waldir, expected_error) in [
+        ("relative/wal", "give an absolute path"),
+        (inside.as_str(), "is inside the data directory"),
+        (
+            source_wal_text.as_str(),
+            "is not empty: empty it, or pass --delta or --force",
+        ),
+    ] {
+        let err = restore_fails(&setup, "refused", &["--waldir", waldir]);
+        assert!(err.contains(expected_error), "{waldir}: {err}");
+    }
+    assert_eq!(
+        names_in(&source_wal),
+        source_names,
+        "a refused --waldir was touched"
+    );
+    assert!(!setup.path("refused").exists());
+
+    let copy_wal = wal_disk.path().join("copy-wal");
+    let dir = copy.pgdata().display().to_string();
+    let copy_wal_text = copy_wal.display().to_string();
+    let mut delta = vec![
+        "restore",
+        "--pgdata",
+        &dir,
+        "--delta",
+        "--target-action",
+        "promote",
+    ];
+    delta.extend_from_slice(&["--waldir", &copy_wal_text]);
+    delta.extend_from_slice(&args);
+    setup.ok(&delta);
+    assert_eq!(fs::read_link(&wal).expect("pg_wal is a link"), copy_wal);
+    copy.start_again().expect("start with the new pg_wal");
+    copy.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&copy), expected);
+    assert!(
+        copy_wal.join("00000002.history").exists(),
+        "{:?}",
+        names_in(&copy_wal)
+    );
+    judge(&mut copy);
+    source.stop();
+}
+
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).expect("read_dir").flatten() {

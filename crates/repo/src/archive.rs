@@ -31,12 +31,17 @@ use crate::snapshot::{mtime_ns, Node, NodeKind, Summary, Tree, TreeCursor, TreeW
 /// object storage rather than one per chunk).
 const BATCH: usize = 16;
 
+/// The mode of a directory stored for a dangling symlink given [`Include::DirectoryOnly`].
+const EMPTY_DIR_MODE: u32 = 0o040700;
+
 /// Whether to store a directory entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Include {
     Yes,
     No,
     /// A directory stored empty: it exists after a restore, its contents are skipped.
+    /// Given to a symlink, an empty directory is stored in its place (with the mode and
+    /// owner of the directory it points to), not the link.
     DirectoryOnly,
 }
 
@@ -293,7 +298,17 @@ impl Walker<'_, '_> {
             };
             let previous = previous.as_ref();
             let file_type = meta.file_type();
-            if file_type.is_dir() {
+            if include == Include::DirectoryOnly && !file_type.is_dir() {
+                let target = fs::metadata(&path).ok().filter(|m| m.is_dir());
+                node.kind = NodeKind::Dir;
+                node.subtree = Some(Tree::default().save(self.saver)?);
+                node.mode = target.as_ref().map_or(EMPTY_DIR_MODE, |m| m.mode());
+                if let Some(target) = target {
+                    (node.uid, node.gid, node.mtime_ns) =
+                        (target.uid(), target.gid(), mtime_ns(&target));
+                }
+                self.summary.dirs += 1;
+            } else if file_type.is_dir() {
                 node.kind = NodeKind::Dir;
                 node.subtree = Some(if include == Include::DirectoryOnly {
                     Tree::default().save(self.saver)?

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use repo::archive::{archive_stream, archive_tree, ArchiveOptions};
+use repo::archive::{archive_stream, archive_tree, ArchiveOptions, Include};
 use repo::chunker::ChunkerParams;
 use repo::compression::Compression;
 use repo::crypto::Encryption;
@@ -763,6 +763,67 @@ fn changed_chunks_are_stored_as_deltas() {
     bytes[at] ^= 0x10;
     overwrite(&storage, &base_pack, &bytes);
     assert!(read_back(&repo, &second_content[2..3]).is_err());
+}
+
+/// `Include::DirectoryOnly` given to a symlink stores an empty directory in its place
+/// (with the linked directory's mode), not the link nor what it points to.
+#[test]
+fn a_directory_only_symlink_is_stored_as_an_empty_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
+    let repo = Repository::init(
+        storage,
+        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
+        Some(PASSPHRASE),
+    )
+    .expect("init");
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    std::fs::write(elsewhere.join("segment"), payload(41, 3000)).expect("write");
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let source = dir.path().join("source");
+    std::fs::create_dir(&source).expect("mkdir");
+    std::os::unix::fs::symlink(&elsewhere, source.join("wal")).expect("symlink");
+    std::os::unix::fs::symlink(dir.path().join("gone"), source.join("dangling")).expect("symlink");
+    std::os::unix::fs::symlink(&elsewhere, source.join("kept")).expect("symlink");
+    let filter: repo::archive::Filter =
+        Arc::new(
+            |relative: &Path, _: &std::fs::Metadata| match relative.to_str() {
+                Some("wal" | "dangling") => Include::DirectoryOnly,
+                _ => Include::Yes,
+            },
+        );
+    let archived = archive(
+        &repo,
+        &source,
+        &ArchiveOptions {
+            filter: Some(filter),
+            ..ArchiveOptions::default()
+        },
+    );
+    let target = dir.path().join("target");
+    restore_tree(
+        &repo,
+        &archived.tree,
+        &target,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("restore");
+    for (name, mode) in [("wal", 0o750), ("dangling", 0o700)] {
+        let meta = std::fs::symlink_metadata(target.join(name)).expect("stat");
+        assert!(meta.is_dir(), "{name} is not a directory: {meta:?}");
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{name}");
+        assert_eq!(
+            std::fs::read_dir(target.join(name)).expect("list").count(),
+            0
+        );
+    }
+    // Links without it stay links.
+    assert_eq!(
+        std::fs::read_link(target.join("kept")).expect("link"),
+        elsewhere
+    );
 }
 
 /// A held-back file is neither written nor touched by a restore or a delta restore, and

@@ -76,6 +76,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         primary_conn: Some(conninfo),
         primary_slot: args.slot.clone(),
         tablespace_map: args.tablespace_map.clone(),
+        waldir: args.waldir.clone(),
         archive_mode: "preserve".to_string(),
         delta: None,
         force: args.force,

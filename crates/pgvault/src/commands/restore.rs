@@ -232,6 +232,56 @@ fn make_unstartable(pgdata: &Path) -> Result<()> {
     fsync_dir(global).with_context(|| format!("cannot sync {}", global.display()))
 }
 
+/// `--waldir DIR`: absolute, outside the data directory, and empty unless `--delta` or
+/// `--force` may empty it.
+fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<PathBuf> {
+    if !dir.is_absolute() {
+        bail!(
+            "--waldir {}: give an absolute path (the server resolves the link from anywhere)",
+            dir.display()
+        );
+    }
+    let absolute_pgdata = std::path::absolute(pgdata)?;
+    if dir.starts_with(&absolute_pgdata) {
+        bail!(
+            "--waldir {} is inside the data directory {}: give a directory on the other disk",
+            dir.display(),
+            pgdata.display()
+        );
+    }
+    if !is_empty_or_missing(dir)? && args.delta.is_none() && !args.force {
+        bail!(
+            "--waldir {} is not empty: empty it, or pass --delta or --force to have its contents removed",
+            dir.display()
+        );
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Replaces the restored (empty) `pg_wal` with a link to `dir`, which it creates if
+/// missing and gives to the data directory's owner, as `initdb --waldir` lays it out.
+fn link_waldir(pgdata: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let owner = fs::metadata(pgdata)?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create --waldir {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid())).with_context(|| {
+        format!(
+            "cannot give {} to the data directory's owner",
+            dir.display()
+        )
+    })?;
+    let link = pgdata.join("pg_wal");
+    fs::remove_dir(&link)
+        .with_context(|| format!("cannot replace {} by a link", link.display()))?;
+    std::os::unix::fs::symlink(dir, &link)
+        .with_context(|| format!("cannot link {} to {}", link.display(), dir.display()))?;
+    std::os::unix::fs::lchown(&link, Some(owner.uid()), Some(owner.gid()))?;
+    fsync_dir(dir)?;
+    fsync_dir(dir.parent().unwrap_or(dir))?;
+    fsync_dir(pgdata)
+}
+
 /// Empties `dir` (but keeps it), for --force.
 fn clear_directory(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -351,6 +401,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let tablespaces = tablespace_locations(args, &meta)?;
+    let waldir = match &args.waldir {
+        Some(dir) => Some(check_waldir(dir, &pgdata, args)?),
+        None => None,
+    };
     let mut cleared = Vec::new();
     for (oid, dir) in &tablespaces {
         if !is_empty_or_missing(dir)? && args.delta.is_none() {
@@ -379,7 +433,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             clear_directory(&pgdata)?;
         }
     }
-    for dir in cleared {
+    for dir in cleared
+        .into_iter()
+        .chain(waldir.iter().filter(|d| d.exists()))
+    {
         clear_directory(dir)?;
     }
 
@@ -408,16 +465,15 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             }
         })
     };
-    let incomplete = |dir: &Path| {
+    let incomplete = || {
         format!(
             "restoring into {}; the data directory is incomplete and cannot be started (it has no {}): run the restore again, with --delta to keep what was written",
-            dir.display(),
+            pgdata.display(),
             control_file.display()
         )
     };
     let (mut total_files, mut total_bytes) =
-        restore_into(&pgdata_tree, &pgdata, Some(control_file))
-            .with_context(|| incomplete(&pgdata))?;
+        restore_into(&pgdata_tree, &pgdata, Some(control_file)).with_context(incomplete)?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
     if !tablespaces.is_empty() {
         let tablespace_tree = top
@@ -432,7 +488,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             let subtree = node.subtree.context("tablespace is not a directory")?;
             let (files, bytes) = restore_into(&subtree, dir, None)
                 .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
-                .with_context(|| incomplete(&pgdata))?;
+                .with_context(incomplete)?;
             apply_root_metadata(dir, node)?;
             total_bytes += bytes;
             total_files += files;
@@ -447,6 +503,9 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         fsync_dir(&pgdata.join("pg_tblspc"))?;
     }
 
+    if let Some(dir) = &waldir {
+        link_waldir(&pgdata, dir).with_context(incomplete)?;
+    }
     write_server_file(&pgdata, "backup_label", meta.backup_label.as_bytes())?;
     let restore_command = format!("{} archive-get %f \"%p\"", command_prefix(ctx)?);
     let options = RecoveryOptions {
@@ -473,7 +532,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     write_server_file(&pgdata, signal, b"")?;
     // Last: until it is there the directory cannot be started, half restored.
     restore_file_last(&repo, &control, &pgdata.join(control_file), sync)
-        .with_context(|| incomplete(&pgdata))?;
+        .with_context(incomplete)?;
 
     let seconds = started.elapsed().as_secs_f64();
     if ctx.json() {
