@@ -1214,6 +1214,102 @@ fn expire_keeps_the_recovery_window_restorable() {
 }
 
 /// The 16 MiB segment on timeline 1 holding `lsn` ("X/Y").
+/// A backup whose WAL has gone from the repository is passed over for the newest one
+/// that can be restored (with a warning naming both), and refused, naming the missing
+/// file, when it is the one asked for. A target LSN past a gap in the archive is refused
+/// before anything is written; one past the end of the archive gets a warning.
+#[test]
+fn restores_choose_backups_their_wal_can_reach() {
+    let setup = Setup::local();
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "1") else {
+        return;
+    };
+    let first = backup(&setup, &source, &[]);
+    let at_first = state(&source);
+    pgbench(&source, &["-n", "-t", "100"]);
+    let second = backup(&setup, &source, &[]);
+    let mut segments = Vec::new();
+    let mut lsn = String::new();
+    for round in 0..3 {
+        source.psql(&format!("INSERT INTO marks VALUES ('after {round}')"));
+        lsn = source.psql("SELECT pg_current_wal_lsn()");
+        segments.push(source.psql("SELECT pg_walfile_name(pg_switch_wal())"));
+    }
+    wait_archived(&source, &segments[2]);
+    source.stop();
+    let wal = setup.path("repo").join("files/wal/main/00000001");
+
+    // A gap before the target's segment.
+    let middle = wal.join(&segments[1]);
+    let kept = fs::read(&middle).expect("read a segment");
+    fs::remove_file(&middle).expect("remove a segment");
+    let err = restore_fails(&setup, "past-gap", &["--target-lsn", &lsn]);
+    assert!(
+        err.contains(&format!(
+            "--target-lsn {lsn} is out of reach: replay stops after {}",
+            segments[0]
+        )) && err.contains(&format!("{} is missing", segments[1])),
+        "{err}"
+    );
+    assert!(!setup.path("past-gap").exists(), "a refused restore wrote");
+    fs::write(&middle, kept).expect("put the segment back");
+
+    // Past the end of the archive: a warning, and the restore goes on.
+    let past_end = setup.path("past-end").display().to_string();
+    let out = setup.run(&["restore", "--pgdata", &past_end, "--target-lsn", "FF/0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WARN")
+            && stderr.contains(&format!("the archive ends with {}", segments[2]))
+            && stderr.contains("refuses to start"),
+        "{stderr}"
+    );
+
+    // The second backup's last segment gone: the first is restored instead.
+    let second_id = second["id"].as_str().expect("id");
+    fs::remove_file(wal.join(segment_of(second["stop_lsn"].as_str().expect("lsn"))))
+        .expect("remove the second backup's last segment");
+    let err = restore_fails(&setup, "asked-for", &["--backup", second_id]);
+    assert!(
+        err.contains(&format!("backup {} cannot be restored", &second_id[..8]))
+            && err.contains("is missing"),
+        "{err}"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("pgvault-restored-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let pgdata = dir.path().join("data").display().to_string();
+    let out = setup.run(&[
+        "restore",
+        "--pgdata",
+        &pgdata,
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+        "--archive-mode",
+        "off",
+        "--output",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["backup"], first["id"], "{report}");
+    let first_id = first["id"].as_str().expect("id");
+    assert!(
+        stderr.contains(&format!("restoring the older backup {}", &first_id[..8]))
+            && stderr.contains(&second_id[..8]),
+        "{stderr}"
+    );
+    let mut restored = Cluster::adopt(source.bin().clone(), dir).expect("start");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&restored), at_first);
+    judge(&mut restored);
+}
+
 fn segment_of(lsn: &str) -> String {
     let (hi, lo) = lsn.split_once('/').expect("an LSN");
     let value = (u64::from_str_radix(hi, 16).expect("hex") << 32)

@@ -24,6 +24,7 @@ use serde_json::json;
 
 use super::archive::{fetch_file, fsync_dir, list_wal, write_atomically};
 use super::backup::{list_backups, BackupMeta};
+use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
 use crate::context::Context;
@@ -91,13 +92,81 @@ fn choose_backup(
             repo.location()
         );
     }
+    let segment_size = backups[0].2.wal_segment_size;
+    let candidates = candidate_backups(repo, ctx, args, target, backups)?;
+    if candidates.is_empty() {
+        let hint = match target {
+            Target::Xid(_) => {
+                "; if the transaction began before a backup ended but committed after, name that backup with --backup"
+            }
+            _ => "",
+        };
+        bail!(
+            "no backup of cluster {:?} ends before the target {target}: choose a later target{hint}",
+            ctx.cluster
+        );
+    }
+    // The newest candidate whose WAL the repository holds: a backup missing some cannot
+    // reach consistency, and recovery would fail only once the server runs.
+    let archive = WalArchive::load(repo, &ctx.cluster, segment_size)?;
+    let mut unrestorable = Vec::new();
+    for (id, snapshot, meta) in candidates.into_iter().rev() {
+        let reach = archive.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?);
+        if !reach.restorable() {
+            unrestorable.push((id, reach.missing));
+            continue;
+        }
+        if !unrestorable.is_empty() {
+            tracing::warn!(
+                "restoring the older backup {}: WAL of the newer {} is missing from the repository",
+                id.short(),
+                missing_wal(&unrestorable)
+            );
+        }
+        check_target_reach(&archive, &reach, target)?;
+        return Ok((id, snapshot, meta));
+    }
+    if let [(id, missing)] = unrestorable.as_slice() {
+        bail!(
+            "backup {} cannot be restored from {}: its WAL {} is missing; `pgvault verify` names what else is damaged",
+            id.short(),
+            repo.location(),
+            missing.join(", ")
+        );
+    }
+    bail!(
+        "no backup of cluster {:?} for this target can be restored from {}: WAL is missing for {}; `pgvault verify` names what else is damaged",
+        ctx.cluster,
+        repo.location(),
+        missing_wal(&unrestorable)
+    )
+}
+
+/// "id (missing a, b); id (missing c)" for backups whose WAL is missing.
+fn missing_wal(backups: &[(Id, Vec<String>)]) -> String {
+    let described: Vec<String> = backups
+        .iter()
+        .map(|(id, missing)| format!("{} (missing {})", id.short(), missing.join(", ")))
+        .collect();
+    described.join("; ")
+}
+
+/// The backups a restore may start from, oldest first: the one asked for with
+/// `--backup`, the one before a restore point, or those ending before the target.
+fn candidate_backups(
+    repo: &Repository,
+    ctx: &Context,
+    args: &RestoreArgs,
+    target: &Target,
+    backups: Vec<(Id, Snapshot, BackupMeta)>,
+) -> Result<Vec<(Id, Snapshot, BackupMeta)>> {
     if let Some(spec) = args.backup.as_deref().filter(|s| *s != "latest") {
         let matching: Vec<_> = backups
             .into_iter()
             .filter(|(id, _, _)| id.to_hex().starts_with(spec))
             .collect();
         return match matching.len() {
-            1 => Ok(matching.into_iter().next().context("one backup")?),
+            1 => Ok(matching),
             0 => bail!(
                 "no backup of cluster {:?} has an id starting with {spec:?}",
                 ctx.cluster
@@ -105,7 +174,7 @@ fn choose_backup(
             n => bail!("{n} backups match {spec:?}: give more digits of the id"),
         };
     }
-    let usable: Vec<_> = match target {
+    Ok(match target {
         Target::Time(text) => {
             let time = parse_target_time(text)?;
             backups
@@ -138,29 +207,63 @@ fn choose_backup(
                 .collect()
         }
         Target::Name(name) => {
-            return backup_before_restore_point(repo, &ctx.cluster, backups, name)?.with_context(
-                || {
+            let chosen = backup_before_restore_point(repo, &ctx.cluster, backups, name)?
+                .with_context(|| {
                     format!(
                         "no restore point named {name:?} that a backup of cluster {:?} can recover to (one in the archived WAL after the backup's end, none between its start and end): check the name, or name a backup with --backup",
                         ctx.cluster
                     )
-                },
-            );
+                })?;
+            vec![chosen]
         }
         _ => backups,
-    };
-    usable.into_iter().next_back().with_context(|| {
-        let hint = match target {
-            Target::Xid(_) => {
-                "; if the transaction began before a backup ended but committed after, name that backup with --backup"
-            }
-            _ => "",
-        };
-        format!(
-            "no backup of cluster {:?} ends before the target {target}: choose a later target{hint}",
-            ctx.cluster
-        )
     })
+}
+
+/// Whether replay from a backup can get to `target` with the WAL archived so far. Past a
+/// gap an LSN target is out of reach (an error); past the end of the archive, or a time
+/// target past a gap (the times are the archive's clock, not the server's), it is reached
+/// only if the WAL arrives before recovery gets there (a warning): otherwise PostgreSQL
+/// 13+ refuses to start, and 12 ends recovery at the end of the archive.
+fn check_target_reach(archive: &WalArchive, reach: &Reach, target: &Target) -> Result<()> {
+    let Some(last) = &reach.last_segment else {
+        return Ok(());
+    };
+    let segment_size = archive.segment_size;
+    let Some(last_segno) = last.segno(segment_size) else {
+        return Ok(());
+    };
+    let after_gap = (archive.segments.get(&last.timeline()))
+        .is_some_and(|present| present.range(last_segno + 1..).next().is_some());
+    let next = WalFileName::segment(last.timeline(), last_segno + 1, segment_size);
+    let end = Lsn((last_segno + 1) * segment_size);
+    let stops = if after_gap {
+        format!(
+            "replay stops after {last}: {next} is missing from the repository (see `pgvault info`)"
+        )
+    } else {
+        format!("the archive ends with {last}")
+    };
+    let unless = "recovery will end before the target, and PostgreSQL 13+ then refuses to start, unless that WAL is archived before recovery gets there";
+    match target {
+        Target::Lsn(text) if Lsn::parse(text)? >= end => {
+            if after_gap {
+                bail!("--target-lsn {text} is out of reach: {stops}");
+            }
+            tracing::warn!("--target-lsn {text} is past {end}, where {stops}: {unless}");
+        }
+        Target::Time(text) => {
+            let time = parse_target_time(text)?;
+            if let Some(until) = reach.until.filter(|until| *until < time) {
+                tracing::warn!(
+                    "--target-time {text} is after {} (when {last} was archived), and {stops}: {unless}",
+                    until.format("%Y-%m-%d %H:%M:%S%.3f+00")
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// For a restore point target: the newest backup with a restore point of that name in the
