@@ -972,6 +972,75 @@ fn an_interrupted_restore_leaves_a_directory_that_cannot_start() {
     judge(&mut restored);
 }
 
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop: a small filesystem.
+struct SmallFilesystem(tempfile::TempDir);
+
+impl SmallFilesystem {
+    fn mount(size: &str) -> Option<SmallFilesystem> {
+        let dir = tempfile::Builder::new()
+            .prefix("pgvault-small-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let options = format!("size={size},mode=0755");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+            .arg(dir.path())
+            .status();
+        if !mounted.is_ok_and(|status| status.success()) {
+            testkit::pg::skip_or_panic("cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(SmallFilesystem(dir))
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A restore that would not fit is refused before it writes anything, naming what it
+/// needs and what is free; where it fits, on a filesystem not much larger, it completes.
+#[test]
+fn a_restore_that_cannot_fit_is_refused_before_writing() {
+    let setup = Setup::local();
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "1") else {
+        return;
+    };
+    let report = backup(&setup, &source, &[]);
+    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&source, &last);
+    source.stop();
+    let size = report["size_bytes"].as_u64().expect("size");
+    let Some(small) = SmallFilesystem::mount(&format!("{}k", size / 2048)) else {
+        return;
+    };
+    let pgdata = small.path("data").display().to_string();
+    let err = setup.fails(&["restore", "--pgdata", &pgdata, "--target", "immediate"]);
+    assert!(
+        err.contains("the restore needs")
+            && err.contains("which has")
+            && err.contains("free: make room"),
+        "{err}"
+    );
+    assert!(!small.path("data").exists(), "a refused restore wrote");
+    drop(small);
+    let Some(roomy) = SmallFilesystem::mount(&format!("{}k", size / 1024 + 8192)) else {
+        return;
+    };
+    let pgdata = roomy.path("data").display().to_string();
+    setup.ok(&["restore", "--pgdata", &pgdata, "--target", "immediate"]);
+    assert!(roomy.path("data/global/pg_control").exists());
+}
+
 fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
     let mut names: Vec<_> = (fs::read_dir(dir).expect("list").flatten())
         .map(|entry| entry.file_name())

@@ -33,19 +33,17 @@ pub enum RepoError {
     Locked { location: String, holder: String },
     #[error("{0}")]
     Invalid(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message, not a source of its own: one-line error
+    /// chains (`{:#}`) would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 impl RepoError {
-    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> RepoError {
+    pub fn io(path: impl AsRef<std::path::Path>, error: std::io::Error) -> RepoError {
         RepoError::Io {
             path: path.as_ref().display().to_string(),
-            source,
+            error,
         }
     }
 }

@@ -39,7 +39,7 @@ pub struct RestoreStats {
 
 /// Writes the content of one file node to `out`, in order.
 pub fn write_content(repo: &Repository, content: &[Id], out: &mut dyn Write) -> Result<u64> {
-    write_blobs(repo, content, &mut Copying(out))
+    write_blobs(repo, content, &mut Copying(out), Path::new("output"))
 }
 
 /// Where restored bytes go. A file written with direct I/O lends room in its block, so
@@ -80,7 +80,13 @@ impl Write for Copying<'_> {
 
 impl Sink for Copying<'_> {}
 
-fn write_blobs(repo: &Repository, content: &[Id], out: &mut dyn Sink) -> Result<u64> {
+/// Writes the blobs of `content` in order to `out`, named `destination` in errors.
+fn write_blobs(
+    repo: &Repository,
+    content: &[Id],
+    out: &mut dyn Sink,
+    destination: &Path,
+) -> Result<u64> {
     repo.load_index()?;
     let mut written = 0u64;
     let mut i = 0;
@@ -95,13 +101,13 @@ fn write_blobs(repo: &Repository, content: &[Id], out: &mut dyn Sink) -> Result<
             let len = location.raw_length as usize;
             if let Some(space) = out.space(len) {
                 repo.open_blob_into(id, sealed, &location.pack, base, space)?;
-                out.commit(len).map_err(|e| RepoError::io("output", e))?;
+                out.commit(len).map_err(|e| RepoError::io(destination, e))?;
                 written += len as u64;
                 continue;
             }
             let plain = repo.open_blob(id, sealed, &location.pack, base)?;
             out.write_all(&plain)
-                .map_err(|e| RepoError::io("output", e))?;
+                .map_err(|e| RepoError::io(destination, e))?;
             written += plain.len() as u64;
         }
         i += window.len();
@@ -179,6 +185,71 @@ fn walk_dirs(
         stack.extend(subdirs);
     }
     Ok(())
+}
+
+/// The bytes of the files under the tree `root`: what a restore of it writes.
+pub fn tree_bytes(repo: &Repository, root: &Id) -> Result<u64> {
+    let mut total = 0;
+    walk_dirs(repo, root, Path::new(""), |dir, cursor| {
+        let mut subdirs = Vec::new();
+        while let Some(node) = cursor.next_node()? {
+            match (node.kind, node.subtree) {
+                (NodeKind::File, _) => total += node.size,
+                (NodeKind::Dir, Some(subtree)) => subdirs.push((subtree, dir.join(&node.name))),
+                _ => {}
+            }
+        }
+        Ok(subdirs)
+    })?;
+    Ok(total)
+}
+
+/// A filesystem without room for what a restore would write onto it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortage {
+    /// The first target directory on that filesystem.
+    pub target: PathBuf,
+    pub needed: u64,
+    /// Free for unprivileged users.
+    pub free: u64,
+}
+
+/// Whether a restore fits, before it writes anything: `needs` are the bytes to be
+/// written into each target directory (existing or not); those on one filesystem are
+/// added up and compared with the space it has free for unprivileged users.
+pub fn shortage_of_room(needs: &[(&Path, u64)]) -> Result<Option<Shortage>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut filesystems: Vec<(u64, Shortage)> = Vec::new();
+    for &(target, bytes) in needs {
+        let existing = target
+            .ancestors()
+            .find(|dir| dir.exists())
+            .unwrap_or(Path::new("/"));
+        let device = fs::metadata(existing)
+            .map_err(|e| RepoError::io(existing, e))?
+            .dev();
+        match filesystems.iter_mut().find(|(other, _)| *other == device) {
+            Some((_, filesystem)) => filesystem.needed += bytes,
+            None => {
+                let stat = rustix::fs::statvfs(existing)
+                    .map_err(|e| RepoError::io(existing, std::io::Error::from(e)))?;
+                let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+                let target = target.to_path_buf();
+                filesystems.push((
+                    device,
+                    Shortage {
+                        target,
+                        needed: bytes,
+                        free,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(filesystems
+        .into_iter()
+        .map(|(_, filesystem)| filesystem)
+        .find(|filesystem| filesystem.needed > filesystem.free))
 }
 
 /// How a restore makes what it wrote durable before it returns.
@@ -457,7 +528,7 @@ fn fill(
     expected: u64,
 ) -> Result<u64> {
     let path = &file.path;
-    let written = write_blobs(repo, &file.node.content[chunks], &mut out)?;
+    let written = write_blobs(repo, &file.node.content[chunks], &mut out, path)?;
     if written != expected {
         let detail = if offset == 0 && expected == file.node.size {
             format!("restored {written} bytes, snapshot says {expected}")

@@ -106,7 +106,7 @@ pub fn dump_command(ctx: &Context, args: &DumpArgs) -> Result<()> {
 /// Whether writing to a child failed only because it stopped reading (it exited; its
 /// exit status tells whether that was fine).
 pub fn is_broken_pipe(error: &repo::RepoError) -> bool {
-    matches!(error, repo::RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+    matches!(error, repo::RepoError::Io { error: io, .. } if io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// The libpq environment for a client tool connected to `database`.

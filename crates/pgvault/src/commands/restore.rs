@@ -15,10 +15,10 @@ use pg::recovery::{
 use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
 use repo::restore::{
-    apply_root_metadata, restore_file_last, restore_tree, restore_tree_delta, DeltaCheck,
-    DeltaStats, RestoreOptions,
+    apply_root_metadata, restore_file_last, restore_tree, restore_tree_delta, shortage_of_room,
+    tree_bytes, DeltaCheck, DeltaStats, RestoreOptions,
 };
-use repo::snapshot::{find_path, Snapshot, Tree};
+use repo::snapshot::{find_path, Node, Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
@@ -335,9 +335,63 @@ fn make_unstartable(pgdata: &Path) -> Result<()> {
     fsync_dir(global).with_context(|| format!("cannot sync {}", global.display()))
 }
 
+/// Each tablespace to restore, with its directory and its node in the backup's tree.
+fn tablespace_nodes<'t>(
+    repo: &Repository,
+    top: &Tree,
+    tablespaces: &'t [(u32, PathBuf)],
+) -> Result<Vec<(u32, &'t Path, Node)>> {
+    if tablespaces.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tree = top
+        .find("tablespaces")
+        .and_then(|n| n.subtree)
+        .context("backup lists tablespaces but stores none")?;
+    let stored = Tree::load(repo, &tree)?;
+    (tablespaces.iter())
+        .map(|(oid, dir)| {
+            let node = (stored.find(&oid.to_string()).cloned())
+                .with_context(|| format!("backup has no data for tablespace {oid}"))?;
+            Ok((*oid, dir.as_path(), node))
+        })
+        .collect()
+}
+
+/// Refuses a restore that would not fit on the filesystems it writes to, before it
+/// writes anything (rather than failing with a full disk half-way).
+fn check_room(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    (pgdata, pgdata_tree): (&Path, &Id),
+    tablespaces: &[(u32, &Path, Node)],
+) -> Result<()> {
+    let mut needs = Vec::new();
+    if tablespaces.is_empty() {
+        needs.push((pgdata, snapshot.summary.bytes));
+    } else {
+        needs.push((pgdata, tree_bytes(repo, pgdata_tree)?));
+        for (oid, dir, node) in tablespaces {
+            let subtree = node
+                .subtree
+                .with_context(|| format!("tablespace {oid} is not a directory"))?;
+            needs.push((*dir, tree_bytes(repo, &subtree)?));
+        }
+    }
+    if let Some(short) = shortage_of_room(&needs)? {
+        bail!(
+            "the restore needs {} on the filesystem of {}, which has {} free: make room, or restore elsewhere (--pgdata, --tablespace-map)",
+            bytes(short.needed),
+            short.target.display(),
+            bytes(short.free)
+        );
+    }
+    Ok(())
+}
+
 /// `--waldir DIR`: absolute, outside the data directory, and empty unless `--delta` or
 /// `--force` may empty it.
-fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<PathBuf> {
+fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<()> {
     if !dir.is_absolute() {
         bail!(
             "--waldir {}: give an absolute path (the server resolves the link from anywhere)",
@@ -358,7 +412,7 @@ fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<PathBuf
             dir.display()
         );
     }
-    Ok(dir.to_path_buf())
+    Ok(())
 }
 
 /// Replaces the restored (empty) `pg_wal` with a link to `dir`, which it creates if
@@ -504,10 +558,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let tablespaces = tablespace_locations(args, &meta)?;
-    let waldir = match &args.waldir {
-        Some(dir) => Some(check_waldir(dir, &pgdata, args)?),
-        None => None,
-    };
+    let waldir = args.waldir.as_deref();
+    if let Some(dir) = waldir {
+        check_waldir(dir, &pgdata, args)?;
+    }
     let mut cleared = Vec::new();
     for (oid, dir) in &tablespaces {
         if !is_empty_or_missing(dir)? && args.delta.is_none() {
@@ -517,7 +571,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                     dir.display()
                 );
             }
-            cleared.push(dir);
+            cleared.push(dir.as_path());
         }
     }
     let top = Tree::load(&repo, &snapshot.tree)?;
@@ -529,6 +583,11 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let control_file = Path::new(pg::pgdata::CONTROL_FILE);
     let control = find_path(&repo, &pgdata_tree, control_file)?
         .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?;
+    let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces)?;
+    // --delta rewrites in place; --force frees what it deletes first.
+    if args.delta.is_none() && !args.force {
+        check_room(&repo, &snapshot, (&pgdata, &pgdata_tree), &tablespace_nodes)?;
+    }
     // Nothing is changed before every check has passed.
     if overwrite {
         make_unstartable(&pgdata)?;
@@ -536,10 +595,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             clear_directory(&pgdata)?;
         }
     }
-    for dir in cleared
-        .into_iter()
-        .chain(waldir.iter().filter(|d| d.exists()))
-    {
+    for dir in cleared.into_iter().chain(waldir.filter(|dir| dir.exists())) {
         clear_directory(dir)?;
     }
 
@@ -578,16 +634,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let (mut total_files, mut total_bytes) =
         restore_into(&pgdata_tree, &pgdata, Some(control_file)).with_context(incomplete)?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
-    if !tablespaces.is_empty() {
-        let tablespace_tree = top
-            .find("tablespaces")
-            .and_then(|n| n.subtree)
-            .context("backup lists tablespaces but stores none")?;
-        let stored = Tree::load(&repo, &tablespace_tree)?;
-        for (oid, dir) in &tablespaces {
-            let node = stored
-                .find(&oid.to_string())
-                .with_context(|| format!("backup has no data for tablespace {oid}"))?;
+    if !tablespace_nodes.is_empty() {
+        for (oid, dir, node) in &tablespace_nodes {
             let subtree = node.subtree.context("tablespace is not a directory")?;
             let (files, bytes) = restore_into(&subtree, dir, None)
                 .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
@@ -606,7 +654,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         fsync_dir(&pgdata.join("pg_tblspc"))?;
     }
 
-    if let Some(dir) = &waldir {
+    if let Some(dir) = waldir {
         link_waldir(&pgdata, dir).with_context(incomplete)?;
     }
     write_server_file(&pgdata, "backup_label", meta.backup_label.as_bytes())?;
