@@ -273,8 +273,7 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
     let mark = marker(&source, "before-drop");
     pgbench(&source, &["-n", "-t", "300"]);
     source.psql("DROP TABLE pgbench_history");
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     let targets: Vec<(Vec<&str>, &str)> = if all_targets {
         vec![
@@ -424,8 +423,7 @@ fn restore_point_named_again_during_a_backup() {
     // The same name again after that backup's end.
     source.psql("INSERT INTO marks VALUES ('after')");
     source.psql(&format!("SELECT pg_create_restore_point('{name}')"));
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     let mut restored = restore_and_start(&setup, source.bin(), &["--target-name", &name]);
     assert_eq!(state(&restored), expected);
@@ -639,8 +637,7 @@ fn tablespaces_and_standby_restores() {
     let expected = source.psql(remote_state);
     let report = backup(&setup, &source, &[]);
     assert_eq!(report["corrupted_pages"], serde_json::json!([]), "{report}");
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     // The original location is in use by the source: map it, by name.
     let mapped = tempfile::Builder::new()
@@ -795,8 +792,7 @@ fn standby_backups_before_postgresql_15() {
             continue;
         };
         backup(&setup, &source, &[]);
-        let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-        wait_archived(&source, &last);
+        switch_and_wait_archived(&source);
         let standby = streaming_standby(&setup, &source, &[]);
         let id = backup_from_standby(&setup, &standby, &source);
         let expected = state(&standby);
@@ -819,8 +815,7 @@ fn delta_restore_rewrites_only_what_differs() {
     };
     backup(&setup, &source, &[]);
     let expected = state(&source);
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
     source.stop();
 
     let args = ["--target", "immediate", "--archive-mode", "off"];
@@ -912,8 +907,7 @@ fn an_interrupted_restore_leaves_a_directory_that_cannot_start() {
     };
     backup(&setup, &source, &[]);
     let expected = state(&source);
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
     source.stop();
     let args = ["--target", "immediate", "--archive-mode", "off"];
     let mut restored = restore_and_start(&setup, source.bin(), &args);
@@ -1016,8 +1010,7 @@ fn a_restore_that_cannot_fit_is_refused_before_writing() {
         return;
     };
     let report = backup(&setup, &source, &[]);
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
     source.stop();
     let size = report["size_bytes"].as_u64().expect("size");
     let Some(small) = SmallFilesystem::mount(&format!("{}k", size / 2048)) else {
@@ -1071,8 +1064,7 @@ fn a_symlinked_pg_wal_is_restored_as_a_directory_or_onto_waldir() {
     };
     backup(&setup, &source, &[]);
     let expected = state(&source);
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     let args = ["--target", "immediate", "--archive-mode", "off"];
     let mut copy = restore_and_start(&setup, source.bin(), &args);
@@ -1188,8 +1180,7 @@ fn expire_keeps_the_recovery_window_restorable() {
     source.psql("INSERT INTO marks VALUES ('after b')");
     let c = backup(&setup, &source, &["--label", "c"]);
     source.psql("INSERT INTO marks VALUES ('after c')");
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     let before = info(&setup);
     assert_eq!(
@@ -1438,8 +1429,7 @@ fn verify_names_what_breaks_each_backup() {
     std::thread::sleep(Duration::from_millis(1100));
     let a = backup(&setup, &source, &["--label", "a"]);
     pgbench(&source, &["-n", "-t", "100"]);
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     // The estimate of the next backup reads only changed files and writes nothing.
     let estimate = backup(&setup, &source, &["--dry-run"]);
@@ -1477,8 +1467,7 @@ fn verify_names_what_breaks_each_backup() {
     let restored = restore_and_start(&setup, source.bin(), &[]);
     let b = backup(&setup, &restored, &["--label", "on timeline 2"]);
     assert_eq!(b["timeline"], 2, "{b}");
-    let last = restored.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&restored, &last);
+    switch_and_wait_archived(&restored);
     let (ok, report) = verify_json(&setup, &[]);
     assert!(ok, "{report}");
 
@@ -1599,8 +1588,7 @@ fn wal_summaries_limit_reads_to_modified_blocks() {
         source.psql("SELECT count(*) || '/' || sum(id) FROM shrinking"),
         source.psql("SELECT count(*) FROM emptied")
     );
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
     let id = second["id"].as_str().expect("id").to_string();
     let mut restored = check_copy(&setup, source.bin(), &id);
     let got = format!(
@@ -1935,8 +1923,7 @@ fn backups_under_write_load(major: u32, summaries: bool) {
     source.psql("INSERT INTO marks VALUES ('after the load')");
     source.psql("SELECT pg_create_restore_point('after-the-load')");
     let expected = state_with_churn(&source);
-    let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&source, &last);
+    switch_and_wait_archived(&source);
 
     let mut copies = Vec::new();
     for (committed, report) in &reports {

@@ -92,8 +92,7 @@ archive-timeout = \"20s\"
         "{report}"
     );
     assert_eq!(backups(&setup, "repo2"), 1);
-    let last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&cluster, &last);
+    switch_and_wait_archived(&cluster);
     let far_before = wal_files(&setup, "repo2");
     assert_eq!(wal_files(&setup, "repo1"), far_before);
 
@@ -126,8 +125,7 @@ archive-timeout = \"20s\"
     fs::write(setup.path("pgvault.toml"), config(&moto.endpoint())).expect("config");
     setup.give_to_postgres();
     cluster.psql("INSERT INTO marks VALUES ('after')");
-    let last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_archived(&cluster, &last);
+    switch_and_wait_archived(&cluster);
     let deadline = Instant::now() + Duration::from_secs(30);
     while fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0) > 0 {
         assert!(

@@ -770,14 +770,7 @@ fn changed_chunks_are_stored_as_deltas() {
 #[test]
 fn a_directory_only_symlink_is_stored_as_an_empty_directory() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
-    let repo = Repository::init(
-        storage,
-        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
-        Some(PASSPHRASE),
-    )
-    .expect("init");
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).expect("mkdir");
     std::fs::write(elsewhere.join("segment"), payload(41, 3000)).expect("write");
@@ -830,14 +823,7 @@ fn a_directory_only_symlink_is_stored_as_an_empty_directory() {
 /// `restore_file_last` puts it in place (over what is there) with its metadata.
 #[test]
 fn a_held_back_file_is_written_last() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
-    let repo = Repository::init(
-        storage,
-        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
-        Some(PASSPHRASE),
-    )
-    .expect("init");
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
     let source = dir.path().join("source");
     std::fs::create_dir_all(source.join("global")).expect("mkdir");
     let last = payload(31, 8192);
@@ -893,14 +879,7 @@ fn a_held_back_file_is_written_last() {
 /// hard link, or of another size, is replaced whole (the other name keeps its bytes).
 #[test]
 fn delta_restore_patches_only_differing_chunks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().join("repo")));
-    let repo = Repository::init(
-        storage,
-        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
-        Some(PASSPHRASE),
-    )
-    .expect("init");
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
     let source = dir.path().join("source");
     std::fs::create_dir_all(&source).expect("mkdir");
     let large = payload(21, 64 * 16384 + 100);

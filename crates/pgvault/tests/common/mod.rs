@@ -273,6 +273,13 @@ pub fn make_wal(cluster: &Cluster, n: usize) -> String {
     last
 }
 
+/// Ends the current WAL segment and waits until the archiver has pushed it: everything
+/// written so far is in the repository.
+pub fn switch_and_wait_archived(cluster: &Cluster) {
+    let last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(cluster, &last);
+}
+
 pub fn wait_archived(cluster: &Cluster, segment: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
