@@ -804,23 +804,33 @@ fn standby_backups_before_postgresql_15() {
     }
 }
 
+/// A restore to the backup's end that does not archive into the source's repository.
+const CHECK_COPY: [&str; 4] = ["--target", "immediate", "--archive-mode", "off"];
+
+/// A pgbench cluster of `scale`, backed up, its WAL archived and stopped, and a copy
+/// restored from that backup ([`CHECK_COPY`]) and started: the source, the copy, and the
+/// state both hold.
+fn backed_up_and_restored(setup: &Setup, scale: &str) -> Option<(Cluster, Cluster, String)> {
+    let mut source = with_pgbench(setup, archiving_cluster(), scale)?;
+    backup(setup, &source, &[]);
+    let expected = state(&source);
+    switch_and_wait_archived(&source);
+    source.stop();
+    let restored = restore_and_start(setup, source.bin(), &CHECK_COPY);
+    assert_eq!(state(&restored), expected);
+    Some((source, restored, expected))
+}
+
 /// A restored server that ran on, had files deleted, damaged and added, is brought back
 /// to the backup by `restore --delta`, which rewrites only what differs (made durable by
 /// one syncfs).
 #[test]
 fn delta_restore_rewrites_only_what_differs() {
     let setup = Setup::local();
-    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "2") else {
+    let Some((_source, mut restored, expected)) = backed_up_and_restored(&setup, "2") else {
         return;
     };
-    backup(&setup, &source, &[]);
-    let expected = state(&source);
-    switch_and_wait_archived(&source);
-    source.stop();
-
-    let args = ["--target", "immediate", "--archive-mode", "off"];
-    let mut restored = restore_and_start(&setup, source.bin(), &args);
-    assert_eq!(state(&restored), expected);
+    let args = CHECK_COPY;
     pgbench(&restored, &["-n", "-t", "200"]);
     restored.psql("INSERT INTO marks VALUES ('diverged')");
     let accounts = restored.psql("SELECT pg_relation_filepath('pgbench_accounts')");
@@ -902,15 +912,10 @@ fn delta_restore_rewrites_only_what_differs() {
 #[test]
 fn an_interrupted_restore_leaves_a_directory_that_cannot_start() {
     let setup = Setup::local();
-    let Some(mut source) = with_pgbench(&setup, archiving_cluster(), "1") else {
+    let Some((_source, mut restored, expected)) = backed_up_and_restored(&setup, "1") else {
         return;
     };
-    backup(&setup, &source, &[]);
-    let expected = state(&source);
-    switch_and_wait_archived(&source);
-    source.stop();
-    let args = ["--target", "immediate", "--archive-mode", "off"];
-    let mut restored = restore_and_start(&setup, source.bin(), &args);
+    let args = CHECK_COPY;
     pgbench(&restored, &["-n", "-t", "100"]);
     restored.stop();
     let control = restored.pgdata().join("global").join("pg_control");
@@ -1066,7 +1071,7 @@ fn a_symlinked_pg_wal_is_restored_as_a_directory_or_onto_waldir() {
     let expected = state(&source);
     switch_and_wait_archived(&source);
 
-    let args = ["--target", "immediate", "--archive-mode", "off"];
+    let args = CHECK_COPY;
     let mut copy = restore_and_start(&setup, source.bin(), &args);
     let wal = copy.pgdata().join("pg_wal");
     assert!(

@@ -183,13 +183,7 @@ fn suite_tree_round_trip(storage: DynStorage) {
         archive_tree(&saver, source.path(), &ArchiveOptions::default()).expect("archive_tree");
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
-    restore_tree(
-        &repo,
-        &archived.tree,
-        &restored,
-        RestoreOptions::new(2, SyncMethod::Fsync),
-    )
-    .expect("restore_tree");
+    restore_whole(&repo, &archived.tree, &restored).expect("restore_tree");
     for i in 0..20u64 {
         let name = format!("base/1/{}", 16384 + i);
         assert!(
@@ -343,6 +337,20 @@ fn modes() -> Vec<(Encryption, Compression)> {
         }
     }
     out
+}
+
+/// `restore_tree` on 2 threads, fsyncing.
+fn restore_whole(
+    repo: &Repository,
+    tree: &Id,
+    target: &std::path::Path,
+) -> repo::Result<repo::restore::RestoreStats> {
+    restore_tree(
+        repo,
+        tree,
+        target,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
 }
 
 fn local_repo(
@@ -572,13 +580,7 @@ fn archive(
 fn restored_file(repo: &Repository, tree: &Id, name: &str) -> Vec<u8> {
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
-    restore_tree(
-        repo,
-        tree,
-        &restored,
-        RestoreOptions::new(2, SyncMethod::Fsync),
-    )
-    .expect("restore_tree");
+    restore_whole(repo, tree, &restored).expect("restore_tree");
     std::fs::read(restored.join(name)).expect("read restored")
 }
 
@@ -796,13 +798,7 @@ fn a_directory_only_symlink_is_stored_as_an_empty_directory() {
         },
     );
     let target = dir.path().join("target");
-    restore_tree(
-        &repo,
-        &archived.tree,
-        &target,
-        RestoreOptions::new(2, SyncMethod::Fsync),
-    )
-    .expect("restore");
+    restore_whole(&repo, &archived.tree, &target).expect("restore");
     for (name, mode) in [("wal", 0o750), ("dangling", 0o700)] {
         let meta = std::fs::symlink_metadata(target.join(name)).expect("stat");
         assert!(meta.is_dir(), "{name} is not a directory: {meta:?}");
@@ -888,13 +884,7 @@ fn delta_restore_patches_only_differing_chunks() {
     std::fs::write(source.join("small"), &small).expect("write");
     let archived = archive(&repo, &source, &ArchiveOptions::default());
     let target = dir.path().join("target");
-    restore_tree(
-        &repo,
-        &archived.tree,
-        &target,
-        RestoreOptions::new(2, SyncMethod::Fsync),
-    )
-    .expect("restore");
+    restore_whole(&repo, &archived.tree, &target).expect("restore");
 
     let flip = |name: &str, offsets: &[usize]| {
         let mut bytes = std::fs::read(target.join(name)).expect("read");
@@ -991,13 +981,7 @@ fn delta_restore_by_size_and_time_reads_only_changed_looking_files() {
     }
     let archived = archive(&repo, &source, &ArchiveOptions::default());
     let target = dir.path().join("target");
-    restore_tree(
-        &repo,
-        &archived.tree,
-        &target,
-        RestoreOptions::new(2, SyncMethod::Fsync),
-    )
-    .expect("restore");
+    restore_whole(&repo, &archived.tree, &target).expect("restore");
     // Changed with the same size, the mtime put back (f0) or not (f1).
     let change = |name: &str, keep_mtime: bool| {
         let path = target.join(name);
@@ -1112,13 +1096,7 @@ fn large_directories_stream_their_trees() {
         );
         let target = tempfile::tempdir().expect("tempdir");
         let restored = target.path().join("restored");
-        restore_tree(
-            &repo,
-            &second.tree,
-            &restored,
-            RestoreOptions::new(2, SyncMethod::Fsync),
-        )
-        .expect("restore_tree");
+        restore_whole(&repo, &second.tree, &restored).expect("restore_tree");
         let mut compared = 0;
         for entry in std::fs::read_dir(&many).expect("read_dir") {
             let name = entry.expect("entry").file_name();
