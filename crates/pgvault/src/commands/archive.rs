@@ -159,20 +159,6 @@ pub fn fetch_file(repo: &Repository, cluster: &str, wal: &WalFileName) -> Result
         .map(|file| file.data))
 }
 
-/// Every archived WAL file of `cluster`, by timeline then name.
-pub fn list_wal(repo: &Repository, cluster: &str) -> Result<Vec<(WalFileName, u64)>> {
-    let prefix = format!("wal/{cluster}/");
-    let mut out = Vec::new();
-    for meta in repo.list_files(&prefix)? {
-        if let Some(name) = meta.key.rsplit('/').next() {
-            if let Ok(wal) = WalFileName::parse(name) {
-                out.push((wal, meta.size));
-            }
-        }
-    }
-    Ok(out)
-}
-
 // ---------------------------------------------------------------------------------
 // Local files: spool, atomic writes.
 

@@ -22,7 +22,7 @@ use repo::snapshot::{find_path, Node, Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
-use super::archive::{fetch_file, fsync_dir, list_wal, write_atomically};
+use super::archive::{fetch_file, fsync_dir, write_atomically};
 use super::backup::{list_backups, BackupMeta};
 use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
@@ -92,8 +92,9 @@ fn choose_backup(
             repo.location()
         );
     }
-    let segment_size = backups[0].2.wal_segment_size;
-    let candidates = candidate_backups(repo, ctx, args, target, backups)?;
+    // One listing of the archive serves the restore-point search and the WAL checks.
+    let archive = WalArchive::load(repo, &ctx.cluster, backups[0].2.wal_segment_size)?;
+    let candidates = candidate_backups(repo, ctx, args, target, &archive, backups)?;
     if candidates.is_empty() {
         let hint = match target {
             Target::Xid(_) => {
@@ -108,7 +109,6 @@ fn choose_backup(
     }
     // The newest candidate whose WAL the repository holds: a backup missing some cannot
     // reach consistency, and recovery would fail only once the server runs.
-    let archive = WalArchive::load(repo, &ctx.cluster, segment_size)?;
     let mut unrestorable = Vec::new();
     for (id, snapshot, meta) in candidates.into_iter().rev() {
         let reach = archive.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?);
@@ -158,6 +158,7 @@ fn candidate_backups(
     ctx: &Context,
     args: &RestoreArgs,
     target: &Target,
+    archive: &WalArchive,
     backups: Vec<(Id, Snapshot, BackupMeta)>,
 ) -> Result<Vec<(Id, Snapshot, BackupMeta)>> {
     if let Some(spec) = args.backup.as_deref().filter(|s| *s != "latest") {
@@ -207,7 +208,7 @@ fn candidate_backups(
                 .collect()
         }
         Target::Name(name) => {
-            let chosen = backup_before_restore_point(repo, &ctx.cluster, backups, name)?
+            let chosen = backup_before_restore_point(repo, &ctx.cluster, archive, backups, name)?
                 .with_context(|| {
                     format!(
                         "no restore point named {name:?} that a backup of cluster {:?} can recover to (one in the archived WAL after the backup's end, none between its start and end): check the name, or name a backup with --backup",
@@ -271,6 +272,7 @@ fn check_target_reach(archive: &WalArchive, reach: &Reach, target: &Target) -> R
 fn backup_before_restore_point(
     repo: &Repository,
     cluster: &str,
+    archive: &WalArchive,
     mut backups: Vec<(Id, Snapshot, BackupMeta)>,
     name: &str,
 ) -> Result<Option<(Id, Snapshot, BackupMeta)>> {
@@ -287,10 +289,7 @@ fn backup_before_restore_point(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let segments: Vec<WalFileName> = list_wal(repo, cluster)?
-        .into_iter()
-        .map(|(wal, _)| wal)
-        .collect();
+    let segments: Vec<WalFileName> = archive.files.iter().map(|f| f.name.clone()).collect();
     let chosen = newest_backup_before_restore_point(&ends, &segments, segment_size, name, |wal| {
         fetch_file(repo, cluster, wal)
     })?;
