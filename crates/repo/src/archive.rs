@@ -1,12 +1,17 @@
 //! Storing a directory tree or a stream.
 //!
-//! The calling thread walks the tree, reads and chunks files and hashes chunks (BLAKE3
-//! is several times faster than compression); chunks that are new go in batches through
-//! a bounded channel to `jobs` workers that compress, encrypt and pack them (changed
-//! chunks as deltas against the parent's, reading a batch's bases together). Memory is
-//! bounded by the channel depth × batch × chunk size plus the open packs, whatever the
-//! input size.
+//! The calling thread walks the tree and decides what to read. Files to read go in pieces
+//! of about 8 MiB through a bounded channel to `jobs` workers; each reads its piece chunk
+//! by chunk, hashes it, shows it to the inspector and compresses, encrypts and packs the
+//! chunks that are new (changed chunks as deltas against the parent's, reading a batch's
+//! bases together), so every CPU does all of the work with nothing handed between threads.
+//! The walker takes the pieces back in order and writes each directory's tree as it goes.
+//! Streams, and the changed stretches of files named by [`ChangedRanges`], are read by
+//! the walker, which sends their new chunks to the same workers in batches. Memory is
+//! bounded by the pieces in flight, the channel depth × batch × chunk size and the open
+//! packs, whatever the input size.
 
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::ops::Range;
@@ -30,6 +35,15 @@ use crate::snapshot::{mtime_ns, Node, NodeKind, Summary, Tree, TreeCursor, TreeW
 /// worker reads the delta bases of a stretch of changed chunks together (few requests to
 /// object storage rather than one per chunk).
 const BATCH: usize = 16;
+
+/// Files are read in pieces of about this many bytes (whole chunks), each by one worker:
+/// a large file keeps every worker busy.
+const PIECE_BYTES: u64 = 8 << 20;
+
+/// Pieces sent per job and not yet taken back; beyond that the walker waits for the
+/// oldest, which bounds the open files and the results held, however large the file or
+/// the directory.
+const PIECES_IN_FLIGHT_PER_JOB: usize = 4;
 
 /// The mode of a directory stored for a dangling symlink given [`Include::DirectoryOnly`].
 const EMPTY_DIR_MODE: u32 = 0o040700;
@@ -113,14 +127,66 @@ pub struct Archived {
     pub summary: Summary,
 }
 
+/// What the workers are given.
+enum Work {
+    /// New chunks the walker read, each with the chunk it replaces in the parent's copy.
+    Chunks(Vec<ChangedChunk>),
+    Piece(Piece),
+}
+
+/// A stretch of a file for a worker to read and store.
+struct Piece {
+    file: Arc<File>,
+    /// For errors.
+    path: Arc<Path>,
+    /// For the inspector.
+    relative: Arc<Path>,
+    offset: u64,
+    len: u64,
+    /// The chunks at the same places in the parent's copy of the file, for deltas.
+    replaced: Vec<Id>,
+    done: crossbeam_channel::Sender<StoredPiece>,
+}
+
+/// A piece's content list and the bytes it read: fewer than asked when the file shrank
+/// after it was listed.
+struct StoredPiece {
+    content: Vec<Id>,
+    bytes: u64,
+}
+
+/// A node of the directory being walked, waiting for the pieces of its file to come back
+/// before it goes into the tree (in listing order).
+struct Queued {
+    node: Node,
+    /// Pieces not taken back yet, oldest first, with the bytes each was asked to read.
+    pieces: VecDeque<(u64, crossbeam_channel::Receiver<StoredPiece>)>,
+    /// More pieces of the file are still to be sent.
+    sending: bool,
+    /// A piece came back short: the file ends there, later pieces do not count.
+    short: bool,
+}
+
+impl Queued {
+    fn ready(node: Node) -> Queued {
+        Queued {
+            node,
+            pieces: VecDeque::new(),
+            sending: false,
+            short: false,
+        }
+    }
+}
+
 struct Walker<'a, 's> {
     saver: &'a BlobSaver<'s>,
-    /// Batches of new chunks, each with the chunk it replaces in the parent's copy.
-    tx: crossbeam_channel::Sender<Vec<ChangedChunk>>,
+    tx: crossbeam_channel::Sender<Work>,
     pending: Vec<ChangedChunk>,
     failure: &'a FirstError<RepoError>,
     options: &'a ArchiveOptions,
     summary: Summary,
+    /// Pieces sent and not taken back yet, in all directories of the walk.
+    pieces_in_flight: usize,
 }
 
 /// Runs `body` with a pool of workers storing the chunks it sends.
@@ -133,17 +199,25 @@ fn with_workers<T>(
     saver.repository().load_index()?;
     let failure = FirstError::new();
     let jobs = options.jobs.max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<Vec<ChangedChunk>>(jobs * 2);
+    let (tx, rx) = crossbeam_channel::bounded::<Work>(jobs * 2);
     let result = saver.uploading(jobs, || {
         std::thread::scope(|scope| {
             for _ in 0..jobs {
                 let rx = rx.clone();
                 let failure = &failure;
                 scope.spawn(move || {
-                    for batch in rx {
-                        if let Err(e) = saver.store_changed(&batch) {
+                    for work in rx {
+                        // After a failure the rest is dropped undone, which also tells
+                        // the walker waiting for a piece that it will not come back.
+                        if failure.is_set() {
+                            continue;
+                        }
+                        let stored = match work {
+                            Work::Chunks(batch) => saver.store_changed(&batch),
+                            Work::Piece(piece) => store_piece(saver, options, piece),
+                        };
+                        if let Err(e) = stored {
                             failure.record(e);
-                            return;
                         }
                     }
                 });
@@ -156,6 +230,7 @@ fn with_workers<T>(
                 failure: &failure,
                 options,
                 summary: Summary::default(),
+                pieces_in_flight: 0,
             };
             let out = body(&mut walker).and_then(|value| walker.send_pending().map(|()| value));
             let summary = walker.summary;
@@ -217,11 +292,123 @@ impl Walker<'_, '_> {
         }
         self.check_failure()?;
         let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
-        if self.tx.send(batch).is_err() {
+        self.send(Work::Chunks(batch))
+    }
+
+    fn send(&mut self, work: Work) -> Result<()> {
+        self.check_failure()?;
+        if self.tx.send(work).is_err() {
             self.check_failure()?;
             return Err(RepoError::Invalid("all storage workers stopped".into()));
         }
         Ok(())
+    }
+
+    /// Sends a file to the workers in pieces, queued behind the directory's earlier
+    /// nodes; the file is stored no further than `size`, its size when listed (data
+    /// appended later belongs to the next snapshot, and to WAL for PostgreSQL).
+    fn send_file(
+        &mut self,
+        queue: &mut VecDeque<Queued>,
+        tree: &mut TreeWriter,
+        mut queued: Queued,
+        file: File,
+        (path, relative): (&Path, &Path),
+        replaced: &[Id],
+    ) -> Result<()> {
+        let size = queued.node.size;
+        queued.node.size = 0;
+        queued.sending = true;
+        queue.push_back(queued);
+        let chunk = u64::from(self.saver.repository().config().chunker.fixed_size);
+        let piece_chunks = (PIECE_BYTES / chunk).max(1);
+        let piece_len = piece_chunks * chunk;
+        let (file, path, relative) = (
+            Arc::new(file),
+            Arc::<Path>::from(path),
+            Arc::<Path>::from(relative),
+        );
+        for index in 0..size.div_ceil(piece_len) {
+            let offset = index * piece_len;
+            let len = piece_len.min(size - offset);
+            let first = (index * piece_chunks) as usize;
+            let replaced = replaced
+                .iter()
+                .skip(first)
+                .take(piece_chunks as usize)
+                .copied()
+                .collect();
+            let (done, stored) = crossbeam_channel::bounded(1);
+            self.send(Work::Piece(Piece {
+                file: file.clone(),
+                path: path.clone(),
+                relative: relative.clone(),
+                offset,
+                len,
+                replaced,
+                done,
+            }))?;
+            self.pieces_in_flight += 1;
+            if let Some(queued) = queue.back_mut() {
+                queued.pieces.push_back((len, stored));
+            }
+            self.settle(queue, tree, self.max_pieces_in_flight())?;
+        }
+        if let Some(queued) = queue.back_mut() {
+            queued.sending = false;
+        }
+        self.settle(queue, tree, self.max_pieces_in_flight())
+    }
+
+    fn max_pieces_in_flight(&self) -> usize {
+        PIECES_IN_FLIGHT_PER_JOB * self.options.jobs.max(1)
+    }
+
+    /// Moves the queue's complete nodes into the tree, in order, taking pieces back
+    /// (waiting for them) while more than `max_in_flight` are out.
+    fn settle(
+        &mut self,
+        queue: &mut VecDeque<Queued>,
+        tree: &mut TreeWriter,
+        max_in_flight: usize,
+    ) -> Result<()> {
+        while let Some(front) = queue.front_mut() {
+            if !front.pieces.is_empty() && self.pieces_in_flight <= max_in_flight {
+                return Ok(());
+            }
+            if let Some((asked, stored)) = front.pieces.pop_front() {
+                self.pieces_in_flight -= 1;
+                let Ok(piece) = stored.recv() else {
+                    self.check_failure()?;
+                    return Err(RepoError::Invalid("a storage worker stopped".into()));
+                };
+                if !front.short {
+                    front.node.content.extend(piece.content);
+                    front.node.size += piece.bytes;
+                    front.short = piece.bytes < asked;
+                }
+                continue;
+            }
+            if front.sending {
+                return Ok(());
+            }
+            let Some(done) = queue.pop_front() else {
+                return Ok(());
+            };
+            self.add_to_tree(tree, done.node)?;
+        }
+        Ok(())
+    }
+
+    fn add_to_tree(&mut self, tree: &mut TreeWriter, node: Node) -> Result<()> {
+        if node.kind == NodeKind::File {
+            self.summary.files += 1;
+            self.summary.bytes += node.size;
+            if let Some(progress) = &self.options.progress {
+                progress(node.size);
+            }
+        }
+        tree.push(&node)
     }
 
     /// Like `store_chunks`, showing each chunk to the inspector first.
@@ -258,6 +445,7 @@ impl Walker<'_, '_> {
         // 200,000 relation files costs a few MiB.
         let listing = Listing::read(dir).map_err(|e| RepoError::io(dir, e))?;
         let mut tree = TreeWriter::new(self.saver.repository());
+        let mut queue = VecDeque::new();
         for (os_name, _) in listing.iter() {
             let path = dir.join(os_name);
             let name = os_name.to_str().map(str::to_owned).ok_or_else(|| {
@@ -346,29 +534,21 @@ impl Walker<'_, '_> {
                         Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(RepoError::io(&path, e)),
                     };
-                    // Read no more than the size seen at stat time: data appended later
-                    // belongs to the next snapshot (and to WAL, for PostgreSQL).
-                    let chunker = Chunker::fixed(
-                        file.take(meta.len()),
-                        &self.saver.repository().config().chunker,
-                    );
+                    node.size = meta.len();
                     let replaced = self.fixed_content(previous);
-                    let (content, size) =
-                        self.store_file_chunks(chunker, &path, &relative_path, 0, replaced)?;
-                    node.content = content;
-                    node.size = size;
-                }
-                self.summary.files += 1;
-                self.summary.bytes += node.size;
-                if let Some(progress) = &self.options.progress {
-                    progress(node.size);
+                    let names = (path.as_path(), relative_path.as_path());
+                    let queued = Queued::ready(node);
+                    self.send_file(&mut queue, &mut tree, queued, file, names, replaced)?;
+                    continue;
                 }
             } else {
                 tracing::debug!("skipping special file {}", path.display());
                 continue;
             }
-            tree.push(&node)?;
+            queue.push_back(Queued::ready(node));
+            self.settle(&mut queue, &mut tree, self.max_pieces_in_flight())?;
         }
+        self.settle(&mut queue, &mut tree, 0)?;
         if let Some(parent) = parent {
             parent.finish()?;
         }
@@ -434,9 +614,9 @@ impl Walker<'_, '_> {
                 reused += end - start;
                 continue;
             }
-            let mut chunk = vec![0u8; (end - start) as usize];
-            let read = read_at_most(file, &mut chunk, start).map_err(|e| RepoError::io(path, e))?;
-            chunk.truncate(read);
+            let chunk = read_chunk(file, start, (end - start) as usize)
+                .map_err(|e| RepoError::io(path, e))?;
+            let read = chunk.len();
             if chunk.is_empty() {
                 break; // truncated since stat: the rest belongs to WAL replay
             }
@@ -462,19 +642,70 @@ impl Walker<'_, '_> {
     }
 }
 
-/// Reads into `buf` from `offset` until it is full or the file ends; returns the count.
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Reads a piece chunk by chunk, shows each chunk to the inspector, stores the new ones
+/// and sends the piece's content list back.
+fn store_piece(saver: &BlobSaver<'_>, options: &ArchiveOptions, piece: Piece) -> Result<()> {
+    let chunk_size = u64::from(saver.repository().config().chunker.fixed_size);
+    let end = piece.offset + piece.len;
+    let mut stored = StoredPiece {
+        content: Vec::with_capacity(piece.len.div_ceil(chunk_size) as usize),
+        bytes: 0,
+    };
+    let mut new = Vec::with_capacity(BATCH);
+    let mut offset = piece.offset;
+    while offset < end {
+        let want = (end - offset).min(chunk_size) as usize;
+        let chunk =
+            read_chunk(&piece.file, offset, want).map_err(|e| RepoError::io(&piece.path, e))?;
+        let read = chunk.len();
+        if read == 0 {
+            break; // truncated since it was listed: the rest belongs to WAL replay
+        }
+        if let Some(inspector) = &options.inspector {
+            inspector(&piece.relative, offset, &chunk);
+        }
+        let (id, is_new) = saver.reserve(&chunk);
+        if is_new {
+            let previous = piece.replaced.get(stored.content.len()).copied();
+            new.push(ChangedChunk {
+                id,
+                data: chunk,
+                previous,
+            });
+            if new.len() >= BATCH {
+                saver.store_changed(&new)?;
+                new.clear();
+            }
+        }
+        stored.content.push(id);
+        stored.bytes += read as u64;
+        offset += read as u64;
+        if read < want {
+            break;
         }
     }
-    Ok(done)
+    if !new.is_empty() {
+        saver.store_changed(&new)?;
+    }
+    // Nobody waits for it when the walk stopped on an error of its own.
+    let _ = piece.done.send(stored);
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset`, fewer only where the file ends, into memory that is not
+/// zeroed first: zeroing every chunk before reading over it cost as much CPU as hashing it.
+fn read_chunk(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    // `with_capacity` gives exactly `len`, so the reads cannot go past it.
+    let mut chunk = Vec::with_capacity(len);
+    while chunk.len() < len {
+        let at = offset + chunk.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut chunk), at) {
+            Ok(0) => break,
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(chunk)
 }
 
 /// Whether a file can reuse `previous` without being read: see

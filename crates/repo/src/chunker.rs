@@ -2,7 +2,8 @@
 //!
 //! - Fixed-size chunks for files whose changes happen in place at page granularity
 //!   (PostgreSQL relation files): a changed 8 KiB page changes exactly one chunk, and
-//!   chunk boundaries never shift. The size must be a multiple of the page size.
+//!   chunk boundaries never shift. The size must be a multiple of the page size. The
+//!   archive reads them at their offsets, several stretches of a file at once.
 //! - Content-defined chunks (FastCDC) for streams such as dumps, where an insertion
 //!   shifts everything after it: boundaries follow content, so unchanged regions keep
 //!   producing the same chunks.
@@ -68,23 +69,12 @@ impl ChunkerParams {
     }
 }
 
-/// Yields chunks of a reader; the last chunk may be shorter.
-pub enum Chunker<R: Read> {
-    Fixed { reader: R, size: usize, done: bool },
-    Cdc(fastcdc::v2020::StreamCDC<R>),
-}
+/// Yields the content-defined chunks of a reader.
+pub struct Chunker<R: Read>(fastcdc::v2020::StreamCDC<R>);
 
 impl<R: Read> Chunker<R> {
-    pub fn fixed(reader: R, params: &ChunkerParams) -> Self {
-        Chunker::Fixed {
-            reader,
-            size: params.fixed_size as usize,
-            done: false,
-        }
-    }
-
     pub fn content_defined(reader: R, params: &ChunkerParams) -> Self {
-        Chunker::Cdc(fastcdc::v2020::StreamCDC::new(
+        Chunker(fastcdc::v2020::StreamCDC::new(
             reader,
             params.cdc_min,
             params.cdc_avg,
@@ -97,32 +87,11 @@ impl<R: Read> Iterator for Chunker<R> {
     type Item = io::Result<Vec<u8>>;
 
     fn next(&mut self) -> Option<io::Result<Vec<u8>>> {
-        match self {
-            Chunker::Fixed { reader, size, done } => {
-                if *done {
-                    return None;
-                }
-                // Not `vec![0; size]`: zeroing every chunk before reading over it cost
-                // as much CPU as hashing it.
-                let mut buf = Vec::with_capacity(*size);
-                if let Err(e) = reader.by_ref().take(*size as u64).read_to_end(&mut buf) {
-                    *done = true;
-                    return Some(Err(e));
-                }
-                if buf.len() < *size {
-                    *done = true;
-                    if buf.is_empty() {
-                        return None;
-                    }
-                }
-                Some(Ok(buf))
-            }
-            Chunker::Cdc(cdc) => cdc.next().map(|res| match res {
-                Ok(chunk) => Ok(chunk.data),
-                Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
-                Err(e) => Err(io::Error::other(e.to_string())),
-            }),
-        }
+        self.0.next().map(|res| match res {
+            Ok(chunk) => Ok(chunk.data),
+            Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
+            Err(e) => Err(io::Error::other(e.to_string())),
+        })
     }
 }
 
@@ -132,22 +101,6 @@ mod tests {
 
     fn collect<R: Read>(c: Chunker<R>) -> Vec<Vec<u8>> {
         c.map(|r| r.expect("chunk")).collect()
-    }
-
-    #[test]
-    fn fixed_chunks_cover_input() {
-        let params = ChunkerParams {
-            fixed_size: 8192,
-            ..Default::default()
-        };
-        let data: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
-        let chunks = collect(Chunker::fixed(&data[..], &params));
-        assert_eq!(
-            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
-            [8192, 8192, 3616]
-        );
-        assert_eq!(chunks.concat(), data);
-        assert!(collect(Chunker::fixed(&b""[..], &params)).is_empty());
     }
 
     #[test]

@@ -1137,53 +1137,148 @@ fn a_refused_pack_upload_fails_the_archive_with_its_own_error() {
     assert_eq!(indexed, 0, "an index names packs that were never stored");
 }
 
+/// A file larger than a piece (8 MiB) is read in pieces by several workers at once: its
+/// content list keeps the file's order, and after a few bytes changed in each piece, each
+/// changed chunk is stored as a delta against the chunk at its own place in the parent.
+#[test]
+fn a_file_read_in_pieces_keeps_its_order_and_its_deltas() {
+    let (repo, _storage, _dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(1));
+    let source = tempfile::tempdir().expect("tempdir");
+    let path = source.path().join("big");
+    // Chunks are 16 KiB, so 512 to a piece: three pieces, the last chunk short.
+    let original = payload(11, (20 << 20) + 5000);
+    std::fs::write(&path, &original).expect("write");
+    let options = ArchiveOptions {
+        jobs: 3,
+        ..ArchiveOptions::default()
+    };
+    let first_time = chrono::Utc::now();
+    let first = archive(&repo, source.path(), &options);
+    let content_of = |archived: &repo::archive::Archived| {
+        Tree::load(&repo, &archived.tree)
+            .expect("tree")
+            .find("big")
+            .expect("big")
+            .content
+            .clone()
+    };
+    let first_content = content_of(&first);
+    let in_order: Vec<Id> = original
+        .chunks(16 << 10)
+        .map(|chunk| repo.crypto().blob_id(chunk))
+        .collect();
+    assert_eq!(first_content, in_order);
+    assert_eq!(restored_file(&repo, &first.tree, "big"), original);
+
+    let touched = [3, 600, 1100];
+    let mut changed = original.clone();
+    for chunk in touched {
+        changed[chunk * (16 << 10) + 10] ^= 0xFF;
+    }
+    std::fs::write(&path, &changed).expect("rewrite");
+    let second = archive(
+        &repo,
+        source.path(),
+        &ArchiveOptions {
+            parent: Some((first.tree, first_time)),
+            read_all: true,
+            ..options
+        },
+    );
+    assert_eq!(second.summary.save.blobs_delta, 3, "{:?}", second.summary);
+    repo.load_index().expect("index");
+    for (position, id) in content_of(&second).iter().enumerate() {
+        let base = repo.index().get(id).expect("indexed").base;
+        let expected = touched
+            .contains(&position)
+            .then_some(first_content[position]);
+        assert_eq!(base, expected, "chunk {position}");
+    }
+    assert_eq!(restored_file(&repo, &second.tree, "big"), changed);
+}
+
 /// Files dropped or truncated while a backup runs are normal (DROP TABLE, TRUNCATE,
 /// VACUUM): one removed after the directory was listed is left out, one truncated while
 /// it is read is stored as far as it then goes, and the archive completes (WAL replay
-/// brings both back to what they should be).
+/// brings both back to what they should be). "shrinks" is read in three pieces by two
+/// workers, and cut while its first piece is read, after its second was read whole: the
+/// second does not count, the file ends where the first piece came back short.
 #[test]
 fn files_removed_or_truncated_during_the_archive_are_normal() {
     let (repo, _storage, _dir) = local_repo(Encryption::None, Compression::Zstd(1));
     let source = tempfile::tempdir().expect("tempdir");
     let root = source.path().to_path_buf();
-    // Chunks are 16 KiB: "shrinks" is read in four of them.
+    // Chunks are 16 KiB, pieces 8 MiB.
     for (name, len) in [
         ("a", 32 << 10),
         ("dropped", 16 << 10),
-        ("shrinks", 64 << 10),
+        ("shrinks", 20 << 20),
     ] {
         std::fs::write(root.join(name), payload(len as u64, len)).expect("write");
     }
     let original = std::fs::read(root.join("shrinks")).expect("read");
     let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = |events: &std::sync::Mutex<Vec<&'static str>>,
+                  event: std::io::Result<&'static str>| {
+        events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event.expect("change the source"));
+    };
+    // The filter sees an entry after it was listed and before it is opened.
+    let filter: repo::archive::Filter = {
+        let root = root.clone();
+        let events = events.clone();
+        Arc::new(move |path, _meta| {
+            if path == std::path::Path::new("dropped") {
+                record(
+                    &events,
+                    std::fs::remove_file(root.join(path)).map(|()| "dropped"),
+                );
+            }
+            repo::archive::Include::Yes
+        })
+    };
+    let second_piece_read = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let inspector: repo::archive::Inspector = {
         let root = root.clone();
         let events = events.clone();
+        let second_piece_read = second_piece_read.clone();
         Arc::new(move |path, offset, _data| {
-            let event = match (path.to_str(), offset) {
-                (Some("a"), 0) => std::fs::remove_file(root.join("dropped")).map(|()| "dropped"),
-                (Some("shrinks"), 0) => std::fs::OpenOptions::new()
+            if path != std::path::Path::new("shrinks") {
+                return;
+            }
+            if offset == (16 << 20) - (16 << 10) {
+                second_piece_read.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            if offset == 0 {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while !second_piece_read.load(std::sync::atomic::Ordering::SeqCst)
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                if second_piece_read.load(std::sync::atomic::Ordering::SeqCst) {
+                    record(&events, Ok("second piece read"));
+                }
+                let truncated = std::fs::OpenOptions::new()
                     .write(true)
                     .open(root.join("shrinks"))
                     .and_then(|file| file.set_len(20 << 10))
-                    .map(|()| "truncated"),
-                _ => return,
-            };
-            events
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(event.expect("change the source"));
+                    .map(|()| "truncated");
+                record(&events, truncated);
+            }
         })
     };
     let options = ArchiveOptions {
+        filter: Some(filter),
         inspector: Some(inspector),
         ..ArchiveOptions::default()
     };
     let archived = archive(&repo, &root, &options);
-    assert_eq!(
-        *events.lock().unwrap_or_else(|e| e.into_inner()),
-        ["dropped", "truncated"]
-    );
+    let mut events = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    events.sort();
+    assert_eq!(events, ["dropped", "second piece read", "truncated"]);
     let tree = Tree::load(&repo, &archived.tree).expect("tree");
     let names: Vec<&str> = tree.nodes.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["a", "shrinks"]);

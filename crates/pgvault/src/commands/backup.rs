@@ -455,13 +455,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 .with_context(|| format!("backing up {}", root.display()))?;
             add(&mut summary, &part);
             if let Some(verifier) = verifier {
-                corrupted.extend(
-                    verifier
-                        .corrupt
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .drain(..),
+                let mut found = std::mem::take(
+                    &mut *verifier.corrupt.lock().unwrap_or_else(|e| e.into_inner()),
                 );
+                // Pieces of files are checked on several threads at once.
+                found.sort_by(|a, b| (&a.file, a.block).cmp(&(&b.file, b.block)));
+                corrupted.extend(found);
             }
             let mut node = node.context("archived tree has no root")?;
             match name.strip_prefix("tablespaces/") {
