@@ -45,6 +45,11 @@ const PIECE_BYTES: u64 = 8 << 20;
 /// the directory.
 const PIECES_IN_FLIGHT_PER_JOB: usize = 4;
 
+/// Nodes of a directory waiting behind a file whose pieces are not back yet: beyond
+/// this many the walker waits, so that a large file followed by many small or empty
+/// ones (which send no pieces) does not hold them all.
+const MAX_QUEUED_NODES: usize = 1024;
+
 /// The mode of a directory stored for a dangling symlink given [`Include::DirectoryOnly`].
 const EMPTY_DIR_MODE: u32 = 0o040700;
 
@@ -364,24 +369,37 @@ impl Walker<'_, '_> {
         PIECES_IN_FLIGHT_PER_JOB * self.options.jobs.max(1)
     }
 
-    /// Moves the queue's complete nodes into the tree, in order, taking pieces back
-    /// (waiting for them) while more than `max_in_flight` are out.
+    /// Moves the queue's complete nodes into the tree, in order, taking back the pieces
+    /// that are done, and waiting for them while more than `max_in_flight` are out or
+    /// more than [`MAX_QUEUED_NODES`] nodes wait.
     fn settle(
         &mut self,
         queue: &mut VecDeque<Queued>,
         tree: &mut TreeWriter,
         max_in_flight: usize,
     ) -> Result<()> {
-        while let Some(front) = queue.front_mut() {
-            if !front.pieces.is_empty() && self.pieces_in_flight <= max_in_flight {
+        loop {
+            let must_wait = self.pieces_in_flight > max_in_flight || queue.len() > MAX_QUEUED_NODES;
+            let Some(front) = queue.front_mut() else {
                 return Ok(());
-            }
-            if let Some((asked, stored)) = front.pieces.pop_front() {
-                self.pieces_in_flight -= 1;
-                let Ok(piece) = stored.recv() else {
+            };
+            if let Some((asked, stored)) = front.pieces.front() {
+                let asked = *asked;
+                let piece = if must_wait {
+                    stored.recv().ok()
+                } else {
+                    match stored.try_recv() {
+                        Ok(piece) => Some(piece),
+                        Err(crossbeam_channel::TryRecvError::Empty) => return Ok(()),
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let Some(piece) = piece else {
                     self.check_failure()?;
                     return Err(RepoError::Invalid("a storage worker stopped".into()));
                 };
+                front.pieces.pop_front();
+                self.pieces_in_flight -= 1;
                 if !front.short {
                     front.node.content.extend(piece.content);
                     front.node.size += piece.bytes;
@@ -392,12 +410,10 @@ impl Walker<'_, '_> {
             if front.sending {
                 return Ok(());
             }
-            let Some(done) = queue.pop_front() else {
-                return Ok(());
-            };
-            self.add_to_tree(tree, done.node)?;
+            if let Some(done) = queue.pop_front() {
+                self.add_to_tree(tree, done.node)?;
+            }
         }
-        Ok(())
     }
 
     fn add_to_tree(&mut self, tree: &mut TreeWriter, node: Node) -> Result<()> {
