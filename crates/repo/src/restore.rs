@@ -448,6 +448,12 @@ enum Restore {
 
 /// Splits the restore into work, largest files in parts; creates the files it splits at
 /// their full size (so that no part's writes extend the file, which would serialise them).
+/// The parts of different files are interleaved by how far into their file they are, so
+/// that all split files progress together: files differ in what a byte costs (pgbench's
+/// accounts table compresses 38× and decompresses at 2.5 GB/s, its primary key 6× and
+/// 0.65 GB/s), and in file order the table's parts kept the disk busy with the CPUs
+/// half idle, then the index's the CPUs busy with the disk half idle (restore of the
+/// pgbench data set, median of six: 1.85 → 1.71 s).
 fn plan_restore(repo: &Repository, files: &[PendingFile]) -> Result<Vec<Restore>> {
     let fixed = repo.config().chunker.fixed_size;
     let mut work = Vec::with_capacity(files.len());
@@ -470,6 +476,15 @@ fn plan_restore(repo: &Repository, files: &[PendingFile]) -> Result<Vec<Restore>
                 .map(|start| Restore::Part(number, start..(start + RESTORE_PART).min(chunks))),
         );
     }
+    let progress = |item: &Restore| match item {
+        Restore::File(_) => (0, 1),
+        Restore::Part(number, chunks) => (chunks.start, files[*number].node.content.len()),
+    };
+    // Stable: whole files and first parts keep their order, and so do the parts of a file.
+    work.sort_by(|a, b| {
+        let ((a_done, a_all), (b_done, b_all)) = (progress(a), progress(b));
+        (a_done as u128 * b_all as u128).cmp(&(b_done as u128 * a_all as u128))
+    });
     Ok(work)
 }
 
