@@ -501,22 +501,33 @@ fn corrupted_pages_are_reported_and_the_backup_completes() {
         return;
     };
     setup.setup_cluster(&cluster);
+    // One table larger than a chunk (read in pieces by the workers), one of a chunk
+    // (read by the walking thread).
     cluster.psql(
         "CREATE TABLE victim AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 5000) g",
     );
+    cluster.psql("CREATE TABLE small_victim AS SELECT g FROM generate_series(1, 1000) g");
     cluster.psql("CHECKPOINT");
     let file = cluster.psql("SELECT pg_relation_filepath('victim')");
+    let small_file = cluster.psql("SELECT pg_relation_filepath('small_victim')");
     cluster.stop();
-    let path = cluster.pgdata().join(&file);
-    let mut data = fs::read(&path).expect("relation file");
-    // Block 2, somewhere in the tuples: the header stays plausible.
-    data[2 * 8192 + 4000] ^= 0xFF;
-    fs::write(&path, &data).expect("write");
+    // Somewhere in the tuples: the header stays plausible.
+    for (file, block, larger_than_a_chunk) in [(&file, 2, true), (&small_file, 1, false)] {
+        let path = cluster.pgdata().join(file);
+        let mut data = fs::read(&path).expect("relation file");
+        assert_eq!(data.len() > 128 << 10, larger_than_a_chunk, "{file}");
+        data[block * 8192 + 4000] ^= 0xFF;
+        fs::write(&path, &data).expect("write");
+    }
     cluster.start_again().expect("restart");
     let report = backup(&setup, &cluster, &[]);
+    let mut expected = [(file, 2), (small_file, 1)];
+    expected.sort();
     assert_eq!(
         report["corrupted_pages"],
-        serde_json::json!([{"file": file, "block": 2}]),
+        serde_json::json!(
+            expected.map(|(file, block)| serde_json::json!({"file": file, "block": block}))
+        ),
         "{report}"
     );
     cluster.stop();

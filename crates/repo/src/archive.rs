@@ -6,8 +6,9 @@
 //! chunks that are new (changed chunks as deltas against the parent's, reading a batch's
 //! bases together), so every CPU does all of the work with nothing handed between threads.
 //! The walker takes the pieces back in order and writes each directory's tree as it goes.
-//! Streams, and the changed stretches of files named by [`ChangedRanges`], are read by
-//! the walker, which sends their new chunks to the same workers in batches. Memory is
+//! Files of one chunk, streams, and the changed stretches of files named by
+//! [`ChangedRanges`] are read by the walker, which sends their new chunks to the same
+//! workers in batches. Memory is
 //! bounded by the pieces in flight, the channel depth × batch × chunk size and the open
 //! packs, whatever the input size.
 
@@ -325,7 +326,7 @@ impl Walker<'_, '_> {
         queued.node.size = 0;
         queued.sending = true;
         queue.push_back(queued);
-        let chunk = u64::from(self.saver.repository().config().chunker.fixed_size);
+        let chunk = self.chunk_size();
         let piece_chunks = (PIECE_BYTES / chunk).max(1);
         let piece_len = piece_chunks * chunk;
         let (file, path, relative) = (
@@ -363,6 +364,10 @@ impl Walker<'_, '_> {
             queued.sending = false;
         }
         self.settle(queue, tree, self.max_pieces_in_flight())
+    }
+
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.saver.repository().config().chunker.fixed_size)
     }
 
     fn max_pieces_in_flight(&self) -> usize {
@@ -550,12 +555,29 @@ impl Walker<'_, '_> {
                         Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(RepoError::io(&path, e)),
                     };
-                    node.size = meta.len();
                     let replaced = self.fixed_content(previous);
-                    let names = (path.as_path(), relative_path.as_path());
-                    let queued = Queued::ready(node);
-                    self.send_file(&mut queue, &mut tree, queued, file, names, replaced)?;
-                    continue;
+                    if meta.len() > self.chunk_size() {
+                        node.size = meta.len();
+                        let names = (path.as_path(), relative_path.as_path());
+                        let queued = Queued::ready(node);
+                        self.send_file(&mut queue, &mut tree, queued, file, names, replaced)?;
+                        continue;
+                    }
+                    // A file of one chunk is read here: handing it to a worker and
+                    // taking it back cost more than reading and hashing it (40,000 files
+                    // of 8 KiB: 1.2 s against 1.0 s).
+                    let chunk = read_chunk(&file, 0, meta.len() as usize)
+                        .map_err(|e| RepoError::io(&path, e))?;
+                    let chunks = (!chunk.is_empty()).then_some(Ok(chunk));
+                    let (content, size) = self.store_file_chunks(
+                        chunks.into_iter(),
+                        &path,
+                        &relative_path,
+                        0,
+                        replaced,
+                    )?;
+                    node.content = content;
+                    node.size = size;
                 }
             } else {
                 tracing::debug!("skipping special file {}", path.display());
@@ -574,7 +596,7 @@ impl Walker<'_, '_> {
     /// The parent's content list of a file when it is in whole fixed chunks, so that its
     /// chunk N held the same bytes of the file as chunk N read now; else empty.
     fn fixed_content<'n>(&self, previous: Option<&'n Node>) -> &'n [Id] {
-        let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
+        let fixed = self.chunk_size();
         match previous {
             Some(node) if node.in_fixed_chunks(fixed) => &node.content,
             _ => &[],
@@ -589,7 +611,7 @@ impl Walker<'_, '_> {
         relative: &Path,
     ) -> Option<(&'n Node, Vec<Range<u64>>)> {
         let previous = previous?;
-        let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
+        let fixed = self.chunk_size();
         if self.options.read_all
             || self.options.parent.is_none()
             || !previous.in_fixed_chunks(fixed)
@@ -612,7 +634,7 @@ impl Walker<'_, '_> {
         path: &Path,
         relative: &Path,
     ) -> Result<(Vec<Id>, u64, u64)> {
-        let fixed = u64::from(self.saver.repository().config().chunker.fixed_size);
+        let fixed = self.chunk_size();
         let mut content = Vec::new();
         let (mut stored, mut reused) = (0u64, 0u64);
         for index in 0..size.div_ceil(fixed) {
