@@ -92,11 +92,7 @@ fn check_copy(setup: &Setup, bin: &PgBin, id: &str) -> Cluster {
 
 /// Restores into a fresh directory with `--target-action action` and starts the server.
 fn restore_with_action(setup: &Setup, bin: &PgBin, action: &str, extra: &[&str]) -> Cluster {
-    let dir = tempfile::Builder::new()
-        .prefix("pgvault-restored-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let pgdata = dir.path().join("data").display().to_string();
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
     // Earlier restores of this test promoted and archived new timelines into the same
     // repository: stay on the backup's timeline, as the targets are on it.
     let mut args = vec![
@@ -723,11 +719,7 @@ fn tablespaces_and_standby_restores() {
 /// mapped under its own directory: name → subdirectory), started, and streaming from
 /// `source` once a row inserted into `marks` there has reached it.
 fn streaming_standby(setup: &Setup, source: &Cluster, tablespaces: &[(&str, &str)]) -> Cluster {
-    let dir = tempfile::Builder::new()
-        .prefix("pgvault-standby-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let pgdata = dir.path().join("data").display().to_string();
+    let (dir, pgdata) = new_data_directory("pgvault-standby-");
     let primary = primary_conn(source);
     let mut args = vec![
         "restore".to_string(),
@@ -1289,7 +1281,6 @@ fn expire_keeps_the_recovery_window_restorable() {
     assert!(err.contains("ends before the target"), "{err}");
 }
 
-/// The 16 MiB segment on timeline 1 holding `lsn` ("X/Y").
 /// A backup whose WAL has gone from the repository is passed over for the newest one
 /// that can be restored (with a warning naming both), and refused, naming the missing
 /// file, when it is the one asked for. A target LSN past a gap in the archive is refused
@@ -1352,11 +1343,7 @@ fn restores_choose_backups_their_wal_can_reach() {
             && err.contains("is missing"),
         "{err}"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("pgvault-restored-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let pgdata = dir.path().join("data").display().to_string();
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
     let out = setup.run(&[
         "restore",
         "--pgdata",
@@ -1759,11 +1746,7 @@ fn memory_is_flat_in_the_number_of_relation_files() {
     // over it.
     let measured_restores = |backup: &serde_json::Value| {
         let id = backup["id"].as_str().expect("backup id");
-        let dir = tempfile::Builder::new()
-            .prefix("pgvault-restored-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let target = dir.path().join("data").display().to_string();
+        let (_dir, target) = new_data_directory("pgvault-restored-");
         let restore = ["restore", "--backup", id, "--pgdata", &target];
         let (full, _) = measured(&restore);
         let (delta, _) = measured(&[&restore[..], &["--delta"]].concat());

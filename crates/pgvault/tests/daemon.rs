@@ -485,11 +485,7 @@ fn standby_created_from_the_repository_streams_and_is_reported() {
     setup.ok(&["backup", "--fast", "--pg-conn", &primary.conninfo()]);
     let primary_conn = format!("host=127.0.0.1 port={} user=postgres", primary.port());
 
-    let dir = tempfile::Builder::new()
-        .prefix("pgvault-standby-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let pgdata = dir.path().join("data").display().to_string();
+    let (dir, pgdata) = new_data_directory("pgvault-standby-");
     // Bad input first: nothing may be created.
     let error = setup.fails(&[
         "standby",

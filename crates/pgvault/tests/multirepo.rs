@@ -170,11 +170,7 @@ archive-timeout = \"20s\"
 
     // The near repository is lost: restore and archive-get use the far one.
     fs::rename(&setup.repo_url, setup.path("lost")).expect("lose repo1");
-    let dir = tempfile::Builder::new()
-        .prefix("pgvault-far-restore-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let pgdata = dir.path().join("data").display().to_string();
+    let (dir, pgdata) = new_data_directory("pgvault-far-restore-");
     setup.ok(&[
         "restore",
         "--pgdata",

@@ -296,7 +296,6 @@ impl Walker<'_, '_> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.check_failure()?;
         let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
         self.send(Work::Chunks(batch))
     }

@@ -334,12 +334,21 @@ fn make_unstartable(pgdata: &Path) -> Result<()> {
     fsync_dir(global).with_context(|| format!("cannot sync {}", global.display()))
 }
 
+/// A tablespace to restore: its directory, its node in the backup's tree and that node's
+/// tree.
+struct TablespaceNode<'t> {
+    oid: u32,
+    dir: &'t Path,
+    node: Node,
+    tree: Id,
+}
+
 /// Each tablespace to restore, with its directory and its node in the backup's tree.
 fn tablespace_nodes<'t>(
     repo: &Repository,
     top: &Tree,
     tablespaces: &'t [(u32, PathBuf)],
-) -> Result<Vec<(u32, &'t Path, Node)>> {
+) -> Result<Vec<TablespaceNode<'t>>> {
     if tablespaces.is_empty() {
         return Ok(Vec::new());
     }
@@ -352,7 +361,14 @@ fn tablespace_nodes<'t>(
         .map(|(oid, dir)| {
             let node = (stored.find(&oid.to_string()).cloned())
                 .with_context(|| format!("backup has no data for tablespace {oid}"))?;
-            Ok((*oid, dir.as_path(), node))
+            let tree =
+                (node.subtree).with_context(|| format!("tablespace {oid} is not a directory"))?;
+            Ok(TablespaceNode {
+                oid: *oid,
+                dir: dir.as_path(),
+                node,
+                tree,
+            })
         })
         .collect()
 }
@@ -362,21 +378,22 @@ fn tablespace_nodes<'t>(
 fn check_room(
     repo: &Repository,
     snapshot: &Snapshot,
-    (pgdata, pgdata_tree): (&Path, &Id),
-    tablespaces: &[(u32, &Path, Node)],
+    pgdata: &Path,
+    tablespaces: &[TablespaceNode],
 ) -> Result<()> {
+    // The backup's size counts every root: the data directory's share is what its
+    // tablespaces leave, without reading its (largest) tree.
     let mut needs = Vec::new();
-    if tablespaces.is_empty() {
-        needs.push((pgdata, snapshot.summary.bytes));
-    } else {
-        needs.push((pgdata, tree_bytes(repo, pgdata_tree)?));
-        for (oid, dir, node) in tablespaces {
-            let subtree = node
-                .subtree
-                .with_context(|| format!("tablespace {oid} is not a directory"))?;
-            needs.push((*dir, tree_bytes(repo, &subtree)?));
-        }
+    let mut in_tablespaces = 0;
+    for tablespace in tablespaces {
+        let bytes = tree_bytes(repo, &tablespace.tree)?;
+        in_tablespaces += bytes;
+        needs.push((tablespace.dir, bytes));
     }
+    needs.push((
+        pgdata,
+        snapshot.summary.bytes.saturating_sub(in_tablespaces),
+    ));
     if let Some(short) = shortage_of_room(&needs)? {
         bail!(
             "the restore needs {} on the filesystem of {}, which has {} free: make room, or restore elsewhere (--pgdata, --tablespace-map)",
@@ -585,7 +602,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces)?;
     // --delta rewrites in place; --force frees what it deletes first.
     if args.delta.is_none() && !args.force {
-        check_room(&repo, &snapshot, (&pgdata, &pgdata_tree), &tablespace_nodes)?;
+        check_room(&repo, &snapshot, &pgdata, &tablespace_nodes)?;
     }
     // Nothing is changed before every check has passed.
     if overwrite {
@@ -634,9 +651,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         restore_into(&pgdata_tree, &pgdata, Some(control_file)).with_context(incomplete)?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
     if !tablespace_nodes.is_empty() {
-        for (oid, dir, node) in &tablespace_nodes {
-            let subtree = node.subtree.context("tablespace is not a directory")?;
-            let (files, bytes) = restore_into(&subtree, dir, None)
+        for TablespaceNode {
+            oid,
+            dir,
+            node,
+            tree,
+        } in &tablespace_nodes
+        {
+            let (files, bytes) = restore_into(tree, dir, None)
                 .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
                 .with_context(incomplete)?;
             apply_root_metadata(dir, node)?;

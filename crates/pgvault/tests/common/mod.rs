@@ -186,6 +186,17 @@ impl Setup {
     }
 }
 
+/// A new temporary directory under /tmp, and the path of a data directory to be created
+/// in it (a restore's or a standby's).
+pub fn new_data_directory(prefix: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let pgdata = dir.path().join("data").display().to_string();
+    (dir, pgdata)
+}
+
 /// A temporary directory the postgres user can traverse.
 pub fn shared_tempdir() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
