@@ -158,6 +158,7 @@ fn suite_round_trip_and_dedup(storage: DynStorage) {
 }
 
 fn suite_tree_round_trip(storage: DynStorage) {
+    use std::os::unix::fs::PermissionsExt;
     let repo = Repository::init(
         storage,
         &options(Encryption::Aes256Gcm, Compression::Lz4),
@@ -178,12 +179,36 @@ fn suite_tree_round_trip(storage: DynStorage) {
     let large = payload(99, (40 << 20) + 1);
     std::fs::write(source.path().join("base/1/16500"), &large).expect("write");
     std::fs::write(source.path().join("PG_VERSION"), "15\n").expect("write");
+    // Modes and mtimes unlike a new file's, on a file restored whole and on the large
+    // one, restored in parts: each gets its own back once written.
+    let written_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    for (name, mode) in [("base/1/16384", 0o640), ("base/1/16500", 0o600)] {
+        let path = source.path().join(name);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_modified(written_at))
+            .expect("set mtime");
+    }
     let saver = BlobSaver::new(&repo);
     let archived =
         archive_tree(&saver, source.path(), &ArchiveOptions::default()).expect("archive_tree");
     let target = tempfile::tempdir().expect("tempdir");
     let restored = target.path().join("restored");
     restore_whole(&repo, &archived.tree, &restored).expect("restore_tree");
+    for name in ["base/1/16384", "base/1/16385", "base/1/16500", "PG_VERSION"] {
+        let (original, copy) = (
+            std::fs::metadata(source.path().join(name)).expect("stat"),
+            std::fs::metadata(restored.join(name)).expect("stat"),
+        );
+        assert_eq!(
+            copy.permissions().mode(),
+            original.permissions().mode(),
+            "{name}"
+        );
+        assert_eq!(copy.modified().ok(), original.modified().ok(), "{name}");
+    }
     for i in 0..20u64 {
         let name = format!("base/1/{}", 16384 + i);
         assert!(
