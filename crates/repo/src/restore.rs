@@ -389,7 +389,7 @@ fn finish_dirs(mut dirs: Vec<PendingFile>, target: &Path, sync: SyncMethod) -> R
     sync.finish(target)
 }
 
-/// Writes new files in parallel, then fsyncs them (under [`SyncMethod::Fsync`]).
+/// Writes new files in parallel, each settled ([`Finishers`]) once written.
 fn restore_files(
     repo: &Repository,
     files: &[PendingFile],
@@ -401,35 +401,9 @@ fn restore_files(
     // next `jobs` (a thread otherwise waited on the disk for every window it read).
     let read_through = AtomicUsize::new(0);
     let numbered: Vec<(usize, &Restore)> = work.iter().enumerate().collect();
-    // Files are synced and given their metadata on threads of their own, more than
-    // CPUs, while the others are still written: an fsync waits for the disk and the
-    // journal, concurrent fsyncs share the journal's commits, and a pass after the
-    // writes left the disk idle (1,000 files: 0.3 s of a 1.7 s restore).
-    let (finished, to_finish) = crossbeam_channel::unbounded::<usize>();
-    let settle_failed = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let finishers: Vec<_> = (0..SYNC_THREADS)
-            .map(|_| {
-                let (to_finish, settle_failed) = (to_finish.clone(), &settle_failed);
-                scope.spawn(move || -> Result<()> {
-                    for number in to_finish {
-                        let file = &files[number];
-                        settle(&file.path, &file.node, sync).inspect_err(|_| {
-                            settle_failed.store(true, Ordering::Relaxed);
-                        })?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        drop(to_finish);
-        let written = crate::parallel::map(numbered, jobs.max(1), |(position, item)| {
-            if settle_failed.load(Ordering::Relaxed) {
-                // Stop writing: the finisher's error is the one reported.
-                return Err(RepoError::Invalid(
-                    "a restored file could not be synced".into(),
-                ));
-            }
+    with_finishers(files, sync, |finishers| {
+        crate::parallel::map(numbered, jobs.max(1), |(position, item)| {
+            finishers.check()?;
             let end = (position + 1 + jobs).min(work.len());
             let start = read_through.fetch_max(end, Ordering::Relaxed);
             for ahead in &work[start.max(position + 1).min(end)..end] {
@@ -438,33 +412,93 @@ fn restore_files(
             match item {
                 Restore::File(number) => {
                     write_file(repo, &files[*number])?;
-                    // Fails only when every finisher stopped on an error, reported below.
-                    let _ = finished.send(*number);
+                    finishers.finish(*number);
                     Ok(())
                 }
                 Restore::Part(number, chunks) => {
                     restore_part(repo, &files[*number], chunks.clone()).map(|_| ())
                 }
             }
-        });
-        if written.is_ok() {
-            // A split file is written once all its parts are.
-            for item in &work {
-                if let Restore::Part(number, chunks) = item {
-                    if chunks.start == 0 {
-                        let _ = finished.send(*number);
-                    }
+        })?;
+        // A split file is written once all its parts are.
+        for item in &work {
+            if let Restore::Part(number, chunks) = item {
+                if chunks.start == 0 {
+                    finishers.finish(*number);
                 }
             }
         }
-        drop(finished);
-        let synced = finishers.into_iter().try_for_each(|finisher| {
-            finisher
+        Ok(())
+    })
+}
+
+/// Hands written files to threads that [`settle`] them (owner, mode, mtime, fsync) while
+/// the writers go on with others: an fsync waits for the disk and the journal, and
+/// concurrent fsyncs share the journal's commits. Settling each file on the thread that
+/// wrote it kept a CPU idle for 0.33 s of a 1.3 s restore (1,000 files), and a pass
+/// after the writes left the disk idle for 0.3 s of 1.7 s.
+struct Finishers<'a> {
+    queue: crossbeam_channel::Sender<usize>,
+    failed: &'a AtomicBool,
+}
+
+impl Finishers<'_> {
+    /// Queues the written file of this number to be settled.
+    fn finish(&self, number: usize) {
+        // Fails only when every finisher stopped on an error, which `with_finishers`
+        // returns.
+        let _ = self.queue.send(number);
+    }
+
+    /// An error once a finisher failed, so that writers stop early; the finisher's own
+    /// error is the one reported.
+    fn check(&self) -> Result<()> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(RepoError::Invalid(
+                "stopped: a restored file could not be settled".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `write` with [`Finishers`] for `files` on [`SYNC_THREADS`] threads; returns once
+/// every file handed to them is settled, with the first error of either side.
+fn with_finishers<T>(
+    files: &[PendingFile],
+    sync: SyncMethod,
+    write: impl FnOnce(&Finishers<'_>) -> Result<T>,
+) -> Result<T> {
+    let (queue, to_finish) = crossbeam_channel::unbounded::<usize>();
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..SYNC_THREADS)
+            .map(|_| {
+                let (to_finish, failed) = (to_finish.clone(), &failed);
+                scope.spawn(move || -> Result<()> {
+                    for number in to_finish {
+                        let file = &files[number];
+                        settle(&file.path, &file.node, sync).inspect_err(|_| {
+                            failed.store(true, Ordering::Relaxed);
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(to_finish);
+        let finishers = Finishers {
+            queue,
+            failed: &failed,
+        };
+        let written = write(&finishers);
+        drop(finishers);
+        threads.into_iter().try_for_each(|thread| {
+            thread
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        });
-        synced?;
-        written.map(|_| ())
+        })?;
+        written
     })
 }
 
@@ -621,14 +655,8 @@ pub fn restore_file_last(
     fsync_path(parent)
 }
 
-/// Threads of the fsync pass: fsync waits on the disk, not the CPU.
+/// Threads of [`Finishers`]: an fsync waits on the disk, not the CPU.
 const SYNC_THREADS: usize = 8;
-
-/// Writes, syncs and gives its metadata to one file.
-fn restore_file(repo: &Repository, file: &PendingFile, sync: SyncMethod) -> Result<()> {
-    write_file(repo, file)?;
-    settle(&file.path, &file.node, sync)
-}
 
 /// Creates and writes one whole file; [`settle`] follows.
 fn write_file(repo: &Repository, file: &PendingFile) -> Result<()> {
@@ -790,24 +818,32 @@ fn repair_files(
 ) -> Result<DeltaStats> {
     let mut stats = DeltaStats::default();
     let repairs = plan_repairs(repo, &files, jobs.max(1), check)?;
-    let work: Vec<(PendingFile, Repair)> = files.into_iter().zip(repairs).collect();
-    let outcomes = crate::parallel::map(work, jobs.max(1), |(f, repair)| match repair {
-        Repair::Nothing { metadata_differs } => {
-            if metadata_differs {
-                settle(&f.path, &f.node, sync)?;
-            }
-            Ok((false, 0))
-        }
-        Repair::Chunks(chunks) => {
-            let written = patch_chunks(repo, &f, &chunks)?;
-            settle(&f.path, &f.node, sync)?;
-            Ok((true, written))
-        }
-        Repair::Whole => {
-            let _ = fs::remove_file(&f.path);
-            restore_file(repo, &f, sync)?;
-            Ok::<_, RepoError>((true, f.node.size))
-        }
+    let work: Vec<(usize, Repair)> = repairs.into_iter().enumerate().collect();
+    let outcomes = with_finishers(&files, sync, |finishers| {
+        crate::parallel::map(work, jobs.max(1), |(number, repair)| {
+            finishers.check()?;
+            let file = &files[number];
+            let outcome = match repair {
+                Repair::Nothing { metadata_differs } => {
+                    if metadata_differs {
+                        finishers.finish(number);
+                    }
+                    (false, 0)
+                }
+                Repair::Chunks(chunks) => {
+                    let written = patch_chunks(repo, file, &chunks)?;
+                    finishers.finish(number);
+                    (true, written)
+                }
+                Repair::Whole => {
+                    let _ = fs::remove_file(&file.path);
+                    write_file(repo, file)?;
+                    finishers.finish(number);
+                    (true, file.node.size)
+                }
+            };
+            Ok(outcome)
+        })
     })?;
     for (written, bytes) in outcomes {
         if written {

@@ -933,6 +933,15 @@ fn delta_restore_patches_only_differing_chunks() {
         )
         .expect("delta")
     };
+    // A patched or replaced file gets the source's mtime back (writing changed it).
+    let same_mtime = |name: &str| {
+        let mtime = |dir: &std::path::Path| {
+            std::fs::metadata(dir.join(name))
+                .and_then(|meta| meta.modified())
+                .expect("mtime")
+        };
+        assert_eq!(mtime(&target), mtime(&source), "{name}");
+    };
     flip("large", &[5 * 16384 + 7, 40 * 16384, 64 * 16384 + 99]);
     // syncfs instead of per-file fsyncs changes nothing restored.
     let stats = delta(SyncMethod::Syncfs);
@@ -942,6 +951,7 @@ fn delta_restore_patches_only_differing_chunks() {
         "{stats:?}"
     );
     assert!(std::fs::read(target.join("large")).expect("read") == large);
+    same_mtime("large");
 
     let other_name = dir.path().join("other-name");
     std::fs::hard_link(target.join("large"), &other_name).expect("link");
@@ -959,6 +969,7 @@ fn delta_restore_patches_only_differing_chunks() {
         "{stats:?}"
     );
     assert_eq!(std::fs::read(target.join("small")).expect("read"), small);
+    same_mtime("small");
     let stats = delta(SyncMethod::Fsync);
     assert_eq!((stats.files_kept, stats.files_written), (2, 0), "{stats:?}");
 
