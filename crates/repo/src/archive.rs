@@ -275,18 +275,14 @@ impl Walker<'_, '_> {
         for (position, chunk) in chunks.enumerate() {
             let chunk = chunk.map_err(|e| RepoError::io(path, e))?;
             size += chunk.len() as u64;
-            let (id, new) = self.saver.reserve(&chunk);
-            if new {
-                self.pending.push(ChangedChunk {
-                    id,
-                    data: chunk,
-                    previous: previous.get(position).copied(),
-                });
-                if self.pending.len() >= BATCH {
-                    self.send_pending()?;
-                }
+            let replaced = previous.get(position).copied();
+            ids.push(
+                self.saver
+                    .reserve_changed(chunk, replaced, &mut self.pending),
+            );
+            if self.pending.len() >= BATCH {
+                self.send_pending()?;
             }
-            ids.push(id);
         }
         Ok((ids, size))
     }
@@ -701,20 +697,14 @@ fn store_piece(saver: &BlobSaver<'_>, options: &ArchiveOptions, piece: Piece) ->
         if let Some(inspector) = &options.inspector {
             inspector(&piece.relative, offset, &chunk);
         }
-        let (id, is_new) = saver.reserve(&chunk);
-        if is_new {
-            let previous = piece.replaced.get(stored.content.len()).copied();
-            new.push(ChangedChunk {
-                id,
-                data: chunk,
-                previous,
-            });
-            if new.len() >= BATCH {
-                saver.store_changed(&new)?;
-                new.clear();
-            }
+        let replaced = piece.replaced.get(stored.content.len()).copied();
+        stored
+            .content
+            .push(saver.reserve_changed(chunk, replaced, &mut new));
+        if new.len() >= BATCH {
+            saver.store_changed(&new)?;
+            new.clear();
         }
-        stored.content.push(id);
         stored.bytes += read as u64;
         offset += read as u64;
         if read < want {

@@ -130,6 +130,22 @@ impl<'r> BlobSaver<'r> {
         (id, self.claim(id, data.len()))
     }
 
+    /// Like [`reserve`](Self::reserve) for a data chunk: a new one joins `batch`, with
+    /// the chunk it replaces in the previous version of its file, for
+    /// [`store_changed`](Self::store_changed). Returns its id.
+    pub fn reserve_changed(
+        &self,
+        data: Vec<u8>,
+        previous: Option<Id>,
+        batch: &mut Vec<ChangedChunk>,
+    ) -> Id {
+        let (id, new) = self.reserve(&data);
+        if new {
+            batch.push(ChangedChunk { id, data, previous });
+        }
+        id
+    }
+
     /// Whether `id` (of `len` plaintext bytes) is new and now ours to store.
     fn claim(&self, id: Id, len: usize) -> bool {
         let new = !self.repo.index().contains(&id) && lock(&self.reserved).insert(id);
