@@ -191,3 +191,34 @@ pub fn tablespaces(conn: &mut Connection) -> Result<Vec<TablespaceInfo>, ConnErr
         })
         .collect()
 }
+
+/// A database of the cluster: its files are `base/<oid>/` and, in each tablespace,
+/// `PG_<version>_<catalog version>/<oid>/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseInfo {
+    pub oid: u32,
+    pub name: String,
+}
+
+/// Objects below this oid are created by `initdb` (`FirstNormalObjectId`).
+const FIRST_NORMAL_OBJECT_ID: u32 = 16_384;
+
+/// Whether `initdb` created the database of this oid: template0, template1 or postgres,
+/// which a server needs to start, to connect and to drop other databases.
+pub fn is_system_database(oid: u32) -> bool {
+    oid < FIRST_NORMAL_OBJECT_ID
+}
+
+pub fn databases(conn: &mut Connection) -> Result<Vec<DatabaseInfo>, ConnError> {
+    let sql = "SELECT oid::text, datname FROM pg_database ORDER BY oid";
+    conn.query_rows(sql)?
+        .into_iter()
+        .map(|row| {
+            let oid = (row.first().cloned().flatten())
+                .and_then(|o| o.parse().ok())
+                .ok_or_else(|| answer(sql, "bad oid"))?;
+            let name = row.get(1).cloned().flatten().unwrap_or_default();
+            Ok(DatabaseInfo { oid, name })
+        })
+        .collect()
+}

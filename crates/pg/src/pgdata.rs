@@ -4,7 +4,7 @@
 //! Paths are relative to the data directory (or to a tablespace's version directory,
 //! e.g. `PG_15_202209061/16384/16385`).
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 /// The control file. A data directory without it cannot be started, which makes it the
 /// file a restore writes last and a restore into an existing directory removes first.
@@ -118,6 +118,22 @@ pub struct RelationFile {
 }
 
 /// The names of a relative path's components; `None` for anything but plain UTF-8 names.
+/// The directories of a database's files: `base/<oid>` in the data directory, and
+/// `<version directory>/<oid>` in a tablespace for each of its entries that is a version
+/// directory (`PG_15_202209061`; a tablespace shared by clusters of several majors has
+/// one each).
+pub fn database_dirs<'a>(
+    oid: u32,
+    tablespace_entries: impl IntoIterator<Item = &'a str>,
+) -> (PathBuf, Vec<PathBuf>) {
+    let in_tablespaces = tablespace_entries
+        .into_iter()
+        .filter(|name| name.starts_with("PG_"))
+        .map(|version| Path::new(version).join(oid.to_string()))
+        .collect();
+    (Path::new("base").join(oid.to_string()), in_tablespaces)
+}
+
 pub(crate) fn path_parts(relative: &Path) -> Option<Vec<&str>> {
     relative
         .components()
@@ -281,6 +297,20 @@ mod tests {
         assert_eq!(decide_for("pg_wal", false), Decision::DirectoryOnly);
         assert_eq!(decide_for("pg_stat_tmp", false), Decision::DirectoryOnly);
         assert_eq!(decide_for("base/pg_wal", false), Decision::Include);
+    }
+
+    #[test]
+    fn a_databases_files_are_in_base_and_in_each_tablespace_version_directory() {
+        let (base, in_tablespace) =
+            database_dirs(16_390, ["PG_15_202209061", "PG_16_202307071", "lost+found"]);
+        assert_eq!(base, Path::new("base/16390"));
+        assert_eq!(
+            in_tablespace,
+            [
+                Path::new("PG_15_202209061/16390"),
+                Path::new("PG_16_202307071/16390")
+            ]
+        );
     }
 
     #[test]

@@ -406,6 +406,15 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Restore only this database's data, besides template0, template1 and postgres
+    /// (repeatable); the others come back as empty files that recovery replays into and
+    /// that cannot be used: drop them once the server is up
+    #[arg(long, value_name = "NAME", conflicts_with = "standby")]
+    pub db_include: Vec<String>,
+    /// Restore this database as empty files, to be dropped once the server is up
+    /// (repeatable; template0, template1 and postgres are always restored)
+    #[arg(long, value_name = "NAME", conflicts_with = "standby")]
+    pub db_exclude: Vec<String>,
     /// Put pg_wal on another disk: pg_wal becomes a symlink to DIR (absolute; created if
     /// missing; must be empty, or is emptied with --delta/--force)
     #[arg(long, value_name = "DIR")]

@@ -110,8 +110,8 @@ fn restore_with_action(setup: &Setup, bin: &PgBin, action: &str, extra: &[&str])
     Cluster::adopt(bin.clone(), dir).expect("start the restored server")
 }
 
-/// PostgreSQL's own judges: amcheck on the running server, then pg_checksums on the
-/// stopped one.
+/// PostgreSQL's own judges: amcheck of every database on the running server, then
+/// pg_checksums on the stopped one.
 fn judge(cluster: &mut Cluster) {
     if cluster.major() < 14 {
         judge_before_14(cluster);
@@ -129,7 +129,7 @@ fn judge(cluster: &mut Cluster) {
             &port,
             "-U",
             "postgres",
-            "postgres",
+            "--all",
         ],
     );
     assert!(
@@ -906,6 +906,190 @@ fn delta_restore_rewrites_only_what_differs() {
         err.contains("--delta=time") && err.contains("mtime"),
         "{err}"
     );
+}
+
+/// Whether table `t` of `database` can be read.
+fn can_query(cluster: &Cluster, database: &str) -> bool {
+    let port = cluster.port().to_string();
+    let args = [
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        database,
+    ];
+    let query = ["-c", "SELECT count(*) FROM t"];
+    let out = cluster.run_as_postgres(&cluster.bin().tool("psql"), &[&args[..], &query].concat());
+    out.status.success()
+}
+
+/// The bytes files under `dir` hold, and the bytes of disk they take.
+fn apparent_and_allocated(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    walk_files(dir)
+        .iter()
+        .fold((0, 0), |(apparent, allocated), file| {
+            let meta = fs::metadata(file).expect("stat");
+            (apparent + meta.len(), allocated + meta.blocks() * 512)
+        })
+}
+
+/// `--db-include` restores the named database (and template0, template1, postgres); the
+/// others come back as holes of their files' sizes, in the data directory and in a
+/// tablespace, that recovery replays into (writes after the backup included) and that
+/// DROP DATABASE removes. A delta restore with `--db-exclude` then brings a dropped
+/// database back and leaves another as holes. Bad names are refused before anything is
+/// written.
+#[test]
+fn some_databases_restored_and_the_others_left_as_holes() {
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    create_tablespace(&source, "far", "tablespace");
+    source.psql("CREATE DATABASE wanted");
+    source.psql("CREATE DATABASE unwanted");
+    source.psql("CREATE DATABASE faraway TABLESPACE far");
+    let databases = ["wanted", "unwanted", "faraway"];
+    for database in databases {
+        source.psql_db(
+            database,
+            "CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 50000) g; \
+             CREATE INDEX ON t (g)",
+        );
+    }
+    backup(&setup, &source, &[]);
+    // Writes after the backup, in every database, for recovery to replay through holes.
+    for database in databases {
+        source.psql_db(database, "UPDATE t SET h = 'after' WHERE g % 2000 = 0");
+    }
+    source.psql("SELECT pg_create_restore_point('after-updates')");
+    let table_state = "SELECT count(*) || '/' || md5(string_agg(h, ',' ORDER BY g)) FROM t";
+    let expected: Vec<String> = databases
+        .iter()
+        .map(|database| source.psql_db(database, table_state))
+        .collect();
+    let oid = |name: &str| {
+        source.psql(&format!(
+            "SELECT oid FROM pg_database WHERE datname = '{name}'"
+        ))
+    };
+    let (unwanted_oid, faraway_oid) = (oid("unwanted"), oid("faraway"));
+    switch_and_wait_archived(&source);
+
+    for (extra, says) in [
+        (
+            &["--db-include", "nosuch"][..],
+            "has no such database (it has ",
+        ),
+        (&["--db-exclude", "template1"][..], "always restored"),
+        (&["--db-include", "wanted", "--standby"][..], "--standby"),
+    ] {
+        let error = restore_fails(&setup, "refused", extra);
+        assert!(error.contains(says), "{extra:?}: {error}");
+        assert!(!setup.path("refused").exists(), "{extra:?} wrote something");
+    }
+
+    let mapped = tempfile::Builder::new()
+        .prefix("pgvault-ts-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let mapping = format!("far={}", mapped.path().join("ts").display());
+    let (dir, pgdata) = new_data_directory("pgvault-some-");
+    let target = [
+        "--target-name",
+        "after-updates",
+        "--target-action",
+        "promote",
+        "--target-timeline",
+        "current",
+        "--archive-mode",
+        "off",
+        "--tablespace-map",
+        &mapping,
+        "--output",
+        "json",
+    ];
+    let mut args = vec!["restore", "--pgdata", &pgdata, "--db-include", "wanted"];
+    args.extend_from_slice(&target);
+    let report: serde_json::Value = serde_json::from_str(&setup.ok(&args)).expect("JSON");
+    assert_eq!(
+        report["left_out_databases"],
+        serde_json::json!(["unwanted", "faraway"]),
+        "{report}"
+    );
+    let unwanted_dir = Path::new(&pgdata).join("base").join(&unwanted_oid);
+    let faraway_dir = fs::read_dir(mapped.path().join("ts"))
+        .expect("tablespace")
+        .flatten()
+        .map(|entry| entry.path().join(&faraway_oid))
+        .find(|path| path.is_dir())
+        .expect("the database's directory in the tablespace");
+    for dir in [&unwanted_dir, &faraway_dir] {
+        let (apparent, allocated) = apparent_and_allocated(dir);
+        assert!(
+            apparent > 3 << 20 && allocated == 0,
+            "{}: {apparent} bytes, {allocated} allocated",
+            dir.display()
+        );
+    }
+    let (apparent, allocated) = apparent_and_allocated(&Path::new(&pgdata).join("base"));
+    assert!(allocated * 2 > apparent, "the wanted data is there");
+
+    let mut restored = Cluster::adopt(source.bin().clone(), dir).expect("start");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(restored.psql_db("wanted", table_state), expected[0]);
+    assert!(
+        !can_query(&restored, "unwanted"),
+        "a left-out database was usable"
+    );
+    // Replay wrote the pages it has full images of (the UPDATE's scan set hint bits on
+    // every page of t); the others, e.g. of catalogs, stay holes.
+    let (apparent, allocated) = apparent_and_allocated(&unwanted_dir);
+    assert!(
+        allocated * 2 < apparent,
+        "{apparent} bytes, {allocated} allocated"
+    );
+    restored.psql("DROP DATABASE unwanted");
+    restored.psql("DROP DATABASE faraway");
+    assert!(!unwanted_dir.exists() && !faraway_dir.exists());
+    judge(&mut restored);
+
+    // Over it: `unwanted` (dropped) comes back, `faraway` stays holes.
+    let pgdata = restored.pgdata().display().to_string();
+    let mut args = vec![
+        "restore",
+        "--pgdata",
+        &pgdata,
+        "--delta",
+        "--db-exclude",
+        "faraway",
+    ];
+    args.extend_from_slice(&target);
+    let report: serde_json::Value = serde_json::from_str(&setup.ok(&args)).expect("JSON");
+    assert_eq!(
+        report["left_out_databases"],
+        serde_json::json!(["faraway"]),
+        "{report}"
+    );
+    assert_eq!(apparent_and_allocated(&faraway_dir).1, 0);
+    restored
+        .start_again()
+        .expect("start after the delta restore");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(restored.psql_db("wanted", table_state), expected[0]);
+    assert_eq!(restored.psql_db("unwanted", table_state), expected[1]);
+    assert!(
+        !can_query(&restored, "faraway"),
+        "a left-out database was usable"
+    );
+    restored.psql("DROP DATABASE faraway");
+    judge(&mut restored);
 }
 
 /// A restore that fails half-way (here: on a damaged pack) leaves a data directory that

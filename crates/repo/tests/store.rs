@@ -1001,6 +1001,76 @@ fn delta_restore_patches_only_differing_chunks() {
     );
 }
 
+/// Files under `RestoreOptions::holes` come back as holes: their size, mode and mtime,
+/// zeros for content and no disk blocks. A delta restore turns whatever is there into such
+/// a hole, and one without holes brings the content back.
+#[test]
+fn files_under_hole_directories_are_restored_as_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(source.join("skip/sub")).expect("mkdir");
+    std::fs::create_dir_all(source.join("keep")).expect("mkdir");
+    let kept = payload(41, 300_000);
+    let skipped = payload(42, 1 << 20 | 100);
+    std::fs::write(source.join("keep/a"), &kept).expect("write");
+    std::fs::write(source.join("skip/b"), &skipped).expect("write");
+    std::fs::write(source.join("skip/sub/c"), payload(43, 5000)).expect("write");
+    std::fs::write(source.join("skipped-not"), payload(44, 5000)).expect("write");
+    let archived = archive(&repo, &source, &ArchiveOptions::default());
+    let holes = [std::path::PathBuf::from("skip")];
+    let options = RestoreOptions {
+        holes: &holes,
+        ..RestoreOptions::new(2, SyncMethod::Fsync)
+    };
+    let target = dir.path().join("target");
+    let is_hole_of = |name: &str| {
+        let (restored, original) = (
+            std::fs::metadata(target.join(name)).expect("stat"),
+            std::fs::metadata(source.join(name)).expect("stat"),
+        );
+        let bytes = std::fs::read(target.join(name)).expect("read");
+        assert_eq!(bytes.len() as u64, original.len(), "{name}");
+        assert!(bytes.iter().all(|b| *b == 0), "{name} is not all zeros");
+        assert_eq!(restored.blocks(), 0, "{name} takes disk space");
+        assert_eq!(restored.modified().ok(), original.modified().ok(), "{name}");
+        assert_eq!(restored.mode(), original.mode(), "{name}");
+    };
+    let stats = restore_tree(&repo, &archived.tree, &target, options).expect("restore");
+    assert_eq!((stats.files, stats.holes), (4, 2), "{stats:?}");
+    is_hole_of("skip/b");
+    is_hole_of("skip/sub/c");
+    assert!(std::fs::read(target.join("keep/a")).expect("read") == kept);
+    assert_eq!(
+        std::fs::read(target.join("skipped-not")).expect("read"),
+        payload(44, 5000)
+    );
+
+    std::fs::write(target.join("skip/b"), &skipped).expect("write");
+    std::fs::write(target.join("keep/a"), payload(45, 300_000)).expect("write");
+    let stats = restore_tree_delta(&repo, &archived.tree, &target, DeltaCheck::Content, options)
+        .expect("delta");
+    assert_eq!(
+        (stats.files_kept, stats.files_written, stats.holes),
+        (1, 1, 2),
+        "{stats:?}"
+    );
+    is_hole_of("skip/b");
+    is_hole_of("skip/sub/c");
+    assert!(std::fs::read(target.join("keep/a")).expect("read") == kept);
+
+    let stats = restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        DeltaCheck::Content,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("delta");
+    assert_eq!((stats.files_written, stats.holes), (2, 0), "{stats:?}");
+    assert!(std::fs::read(target.join("skip/b")).expect("read") == skipped);
+}
+
 /// `DeltaCheck::SizeAndTime` leaves files of the snapshot's size and mtime unread (even
 /// one changed with its mtime put back, which `Content` finds), hashes the others, and
 /// trusts no file whose mtime is within a second of the snapshot's start.

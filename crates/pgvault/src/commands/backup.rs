@@ -45,6 +45,13 @@ pub struct Tablespace {
     pub location: String,
 }
 
+/// A database of the backed-up cluster (its files are under `base/<oid>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Database {
+    pub oid: u32,
+    pub name: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CorruptPage {
     /// Relative to the data directory, or `pg_tblspc/<oid>/…` for tablespaces.
@@ -83,6 +90,10 @@ pub struct BackupMeta {
     /// transaction id choose a backup by it. Absent in older backups.
     #[serde(default)]
     pub next_xid: Option<u64>,
+    /// The databases when the backup started, for restores of some of them. Absent in
+    /// older backups.
+    #[serde(default)]
+    pub databases: Option<Vec<Database>>,
 }
 
 impl BackupMeta {
@@ -381,6 +392,14 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     if args.dry_run {
         return estimate(ctx, &repo, &pgdata, &tablespaces, major, args.checksum_all);
     }
+    // Before the backup starts: a database created during it is restored whole.
+    let databases: Vec<Database> = pg::backup::databases(&mut conn)?
+        .into_iter()
+        .map(|d| Database {
+            oid: d.oid,
+            name: d.name,
+        })
+        .collect();
     let lock = ctx.lock(&repo, LockKind::Shared)?;
     let previous = list_backups(&repo, &ctx.cluster)?.pop();
     let label = args
@@ -560,6 +579,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         from_standby,
         wal_summary_blocks: changed.as_ref().map(|c| c.block_count() as u64),
         next_xid: Some(stop.next_xid),
+        databases: Some(databases),
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {

@@ -76,6 +76,8 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         primary_conn: Some(conninfo),
         primary_slot: args.slot.clone(),
         tablespace_map: args.tablespace_map.clone(),
+        db_include: Vec::new(),
+        db_exclude: Vec::new(),
         waldir: args.waldir.clone(),
         archive_mode: "preserve".to_string(),
         delta: None,

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
-use pg::pgdata::Postmaster;
+use pg::backup::is_system_database;
+use pg::pgdata::{database_dirs, Postmaster};
 use pg::recovery::{
     configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
 };
@@ -23,7 +24,7 @@ use repo::{Id, Repository};
 use serde_json::json;
 
 use super::archive::{fetch_file, fsync_dir, write_atomically};
-use super::backup::{list_backups, BackupMeta};
+use super::backup::{list_backups, BackupMeta, Database};
 use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
@@ -341,6 +342,8 @@ struct TablespaceNode<'t> {
     dir: &'t Path,
     node: Node,
     tree: Id,
+    /// The directories of left-out databases in it, restored as holes.
+    holes: Vec<PathBuf>,
 }
 
 /// Each tablespace to restore, with its directory and its node in the backup's tree.
@@ -368,17 +371,72 @@ fn tablespace_nodes<'t>(
                 dir: dir.as_path(),
                 node,
                 tree,
+                holes: Vec::new(),
             })
         })
         .collect()
 }
 
+/// The databases a restore leaves out (`--db-include`, `--db-exclude`), checked against
+/// the backup's list before anything is written.
+fn left_out_databases<'m>(
+    args: &RestoreArgs,
+    id: &Id,
+    meta: &'m BackupMeta,
+) -> Result<Vec<&'m Database>> {
+    if args.db_include.is_empty() && args.db_exclude.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(databases) = &meta.databases else {
+        bail!(
+            "backup {} does not list its databases (an older pgvault took it): restore it whole, or restore some databases from a newer backup",
+            id.short()
+        );
+    };
+    let named = (args.db_include.iter().map(|name| ("--db-include", name)))
+        .chain(args.db_exclude.iter().map(|name| ("--db-exclude", name)));
+    for (option, name) in named {
+        let Some(database) = databases.iter().find(|d| &d.name == name) else {
+            let all: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
+            bail!(
+                "{option} {name:?}: backup {} has no such database (it has {})",
+                id.short(),
+                all.join(", ")
+            );
+        };
+        if option == "--db-exclude" && is_system_database(database.oid) {
+            bail!(
+                "--db-exclude {name:?}: initdb created it and the server needs it, so it is always restored"
+            );
+        }
+    }
+    Ok(databases
+        .iter()
+        .filter(|d| !is_system_database(d.oid))
+        .filter(|d| {
+            args.db_exclude.contains(&d.name)
+                || (!args.db_include.is_empty() && !args.db_include.contains(&d.name))
+        })
+        .collect())
+}
+
+/// The bytes of the files under `dirs` (relative to the tree `root`).
+fn bytes_under(repo: &Repository, root: &Id, dirs: &[PathBuf]) -> Result<u64> {
+    let mut total = 0;
+    for dir in dirs {
+        if let Some(subtree) = find_path(repo, root, dir)?.and_then(|node| node.subtree) {
+            total += tree_bytes(repo, &subtree)?;
+        }
+    }
+    Ok(total)
+}
+
 /// Refuses a restore that would not fit on the filesystems it writes to, before it
-/// writes anything (rather than failing with a full disk half-way).
+/// writes anything (rather than failing with a full disk half-way). Holes take no room.
 fn check_room(
     repo: &Repository,
     snapshot: &Snapshot,
-    pgdata: &Path,
+    (pgdata, pgdata_tree, pgdata_holes): (&Path, &Id, &[PathBuf]),
     tablespaces: &[TablespaceNode],
 ) -> Result<()> {
     // The backup's size counts every root: the data directory's share is what its
@@ -388,11 +446,13 @@ fn check_room(
     for tablespace in tablespaces {
         let bytes = tree_bytes(repo, &tablespace.tree)?;
         in_tablespaces += bytes;
-        needs.push((tablespace.dir, bytes));
+        let holes = bytes_under(repo, &tablespace.tree, &tablespace.holes)?;
+        needs.push((tablespace.dir, bytes - holes));
     }
+    let holes = bytes_under(repo, pgdata_tree, pgdata_holes)?;
     needs.push((
         pgdata,
-        snapshot.summary.bytes.saturating_sub(in_tablespaces),
+        (snapshot.summary.bytes.saturating_sub(in_tablespaces)).saturating_sub(holes),
     ));
     if let Some(short) = shortage_of_room(&needs)? {
         bail!(
@@ -573,6 +633,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let target = target_of(args)?;
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
+    let left_out = left_out_databases(args, &id, &meta)?;
     let tablespaces = tablespace_locations(args, &meta)?;
     let waldir = args.waldir.as_deref();
     if let Some(dir) = waldir {
@@ -599,10 +660,23 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let control_file = Path::new(pg::pgdata::CONTROL_FILE);
     let control = find_path(&repo, &pgdata_tree, control_file)?
         .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?;
-    let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces)?;
+    let mut tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces)?;
+    let pgdata_holes: Vec<PathBuf> = (left_out.iter())
+        .map(|database| database_dirs(database.oid, []).0)
+        .collect();
+    if !left_out.is_empty() {
+        for tablespace in &mut tablespace_nodes {
+            let entries = Tree::load(&repo, &tablespace.tree)?;
+            let names = || entries.nodes.iter().map(|node| node.name.as_str());
+            tablespace.holes = (left_out.iter())
+                .flat_map(|database| database_dirs(database.oid, names()).1)
+                .collect();
+        }
+    }
     // --delta rewrites in place; --force frees what it deletes first.
     if args.delta.is_none() && !args.force {
-        check_room(&repo, &snapshot, &pgdata, &tablespace_nodes)?;
+        let pgdata_root = (pgdata.as_path(), &pgdata_tree, pgdata_holes.as_slice());
+        check_room(&repo, &snapshot, pgdata_root, &tablespace_nodes)?;
     }
     // Nothing is changed before every check has passed.
     if overwrite {
@@ -622,24 +696,29 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         DeltaMode::Checksum => DeltaCheck::Content,
     });
     let mut kept = DeltaStats::default();
+    let mut holes = 0;
     // Files and bytes written into `dir` from `tree`.
-    let mut restore_into = |tree: &Id, dir: &Path, held_back| -> repo::Result<(u64, u64)> {
-        let options = RestoreOptions {
-            held_back,
-            ..RestoreOptions::new(ctx.jobs, sync)
+    let mut restore_into =
+        |tree: &Id, dir: &Path, held_back, hole_dirs: &[PathBuf]| -> repo::Result<(u64, u64)> {
+            let options = RestoreOptions {
+                held_back,
+                holes: hole_dirs,
+                ..RestoreOptions::new(ctx.jobs, sync)
+            };
+            Ok(match delta {
+                Some(check) => {
+                    let stats = restore_tree_delta(&repo, tree, dir, check, options)?;
+                    kept.add(&stats);
+                    holes += stats.holes;
+                    (stats.files_written, stats.bytes_written)
+                }
+                None => {
+                    let stats = restore_tree(&repo, tree, dir, options)?;
+                    holes += stats.holes;
+                    (stats.files - stats.holes, stats.bytes)
+                }
+            })
         };
-        Ok(match delta {
-            Some(check) => {
-                let stats = restore_tree_delta(&repo, tree, dir, check, options)?;
-                kept.add(&stats);
-                (stats.files_written, stats.bytes_written)
-            }
-            None => {
-                let stats = restore_tree(&repo, tree, dir, options)?;
-                (stats.files, stats.bytes)
-            }
-        })
-    };
     let incomplete = || {
         format!(
             "restoring into {}; the data directory is incomplete and cannot be started (it has no {}): run the restore again, with --delta to keep what was written",
@@ -648,7 +727,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         )
     };
     let (mut total_files, mut total_bytes) =
-        restore_into(&pgdata_tree, &pgdata, Some(control_file)).with_context(incomplete)?;
+        restore_into(&pgdata_tree, &pgdata, Some(control_file), &pgdata_holes)
+            .with_context(incomplete)?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
     if !tablespace_nodes.is_empty() {
         for TablespaceNode {
@@ -656,9 +736,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             dir,
             node,
             tree,
+            holes: hole_dirs,
         } in &tablespace_nodes
         {
-            let (files, bytes) = restore_into(tree, dir, None)
+            let (files, bytes) = restore_into(tree, dir, None, hole_dirs)
                 .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
                 .with_context(incomplete)?;
             apply_root_metadata(dir, node)?;
@@ -707,6 +788,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .with_context(incomplete)?;
 
     let seconds = started.elapsed().as_secs_f64();
+    let left_out_names: Vec<&str> = left_out.iter().map(|d| d.name.as_str()).collect();
     if ctx.json() {
         return print_json(&json!({
             "backup": id,
@@ -720,6 +802,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 "files_rewritten": kept.files_written,
                 "removed": kept.removed,
             })),
+            "left_out_databases": left_out_names,
+            "holes": holes,
             "duration_ms": (seconds * 1000.0) as u64,
         }));
     }
@@ -727,6 +811,15 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         eprintln!(
             "delta: {} files already matched the backup, {} rewritten, {} entries removed",
             kept.files_kept, kept.files_written, kept.removed
+        );
+    }
+    if !left_out.is_empty() {
+        eprintln!(
+            "left out: database{} {} ({holes} files restored as empty holes); once the server is up, DROP DATABASE {}: connecting to {} fails",
+            if left_out.len() == 1 { "" } else { "s" },
+            left_out_names.join(", "),
+            if left_out.len() == 1 { "it" } else { "each" },
+            if left_out.len() == 1 { "it" } else { "them" },
         );
     }
     eprintln!(
