@@ -117,23 +117,26 @@ pub struct RelationFile {
     pub temporary: bool,
 }
 
-/// The names of a relative path's components; `None` for anything but plain UTF-8 names.
-/// The directories of a database's files: `base/<oid>` in the data directory, and
-/// `<version directory>/<oid>` in a tablespace for each of its entries that is a version
-/// directory (`PG_15_202209061`; a tablespace shared by clusters of several majors has
-/// one each).
-pub fn database_dirs<'a>(
+/// The directory of a database's files in the data directory: `base/<oid>`.
+pub fn database_dir(oid: u32) -> PathBuf {
+    Path::new("base").join(oid.to_string())
+}
+
+/// The directories of a database's files in a tablespace whose directory holds `entries`:
+/// `<version directory>/<oid>` for each entry that is a version directory
+/// (`PG_15_202209061`; a tablespace shared by clusters of several majors has one each).
+pub fn database_dirs_in_tablespace<'a>(
     oid: u32,
-    tablespace_entries: impl IntoIterator<Item = &'a str>,
-) -> (PathBuf, Vec<PathBuf>) {
-    let in_tablespaces = tablespace_entries
+    entries: impl IntoIterator<Item = &'a str>,
+) -> Vec<PathBuf> {
+    entries
         .into_iter()
         .filter(|name| name.starts_with("PG_"))
         .map(|version| Path::new(version).join(oid.to_string()))
-        .collect();
-    (Path::new("base").join(oid.to_string()), in_tablespaces)
+        .collect()
 }
 
+/// The names of a relative path's components; `None` for anything but plain UTF-8 names.
 pub(crate) fn path_parts(relative: &Path) -> Option<Vec<&str>> {
     relative
         .components()
@@ -301,11 +304,10 @@ mod tests {
 
     #[test]
     fn a_databases_files_are_in_base_and_in_each_tablespace_version_directory() {
-        let (base, in_tablespace) =
-            database_dirs(16_390, ["PG_15_202209061", "PG_16_202307071", "lost+found"]);
-        assert_eq!(base, Path::new("base/16390"));
+        assert_eq!(database_dir(16_390), Path::new("base/16390"));
+        let entries = ["PG_15_202209061", "PG_16_202307071", "lost+found"];
         assert_eq!(
-            in_tablespace,
+            database_dirs_in_tablespace(16_390, entries),
             [
                 Path::new("PG_15_202209061/16390"),
                 Path::new("PG_16_202307071/16390")

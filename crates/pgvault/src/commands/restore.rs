@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::backup::is_system_database;
-use pg::pgdata::{database_dirs, Postmaster};
+use pg::pgdata::{database_dir, database_dirs_in_tablespace, Postmaster};
 use pg::recovery::{
     configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
 };
@@ -447,7 +447,7 @@ fn check_room(
         let bytes = tree_bytes(repo, &tablespace.tree)?;
         in_tablespaces += bytes;
         let holes = bytes_under(repo, &tablespace.tree, &tablespace.holes)?;
-        needs.push((tablespace.dir, bytes - holes));
+        needs.push((tablespace.dir, bytes.saturating_sub(holes)));
     }
     let holes = bytes_under(repo, pgdata_tree, pgdata_holes)?;
     needs.push((
@@ -662,14 +662,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?;
     let mut tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces)?;
     let pgdata_holes: Vec<PathBuf> = (left_out.iter())
-        .map(|database| database_dirs(database.oid, []).0)
+        .map(|database| database_dir(database.oid))
         .collect();
     if !left_out.is_empty() {
         for tablespace in &mut tablespace_nodes {
             let entries = Tree::load(&repo, &tablespace.tree)?;
             let names = || entries.nodes.iter().map(|node| node.name.as_str());
             tablespace.holes = (left_out.iter())
-                .flat_map(|database| database_dirs(database.oid, names()).1)
+                .flat_map(|database| database_dirs_in_tablespace(database.oid, names()))
                 .collect();
         }
     }
