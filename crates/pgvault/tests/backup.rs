@@ -943,11 +943,17 @@ fn apparent_and_allocated(dir: &Path) -> (u64, u64) {
 /// tablespace, that recovery replays into (writes after the backup included) and that
 /// DROP DATABASE removes. A delta restore with `--db-exclude` then brings a dropped
 /// database back and leaves another as holes. Bad names are refused before anything is
-/// written.
+/// written. On the oldest, the default and the newest major.
 #[test]
 fn some_databases_restored_and_the_others_left_as_holes() {
+    for major in [12, 15, 18] {
+        some_databases_restored(major);
+    }
+}
+
+fn some_databases_restored(major: u32) {
     let setup = Setup::local();
-    let Some(source) = archiving_cluster() else {
+    let Some(source) = archiving_cluster_of(major) else {
         return;
     };
     setup.setup_cluster(&source);
