@@ -210,7 +210,7 @@ pub fn is_system_database(oid: u32) -> bool {
 }
 
 pub fn databases(conn: &mut Connection) -> Result<Vec<DatabaseInfo>, ConnError> {
-    let sql = "SELECT oid::text, datname FROM pg_database ORDER BY oid";
+    let sql = "SELECT oid::text, datname FROM pg_database ORDER BY pg_database.oid";
     conn.query_rows(sql)?
         .into_iter()
         .map(|row| {

@@ -991,7 +991,7 @@ fn some_databases_restored(major: u32) {
     for (extra, says) in [
         (
             &["--db-include", "nosuch"][..],
-            "has no such database (it has ",
+            "has no such database (it has faraway, postgres, template0, template1, unwanted, wanted)",
         ),
         (&["--db-exclude", "template1"][..], "always restored"),
         (&["--db-include", "wanted", "--standby"][..], "--standby"),

@@ -397,7 +397,8 @@ fn left_out_databases<'m>(
         .chain(args.db_exclude.iter().map(|name| ("--db-exclude", name)));
     for (option, name) in named {
         let Some(database) = databases.iter().find(|d| &d.name == name) else {
-            let all: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
+            let mut all: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
+            all.sort_unstable();
             bail!(
                 "{option} {name:?}: backup {} has no such database (it has {})",
                 id.short(),
