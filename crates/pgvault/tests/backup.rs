@@ -970,6 +970,21 @@ fn some_databases_restored(major: u32) {
         );
     }
     backup(&setup, &source, &[]);
+    let mut listed: Vec<String> =
+        serde_json::from_value(info(&setup)["backups"][0]["databases"].clone())
+            .expect("info lists the backup's databases");
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "faraway",
+            "postgres",
+            "template0",
+            "template1",
+            "unwanted",
+            "wanted"
+        ]
+    );
     // Writes after the backup, in every database, for recovery to replay through holes.
     for database in databases {
         source.psql_db(database, "UPDATE t SET h = 'after' WHERE g % 2000 = 0");

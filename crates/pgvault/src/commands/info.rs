@@ -35,6 +35,10 @@ fn backup_json(b: &BackupState) -> Value {
         "wal_complete": b.reach.restorable(),
         "wal_missing": b.reach.missing,
         "reaches": b.reach.last_segment.as_ref().map(|n| n.to_string()),
+        // What `restore --db-include` can name; null for backups that did not record it.
+        "databases": b.meta.databases.as_ref().map(|all| {
+            all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>()
+        }),
     })
 }
 
