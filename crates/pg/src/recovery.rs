@@ -157,6 +157,43 @@ pub fn configuration(
 
 /// Rewrites the text of `postgresql.auto.conf`: drops pgvault-managed settings and
 /// earlier values of `settings`, then appends `settings`.
+/// A server setting to write with the recovery settings (`KEY=VALUE`, e.g.
+/// `recovery_min_apply_delay=1h`, or a `restore_command` of one's own): the name
+/// lower-cased, as the server reads it. Recovery targets are refused: they choose the
+/// backup to restore, so they are given as targets.
+pub fn parse_extra_setting(text: &str) -> Result<(String, String), String> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err("write NAME=VALUE".to_string());
+    };
+    let key = key.trim().to_ascii_lowercase();
+    let mut chars = key.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !valid {
+        return Err(format!("{key:?} is not a setting name"));
+    }
+    if key.starts_with("recovery_target") {
+        return Err(format!(
+            "{key} is given with the target options (--target-time, --target-lsn, --target-xid, --target-name, --target, --target-exclusive, --target-timeline, --target-action), which also choose the backup"
+        ));
+    }
+    Ok((key, value.trim_start().to_string()))
+}
+
+/// `settings` with `extra` added, an extra setting replacing one of the same name.
+pub fn with_extra_settings(
+    mut settings: Vec<(String, String)>,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
+    for (key, value) in extra {
+        settings.retain(|(other, _)| other != key);
+        settings.push((key.clone(), value.clone()));
+    }
+    settings
+}
+
 pub fn rewrite_auto_conf(existing: &str, settings: &[(String, String)]) -> String {
     let mut out: String = existing
         .lines()
@@ -176,6 +213,32 @@ pub fn rewrite_auto_conf(existing: &str, settings: &[(String, String)]) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_settings_are_named_settings_and_no_targets() {
+        assert_eq!(
+            parse_extra_setting("Recovery_Min_Apply_Delay = 1h"),
+            Ok(("recovery_min_apply_delay".into(), "1h".into()))
+        );
+        let own = parse_extra_setting("restore_command=cp /arch/%f %p").expect("valid");
+        assert_eq!(own.1, "cp /arch/%f %p");
+        assert!(parse_extra_setting("no value").is_err());
+        assert!(parse_extra_setting("bad name=1").is_err());
+        assert!(parse_extra_setting("=1").is_err());
+        let target = parse_extra_setting("recovery_target_time=2026-01-01").expect_err("a target");
+        assert!(target.contains("--target-time"), "{target}");
+        let settings = vec![
+            ("restore_command".to_string(), "pgvault".to_string()),
+            ("recovery_target".to_string(), "immediate".to_string()),
+        ];
+        assert_eq!(
+            with_extra_settings(settings, std::slice::from_ref(&own)),
+            vec![
+                ("recovery_target".to_string(), "immediate".to_string()),
+                own
+            ]
+        );
+    }
 
     #[test]
     fn transaction_ids_compare_as_the_server_compares_them() {

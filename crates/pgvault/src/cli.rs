@@ -419,6 +419,11 @@ pub struct RestoreArgs {
     /// missing; must be empty, or is emptied with --delta/--force)
     #[arg(long, value_name = "DIR")]
     pub waldir: Option<PathBuf>,
+    /// A server setting written with the recovery settings, e.g.
+    /// recovery_min_apply_delay=1h or restore_command=... (repeatable; replaces pgvault's
+    /// own of that name; not the recovery targets, which have options of their own)
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub recovery_option: Vec<String>,
     /// "off" keeps the restored server from archiving into the repository (a test or
     /// reporting copy); "preserve" keeps the source's archive settings
     #[arg(long, default_value = "preserve", value_parser = ["preserve", "off"])]

@@ -287,8 +287,13 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
         vec![(vec!["--target-name", &mark.name], &mark.state)]
     };
     for (args, expected) in targets {
-        let mut restored = restore_and_start(setup, source.bin(), &args);
+        // A setting of one's own goes with the recovery settings (quoted as the server
+        // reads it).
+        let own_setting = ["--recovery-option", "cluster_name = it's restored"];
+        let mut restored =
+            restore_and_start(setup, source.bin(), &[&args[..], &own_setting].concat());
         assert_eq!(state(&restored), expected, "PostgreSQL {major}, {args:?}");
+        assert_eq!(restored.psql("SHOW cluster_name"), "it's restored");
         assert_eq!(
             restored.psql("SELECT count(*) FROM scratch"),
             "0",
@@ -548,6 +553,15 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         "{err}"
     );
     backup(&setup, &cluster, &[]);
+    for (option, says) in [
+        ("recovery_target_lsn=0/1", "--target-lsn"),
+        ("recovery_min_apply_delay", "NAME=VALUE"),
+        ("min apply delay=1", "not a setting name"),
+    ] {
+        let err = restore_fails(&setup, "own-setting", &["--recovery-option", option]);
+        assert!(err.contains(says), "{option}: {err}");
+        assert!(!setup.path("own-setting").exists(), "{option}");
+    }
     let full = setup.path("full");
     fs::create_dir_all(&full).expect("mkdir");
     fs::write(full.join("keep.txt"), "precious").expect("write");

@@ -78,6 +78,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         tablespace_map: args.tablespace_map.clone(),
         db_include: Vec::new(),
         db_exclude: Vec::new(),
+        recovery_option: Vec::new(),
         waldir: args.waldir.clone(),
         archive_mode: "preserve".to_string(),
         delta: None,

@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use pg::backup::is_system_database;
 use pg::pgdata::{database_dir, database_dirs_in_tablespace, Postmaster};
 use pg::recovery::{
-    configuration, rewrite_auto_conf, xid_assigned_since, RecoveryOptions, Target, TargetAction,
+    configuration, parse_extra_setting, rewrite_auto_conf, with_extra_settings, xid_assigned_since,
+    RecoveryOptions, Target, TargetAction,
 };
 use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
@@ -633,6 +634,12 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     }
     let target = target_of(args)?;
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
+    let extra_settings = (args.recovery_option.iter())
+        .map(|text| {
+            parse_extra_setting(text)
+                .map_err(|e| anyhow::anyhow!("--recovery-option {text:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let left_out = left_out_databases(args, &id, &meta)?;
     let tablespaces = tablespace_locations(args, &meta)?;
@@ -777,6 +784,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     if args.archive_mode == "off" {
         settings.push(("archive_mode".into(), "off".into()));
     }
+    let settings = with_extra_settings(settings, &extra_settings);
     let auto_conf = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap_or_default();
     write_server_file(
         &pgdata,
