@@ -43,41 +43,20 @@ if [ "$RUSTIC" = 1 ] && [ ! -x "$rustic_bin" ]; then
 fi
 port=$(free_port)
 pgdata="$WORK/pgdata"
-as_pg mkdir -p "$WORK/pgv-repo" "$WORK/pgbr/repo" "$WORK/pgbr/log" "$WORK/pgbr/lock" "$WORK/pgbr/spool" "$WORK/basebackup"
+as_pg mkdir -p "$WORK/pgv-repo" "$WORK/basebackup"
 # pgvault encrypts (its default, XChaCha20-Poly1305); pgBackRest and pg_basebackup do not.
 as_pg bash -c "umask 077; echo bench-passphrase > $WORK/passphrase"
 # pgvault on the benchmark's repository, for its set-up (not timed).
 pgv_admin() { as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" "$@" >/dev/null; }
 rustic_init() { "$rustic" init --set-compression "$LEVEL" --set-extra-verify false >/dev/null 2>&1; }
 pgv_admin init --compression "$PGV_COMPRESSION"
-as_pg tee "$WORK/pgbackrest.conf" >/dev/null <<CONF
-[global]
-repo1-path=$WORK/pgbr/repo
-repo1-retention-full=10
-repo1-bundle=y
-compress-type=zst
-compress-level=$LEVEL
-process-max=2
-log-path=$WORK/pgbr/log
-lock-path=$WORK/pgbr/lock
-spool-path=$WORK/pgbr/spool
-log-level-console=warn
-start-fast=y
-
-[bench]
-pg1-path=$pgdata
-pg1-port=$port
-pg1-socket-path=$WORK
-CONF
 pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" --jobs 2 -q)
-pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
+pgbr=$(pgbackrest_stanza "$pgdata" "$port" "$LEVEL")
 basebackup=$(wrapper basebackup "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -Ft -X none --compress=server-zstd:level=$LEVEL,workers=2 --checkpoint=fast -D)
 # Every restore is timed until its files are on disk: each restore step ends with a sync
 # of the target's filesystem (pgvault fsyncs what it restores before it reports success,
 # which makes that sync cheap; a tool that leaves the files in the page cache pays there).
 untar=$(wrapper untar bash -c 'zstd -q -d -c "$0" | tar -x -C "$1" && sync -f "$1"')
-printf '#!/usr/bin/env bash\ndir=$1; shift; "$@" && exec sync -f "$dir"\n' > "$WORK/bin/synced"
-chmod 755 "$WORK/bin/synced"
 if [ "$RUSTIC" = 1 ]; then
     as_pg mkdir -p "$WORK/rustic"
     rustic=$(wrapper rustic "$rustic_bin" -r "$WORK/rustic/repo" -p "$WORK/passphrase" --no-cache --no-progress --log-level warn)

@@ -16,31 +16,11 @@ LEVEL=${LEVEL:-3}
 
 port=$(free_port)
 pgdata="$WORK/pgdata"
-as_pg mkdir -p "$WORK/pgv-repo" "$WORK/pgbr/repo" "$WORK/pgbr/log" "$WORK/pgbr/lock" "$WORK/pgbr/spool"
+as_pg mkdir -p "$WORK/pgv-repo"
 as_pg bash -c "umask 077; echo bench-passphrase > $WORK/passphrase"
 as_pg "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" init --compression "zstd:$LEVEL" >/dev/null
-as_pg tee "$WORK/pgbackrest.conf" >/dev/null <<CONF
-[global]
-repo1-path=$WORK/pgbr/repo
-repo1-bundle=y
-compress-type=zst
-compress-level=$LEVEL
-process-max=2
-log-path=$WORK/pgbr/log
-lock-path=$WORK/pgbr/lock
-spool-path=$WORK/pgbr/spool
-log-level-console=warn
-start-fast=y
-
-[bench]
-pg1-path=$pgdata
-pg1-port=$port
-pg1-socket-path=$WORK
-CONF
 pgv=$(wrapper pgv "$PGVAULT" --repo "$WORK/pgv-repo" --passphrase-file "$WORK/passphrase" --jobs 2 -q)
-pgbr=$(wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench)
-printf '#!/usr/bin/env bash\ndir=$1; shift; "$@" && exec sync -f "$dir"\n' > "$WORK/bin/synced"
-chmod 755 "$WORK/bin/synced"
+pgbr=$(pgbackrest_stanza "$pgdata" "$port" "$LEVEL")
 new_server "$pgdata" "$port" "archive_mode = on" "wal_level = replica" \
     "archive_command = '$PGVAULT --repo $WORK/pgv-repo --passphrase-file $WORK/passphrase archive-push %p && pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench archive-push %p'"
 conninfo="host=127.0.0.1 port=$port user=postgres"

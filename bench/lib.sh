@@ -20,6 +20,10 @@ else
 fi
 as_pg() { $AS_PG "$@"; }
 mkdir -p "$WORK/bin"
+# $WORK/bin/synced DIR CMD...: runs CMD, then syncs DIR's filesystem, so that a restore is
+# timed until its files are on disk.
+printf '#!/usr/bin/env bash\ndir=$1; shift; "$@" && exec sync -f "$dir"\n' > "$WORK/bin/synced"
+chmod 755 "$WORK/bin/synced"
 # wrapper NAME CMD...: an executable $WORK/bin/NAME running CMD (as postgres) with its
 # arguments, so that `measure` (which runs programs, not shell functions) can time it.
 wrapper() {
@@ -115,6 +119,34 @@ new_server() {
 }
 stop_server() { as_pg "$PG_BIN/pg_ctl" -D "$1" -m fast -w stop >/dev/null; }
 sql() { as_pg "$PG_BIN/psql" -X -q -A -t -h 127.0.0.1 -p "$1" -U postgres -d "${3:-postgres}" -c "$2"; }
+
+# pgbackrest_stanza PGDATA PORT LEVEL: $WORK/pgbackrest.conf for stanza "bench" of the
+# server at PGDATA/PORT (zstd at LEVEL, process-max 2, repository bundling; repository,
+# log, lock and spool under $WORK/pgbr); prints a wrapper running pgbackrest with it.
+pgbackrest_stanza() {
+    local pgdata=$1 port=$2 level=$3
+    as_pg mkdir -p "$WORK/pgbr/repo" "$WORK/pgbr/log" "$WORK/pgbr/lock" "$WORK/pgbr/spool"
+    as_pg tee "$WORK/pgbackrest.conf" >/dev/null <<CONF
+[global]
+repo1-path=$WORK/pgbr/repo
+repo1-retention-full=10
+repo1-bundle=y
+compress-type=zst
+compress-level=$level
+process-max=2
+log-path=$WORK/pgbr/log
+lock-path=$WORK/pgbr/lock
+spool-path=$WORK/pgbr/spool
+log-level-console=warn
+start-fast=y
+
+[bench]
+pg1-path=$pgdata
+pg1-port=$port
+pg1-socket-path=$WORK
+CONF
+    wrapper pgbr pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench
+}
 
 # measure NAME CMD...: runs CMD, appends "NAME wall_s cpu_s rss_mib" to $WORK/times.
 measure() {
