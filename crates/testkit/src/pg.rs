@@ -324,6 +324,17 @@ impl Cluster {
     }
 
     pub fn psql_db(&self, database: &str, sql: &str) -> String {
+        self.try_psql_db(database, sql).unwrap_or_else(|error| {
+            panic!(
+                "psql {sql:?} on port {}: {error}\nserver log tail:\n{}",
+                self.port,
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Like [`Cluster::psql_db`], with psql's error output for an error.
+    pub fn try_psql_db(&self, database: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.bin.tool("psql"))
             .args([
                 "-X",
@@ -346,14 +357,10 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql {sql:?} on port {}: {}\nserver log tail:\n{}",
-            self.port,
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     pub fn log_tail(&self) -> String {
