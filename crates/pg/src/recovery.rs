@@ -155,8 +155,6 @@ pub fn configuration(
     Ok((settings, signal))
 }
 
-/// Rewrites the text of `postgresql.auto.conf`: drops pgvault-managed settings and
-/// earlier values of `settings`, then appends `settings`.
 /// A server setting to write with the recovery settings (`KEY=VALUE`, e.g.
 /// `recovery_min_apply_delay=1h`, or a `restore_command` of one's own): the name
 /// lower-cased, as the server reads it. Recovery targets are refused: they choose the
@@ -194,6 +192,8 @@ pub fn with_extra_settings(
     settings
 }
 
+/// Rewrites the text of `postgresql.auto.conf`: drops pgvault-managed settings and
+/// earlier values of `settings`, then appends `settings`.
 pub fn rewrite_auto_conf(existing: &str, settings: &[(String, String)]) -> String {
     let mut out: String = existing
         .lines()

@@ -347,11 +347,13 @@ struct TablespaceNode<'t> {
     holes: Vec<PathBuf>,
 }
 
-/// Each tablespace to restore, with its directory and its node in the backup's tree.
+/// Each tablespace to restore, with its directory, its node in the backup's tree and the
+/// directories of the `left_out` databases in it.
 fn tablespace_nodes<'t>(
     repo: &Repository,
     top: &Tree,
     tablespaces: &'t [(u32, PathBuf)],
+    left_out: &[&Database],
 ) -> Result<Vec<TablespaceNode<'t>>> {
     if tablespaces.is_empty() {
         return Ok(Vec::new());
@@ -367,12 +369,20 @@ fn tablespace_nodes<'t>(
                 .with_context(|| format!("backup has no data for tablespace {oid}"))?;
             let tree =
                 (node.subtree).with_context(|| format!("tablespace {oid} is not a directory"))?;
+            let mut holes = Vec::new();
+            if !left_out.is_empty() {
+                let entries = Tree::load(repo, &tree)?;
+                let names = || entries.nodes.iter().map(|node| node.name.as_str());
+                holes = (left_out.iter())
+                    .flat_map(|database| database_dirs_in_tablespace(database.oid, names()))
+                    .collect();
+            }
             Ok(TablespaceNode {
                 oid: *oid,
                 dir: dir.as_path(),
                 node,
                 tree,
-                holes: Vec::new(),
+                holes,
             })
         })
         .collect()
@@ -668,19 +678,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let control_file = Path::new(pg::pgdata::CONTROL_FILE);
     let control = find_path(&repo, &pgdata_tree, control_file)?
         .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?;
-    let mut tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces)?;
+    let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces, &left_out)?;
     let pgdata_holes: Vec<PathBuf> = (left_out.iter())
         .map(|database| database_dir(database.oid))
         .collect();
-    if !left_out.is_empty() {
-        for tablespace in &mut tablespace_nodes {
-            let entries = Tree::load(&repo, &tablespace.tree)?;
-            let names = || entries.nodes.iter().map(|node| node.name.as_str());
-            tablespace.holes = (left_out.iter())
-                .flat_map(|database| database_dirs_in_tablespace(database.oid, names()))
-                .collect();
-        }
-    }
     // --delta rewrites in place; --force frees what it deletes first.
     if args.delta.is_none() && !args.force {
         let pgdata_root = (pgdata.as_path(), &pgdata_tree, pgdata_holes.as_slice());
