@@ -466,7 +466,7 @@ impl Walker<'_, '_> {
             let path = dir.join(os_name);
             let name = os_name.to_str().map(str::to_owned).ok_or_else(|| {
                 RepoError::Invalid(format!(
-                    "{}: file name {os_name:?} is not UTF-8",
+                    "{}: file name {os_name:?} is not UTF-8; rename or remove it",
                     dir.display()
                 ))
             })?;
@@ -527,7 +527,14 @@ impl Walker<'_, '_> {
             } else if file_type.is_symlink() {
                 node.kind = NodeKind::Symlink;
                 let target = fs::read_link(&path).map_err(|e| RepoError::io(&path, e))?;
-                node.target = Some(target.to_string_lossy().into_owned());
+                // A lossy conversion would restore a link to another path.
+                let target = target.into_os_string().into_string().map_err(|target| {
+                    RepoError::Invalid(format!(
+                        "{}: symlink target {target:?} is not UTF-8; point the link at a UTF-8 path",
+                        path.display()
+                    ))
+                })?;
+                node.target = Some(target);
             } else if file_type.is_file() {
                 if let Some(prev) = previous.filter(|p| self.unchanged(p, &node, meta.len())) {
                     node.size = prev.size;

@@ -840,6 +840,42 @@ fn a_directory_only_symlink_is_stored_as_an_empty_directory() {
     );
 }
 
+/// A file name or a symlink target that is not UTF-8 fails the archive with an error
+/// naming it, rather than storing a lossy name that would restore as another path.
+#[test]
+fn names_and_link_targets_that_are_not_utf8_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    for (case, make) in [
+        (
+            "file name",
+            Box::new(|source: &Path| std::fs::write(source.join(latin1), b"x"))
+                as Box<dyn Fn(&Path) -> std::io::Result<()>>,
+        ),
+        (
+            "symlink target",
+            Box::new(|source: &Path| {
+                std::os::unix::fs::symlink(Path::new("/tmp").join(latin1), source.join("link"))
+            }),
+        ),
+    ] {
+        let source = dir.path().join(case.replace(' ', "-"));
+        std::fs::create_dir(&source).expect("mkdir");
+        std::fs::write(source.join("kept"), payload(43, 100)).expect("write");
+        make(&source).expect("make");
+        let Err(error) = archive_tree(&BlobSaver::new(&repo), &source, &ArchiveOptions::default())
+        else {
+            panic!("{case}: a name that is not UTF-8 was archived");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains(case) && message.contains("caf\\xE9\" is not UTF-8"),
+            "{case}: {message}"
+        );
+    }
+}
+
 /// A held-back file is neither written nor touched by a restore or a delta restore, and
 /// `restore_file_last` puts it in place (over what is there) with its metadata.
 #[test]
