@@ -353,6 +353,17 @@ impl Context {
         Ok(RepoLock::acquire(
             repo.storage().clone(),
             kind,
+            None,
+            &self.command_line,
+        )?)
+    }
+
+    /// A shared lock that no other process may hold for `scope` at the same time.
+    pub fn lock_scope(&self, repo: &Repository, scope: &str) -> Result<RepoLock> {
+        Ok(RepoLock::acquire(
+            repo.storage().clone(),
+            LockKind::Shared,
+            Some(scope),
             &self.command_line,
         )?)
     }

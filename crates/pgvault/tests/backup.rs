@@ -433,8 +433,9 @@ fn restore_point_named_again_during_a_backup() {
 }
 
 /// Archiving that fails: `check` and a backup wait for their segment, then fail with one
-/// line naming the archiver's failure, and no backup is listed; mended, the next backup
-/// completes and restores.
+/// line naming the archiver's failure, and no backup is listed; a second backup started
+/// during that wait is refused, naming the first; mended, the next backup completes and
+/// restores.
 #[test]
 fn a_backup_whose_wal_is_not_archived_names_the_archivers_failure() {
     let setup = Setup::local();
@@ -452,12 +453,31 @@ fn a_backup_whose_wal_is_not_archived_names_the_archivers_failure() {
             && err.contains("server log"),
         "{err}"
     );
-    let out = setup.run(
-        &backup_args(&cluster, &["--wal-timeout", "4s"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+    let args = backup_args(&cluster, &["--wal-timeout", "4s"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let waiting = setup
+        .cmd(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn backup");
+    let locks = setup.path("repo/locks");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fs::read_dir(&locks).map_or(0, |dir| dir.count()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup never locked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = setup.fails(&args);
+    assert!(
+        err.starts_with("error: a backup of cluster main is already running")
+            && err.contains(&format!("(pid {} on ", waiting.id()))
+            && err.contains("pgvault unlock"),
+        "{err}"
     );
+    let out = waiting.wait_with_output().expect("backup");
     assert!(!out.status.success(), "a backup without its WAL succeeded");
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Half-way through the wait, a warning says why; then the one error line.

@@ -31,6 +31,8 @@ pub enum RepoError {
     MissingBlob(Id),
     #[error("repository {location} is locked by {holder}; wait for it to finish, or if that process is gone run `pgvault unlock`")]
     Locked { location: String, holder: String },
+    #[error("{scope} is already running, holding {holder}; wait for it to finish, or if that process is gone run `pgvault unlock`")]
+    Busy { scope: String, holder: String },
     #[error("{0}")]
     Invalid(String),
     /// The I/O error is part of the message, not a source of its own: one-line error

@@ -5,6 +5,10 @@
 //! A lock is stale when its heartbeat is older than [`STALE_AFTER`], or when it was taken
 //! on this host by a process that no longer exists.
 //!
+//! A lock may also name a scope (e.g. the backup of one cluster): two live locks of the
+//! same scope conflict whatever their kind, so that a second backup of a cluster started
+//! while one runs (an overlapping cron job) is refused instead of doubling the work.
+//!
 //! Acquiring: write our lock, then list; if a conflicting live lock exists, delete ours
 //! and fail. Two racing acquirers may both back off, never both proceed.
 
@@ -37,11 +41,20 @@ pub struct LockInfo {
     pub hostname: String,
     pub pid: u32,
     pub command: String,
+    /// What only one holder at a time may do; older versions ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     pub created: DateTime<Utc>,
     pub refreshed: DateTime<Utc>,
 }
 
 impl LockInfo {
+    fn conflicts_with(&self, other: &LockInfo) -> bool {
+        self.kind == LockKind::Exclusive
+            || other.kind == LockKind::Exclusive
+            || (self.scope.is_some() && self.scope == other.scope)
+    }
+
     pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
         let age = (now - self.refreshed).to_std().unwrap_or_default();
         if age > STALE_AFTER {
@@ -117,13 +130,20 @@ pub fn remove_locks(storage: &DynStorage, all: bool) -> Result<Vec<String>> {
 }
 
 impl RepoLock {
-    pub fn acquire(storage: DynStorage, kind: LockKind, command: &str) -> Result<RepoLock> {
+    /// `scope`: see the module's documentation.
+    pub fn acquire(
+        storage: DynStorage,
+        kind: LockKind,
+        scope: Option<&str>,
+        command: &str,
+    ) -> Result<RepoLock> {
         let now = Utc::now();
         let info = LockInfo {
             kind,
             hostname: crate::hostname(),
             pid: std::process::id(),
             command: command.to_string(),
+            scope: scope.map(str::to_owned),
             created: now,
             refreshed: now,
         };
@@ -141,7 +161,7 @@ impl RepoLock {
                     }
                     continue;
                 }
-                if kind == LockKind::Exclusive || other.kind == LockKind::Exclusive {
+                if info.conflicts_with(&other) {
                     return Ok(Some(other));
                 }
             }
@@ -151,10 +171,18 @@ impl RepoLock {
             Ok(None) => {}
             Ok(Some(holder)) => {
                 storage.delete(&key)?;
-                return Err(RepoError::Locked {
-                    location: storage.location(),
-                    holder: holder.describe(),
-                });
+                return Err(
+                    match holder.scope.as_ref().filter(|_| holder.scope == info.scope) {
+                        Some(scope) => RepoError::Busy {
+                            scope: scope.clone(),
+                            holder: holder.describe(),
+                        },
+                        None => RepoError::Locked {
+                            location: storage.location(),
+                            holder: holder.describe(),
+                        },
+                    },
+                );
             }
             Err(e) => {
                 let _ = storage.delete(&key);

@@ -21,7 +21,6 @@ use pg::pgdata::{decide, has_init_fork, Decision, RelationFile};
 use pg::summary::ChangedBlocks;
 use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
-use repo::lock::LockKind;
 use repo::pack::BlobType;
 use repo::saver::BlobSaver;
 use repo::snapshot::{find_path, Node, NodeKind, Snapshot, Summary, Tree};
@@ -400,7 +399,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             name: d.name,
         })
         .collect();
-    let lock = ctx.lock(&repo, LockKind::Shared)?;
+    let lock = ctx.lock_scope(&repo, &format!("a backup of cluster {}", ctx.cluster))?;
     let previous = list_backups(&repo, &ctx.cluster)?.pop();
     let label = args
         .label
