@@ -6,8 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
-use chrono::{DateTime, Utc};
+use anyhow::{anyhow, bail, Context as _, Result};
+use chrono::{DateTime, LocalResult, NaiveDateTime, Utc};
 use pg::backup::is_system_database;
 use pg::pgdata::{database_dir, database_dirs_in_tablespace, Postmaster};
 use pg::recovery::{
@@ -33,27 +33,60 @@ use crate::context::Context;
 use crate::output::{bytes, print_json};
 
 /// PostgreSQL's timestamp input, as far as recovery_target_time needs it: an ISO date
-/// and time with a zone.
+/// and time with a zone — an offset (`+01`, `+01:00`, `Z`), `UTC`/`GMT`, or a time zone
+/// name (`Europe/Berlin`) in which the local time must be unambiguous.
 pub fn parse_target_time(text: &str) -> Result<DateTime<Utc>> {
-    let normalized = text.trim().replace('T', " ");
+    let trimmed = text.trim();
+    // Only the date's separator: zone names have capital Ts too.
+    let normalized = match trimmed.get(10..11) {
+        Some("T") => format!("{} {}", &trimmed[..10], &trimmed[11..]),
+        _ => trimmed.to_string(),
+    };
+    let with_offset = match normalized.strip_suffix('Z') {
+        Some(utc) => format!("{utc}+00"),
+        None => normalized.clone(),
+    };
     for format in [
         "%Y-%m-%d %H:%M:%S%.f%#z",
         "%Y-%m-%d %H:%M:%S%.f %#z",
         "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f %:z",
     ] {
-        if let Ok(time) = DateTime::parse_from_str(&normalized, format) {
+        if let Ok(time) = DateTime::parse_from_str(&with_offset, format) {
             return Ok(time.with_timezone(&Utc));
         }
     }
-    if let Some(utc) = normalized.strip_suffix('Z') {
-        if let Ok(time) = DateTime::parse_from_str(&format!("{utc}+00"), "%Y-%m-%d %H:%M:%S%.f%#z")
-        {
-            return Ok(time.with_timezone(&Utc));
-        }
+    const LOCAL: &str = "%Y-%m-%d %H:%M:%S%.f";
+    const EXAMPLE: &str =
+        "write it like \"2026-11-25 01:30:00+00\" or \"2026-11-25 02:30:00 Europe/Berlin\"";
+    if NaiveDateTime::parse_from_str(&normalized, LOCAL).is_ok() {
+        bail!(
+            "--target-time {text:?} has no time zone, and the server would read it in its own: {EXAMPLE}"
+        );
     }
-    bail!(
-        "--target-time {text:?} is not a time with a zone: write it like \"2026-11-25 01:30:00+00\""
-    )
+    let Some((local, zone)) = normalized.rsplit_once(' ') else {
+        bail!("--target-time {text:?} is not a date and time: {EXAMPLE}");
+    };
+    let Ok(local) = NaiveDateTime::parse_from_str(local.trim_end(), LOCAL) else {
+        bail!("--target-time {text:?} is not a date and time: {EXAMPLE}");
+    };
+    let zone: chrono_tz::Tz = match zone {
+        z if z.eq_ignore_ascii_case("utc") || z.eq_ignore_ascii_case("gmt") => chrono_tz::UTC,
+        z => z.parse().map_err(|_| {
+            anyhow!("--target-time {text:?}: unknown time zone {z:?}: give an offset or a name like Europe/Berlin")
+        })?,
+    };
+    match local.and_local_timezone(zone) {
+        LocalResult::Single(time) => Ok(time.with_timezone(&Utc)),
+        LocalResult::Ambiguous(earlier, later) => bail!(
+            "--target-time {text:?} happens twice in {zone} (the clocks go back): give the offset, \"{}\" or \"{}\"",
+            earlier.format("%Y-%m-%d %H:%M:%S%:z"),
+            later.format("%Y-%m-%d %H:%M:%S%:z")
+        ),
+        LocalResult::None => bail!(
+            "--target-time {text:?} does not exist in {zone} (the clocks go forward then): give another time or an offset"
+        ),
+    }
 }
 
 fn target_of(args: &RestoreArgs) -> Result<Target> {
@@ -852,8 +885,47 @@ mod tests {
         let a = parse_target_time("2026-11-25 01:30:00+00").expect("time");
         let b = parse_target_time("2026-11-25T02:30:00.5+01:00").expect("time");
         assert_eq!((b - a).num_milliseconds(), 500);
-        assert!(parse_target_time("2026-11-25 01:30:00Z").is_ok());
-        assert!(parse_target_time("2026-11-25 01:30:00").is_err());
-        assert!(parse_target_time("yesterday").is_err());
+        for same in [
+            "2026-11-25 01:30:00Z",
+            "2026-11-25T01:30:00Z",
+            "2026-11-25 01:30:00 +00:00",
+            "2026-11-25 01:30:00 UTC",
+            "2026-11-25 01:30:00 gmt",
+            "2026-11-25 02:30:00 Europe/Berlin",
+            " 2026-11-25T10:30:00 Asia/Tokyo ",
+        ] {
+            assert_eq!(parse_target_time(same).expect(same), a, "{same}");
+        }
+        // Summer time in Berlin is +02.
+        let summer = parse_target_time("2026-07-01 02:30:00 Europe/Berlin").expect("summer");
+        assert_eq!(summer.to_rfc3339(), "2026-07-01T00:30:00+00:00");
+        for (bad, says) in [
+            ("2026-11-25 01:30:00", "has no time zone"),
+            ("2026-11-25T01:30:00", "has no time zone"),
+            ("yesterday", "is not a date and time"),
+            ("2026-13-25 01:30:00+00", "is not a date and time"),
+            (
+                "2026-11-25 01:30:00 Mars/Olympus",
+                "unknown time zone \"Mars/Olympus\"",
+            ),
+            (
+                "2026-10-25 02:30:00 Europe/Berlin",
+                "happens twice in Europe/Berlin",
+            ),
+            (
+                "2026-03-29 02:30:00 Europe/Berlin",
+                "does not exist in Europe/Berlin",
+            ),
+        ] {
+            let message = parse_target_time(bad).expect_err(bad).to_string();
+            assert!(message.contains(says), "{bad}: {message}");
+        }
+        let message = parse_target_time("2026-10-25 02:30:00 Europe/Berlin")
+            .expect_err("ambiguous")
+            .to_string();
+        assert!(
+            message.contains("\"2026-10-25 02:30:00+02:00\" or \"2026-10-25 02:30:00+01:00\""),
+            "{message}"
+        );
     }
 }
