@@ -608,8 +608,27 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
             "precious"
         );
     }
+    // A file where the data directory should be, and a directory that cannot be created
+    // (under that file): each named, and not called an incomplete restore.
+    let err = restore_fails(&setup, "full/keep.txt", &[]);
+    assert!(
+        err.contains("keep.txt is not a directory: give the data directory's path"),
+        "{err}"
+    );
+    let err = restore_fails(&setup, "full/keep.txt/data", &[]);
+    assert!(
+        err.contains("cannot create")
+            && err.contains("keep.txt/data")
+            && !err.contains("incomplete"),
+        "{err}"
+    );
     let err = restore_fails(&setup, "x", &["--target-time", "yesterday"]);
-    assert!(err.contains("--target-time"), "{err}");
+    assert!(
+        err.contains("--target-time \"yesterday\" is not a date and time"),
+        "{err}"
+    );
+    let err = restore_fails(&setup, "x", &["--target-time", "2026-11-25 01:30:00"]);
+    assert!(err.contains("has no time zone"), "{err}");
     let err = restore_fails(&setup, "y", &["--target-time", "2000-01-01 00:00:00+00"]);
     assert!(err.contains("ends before the target"), "{err}");
     let err = restore_fails(&setup, "z", &["--target-xid", "3"]);

@@ -335,6 +335,9 @@ fn backup_before_restore_point(
 /// a live server, and also one whose `postmaster.pid` cannot be checked from here (a
 /// server in a container or on another host looks the same as a crash's leftover).
 fn refuse_if_in_use(pgdata: &Path) -> Result<()> {
+    if !pgdata.is_dir() {
+        return Ok(());
+    }
     let pid_file = pgdata.join("postmaster.pid");
     match pg::pgdata::postmaster(pgdata)
         .with_context(|| format!("cannot read {}", pid_file.display()))?
@@ -578,7 +581,9 @@ fn clear_directory(dir: &Path) -> Result<()> {
 fn is_empty_or_missing(dir: &Path) -> Result<bool> {
     match fs::read_dir(dir) {
         Ok(mut entries) => Ok(entries.next().is_none()),
+        // Missing, or under a file: creating it will say which.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(true),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.display())),
     }
 }
@@ -667,6 +672,12 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .pgdata
         .clone()
         .context("restore needs --pgdata DIR (or PGDATA, or pgdata in the cluster's config)")?;
+    if pgdata.exists() && !pgdata.is_dir() {
+        bail!(
+            "--pgdata {} is not a directory: give the data directory's path",
+            pgdata.display()
+        );
+    }
     refuse_if_in_use(&pgdata)?;
     let overwrite = !is_empty_or_missing(&pgdata)?;
     if overwrite && !args.force && args.delta.is_none() {
@@ -729,6 +740,19 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     }
     for dir in cleared.into_iter().chain(waldir.filter(|dir| dir.exists())) {
         clear_directory(dir)?;
+    }
+    // Here rather than as the restore writes: a directory that cannot be created gets its
+    // own error, not one saying a restore that wrote nothing is incomplete.
+    let missing = std::iter::once(pgdata.as_path())
+        .chain(tablespaces.iter().map(|(_, dir)| dir.as_path()))
+        .filter(|dir| !dir.exists());
+    for dir in missing {
+        fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create {}: create it for the user that runs PostgreSQL, or restore as a user that can",
+                dir.display()
+            )
+        })?;
     }
 
     let sync = args.sync_method;
