@@ -747,12 +747,17 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .chain(tablespaces.iter().map(|(_, dir)| dir.as_path()))
         .filter(|dir| !dir.exists());
     for dir in missing {
+        let created: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
         fs::create_dir_all(dir).with_context(|| {
             format!(
                 "cannot create {}: create it for the user that runs PostgreSQL, or restore as a user that can",
                 dir.display()
             )
         })?;
+        // The restore's syncs cover what is inside; the new names need their parents'.
+        for parent in created.iter().filter_map(|a| a.parent()) {
+            fsync_dir(parent).with_context(|| format!("cannot sync {}", parent.display()))?;
+        }
     }
 
     let sync = args.sync_method;
