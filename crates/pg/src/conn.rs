@@ -33,6 +33,9 @@ pub enum ConnError {
     Connect { target: String, message: String },
     #[error("query failed ({sql}): {message}")]
     Query { sql: String, message: String },
+    /// The query is left out: what the server refused says more to an operator.
+    #[error("PostgreSQL at {target} refused: {message}; connect as a superuser, or grant the role the privileges in docs/cli.md (\"PostgreSQL privileges\")")]
+    Privilege { target: String, message: String },
     #[error("unexpected answer to {sql}: {message}")]
     Answer { sql: String, message: String },
 }
@@ -787,23 +790,14 @@ impl Connection {
 
     /// Runs statements, discarding results.
     pub fn execute(&mut self, sql: &str) -> Result<(), ConnError> {
-        self.client
-            .batch_execute(sql)
-            .map_err(|e| ConnError::Query {
-                sql: sql.to_string(),
-                message: error_text(&e),
-            })
+        let result = self.client.batch_execute(sql);
+        result.map_err(|e| self.query_error(sql, &e))
     }
 
     /// Every row of the last statement's result, as text (`None` for NULL).
     pub fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ConnError> {
-        let messages = self
-            .client
-            .simple_query(sql)
-            .map_err(|e| ConnError::Query {
-                sql: sql.to_string(),
-                message: error_text(&e),
-            })?;
+        let result = self.client.simple_query(sql);
+        let messages = result.map_err(|e| self.query_error(sql, &e))?;
         let mut rows = Vec::new();
         for message in messages {
             if let SimpleQueryMessage::Row(row) = message {
@@ -815,6 +809,16 @@ impl Connection {
             }
         }
         Ok(rows)
+    }
+
+    fn query_error(&self, sql: &str, error: &postgres::Error) -> ConnError {
+        let message = error_text(error);
+        if error.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            let target = self.target.clone();
+            return ConnError::Privilege { target, message };
+        }
+        let sql = sql.to_string();
+        ConnError::Query { sql, message }
     }
 
     /// The first column of the first row; `None` when there is no row or it is NULL.

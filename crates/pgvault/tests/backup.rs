@@ -837,6 +837,60 @@ fn backup_from_standby(setup: &Setup, standby: &Cluster, primary: &Cluster) -> S
     report["id"].as_str().expect("backup id").to_string()
 }
 
+/// A role with only the privileges docs/cli.md lists ("PostgreSQL privileges") can check
+/// archiving and back up, and the backup restores; without them the error names what the
+/// server refused and points to that list.
+#[test]
+fn a_role_with_the_documented_privileges_backs_up() {
+    for major in [12, 15] {
+        let setup = Setup::local();
+        let Some(cluster) = archiving_cluster_of(major) else {
+            continue;
+        };
+        setup.setup_cluster(&cluster);
+        cluster.psql("CREATE ROLE pgvault LOGIN");
+        let conn = cluster.conninfo().replace("user=postgres", "user=pgvault");
+        let pgdata = cluster.pgdata().display().to_string();
+        let args = ["backup", "--fast", "--pg-conn", &conn, "--pgdata", &pgdata];
+        let err = setup.fails(&args);
+        assert!(
+            err.contains("user=pgvault")
+                && err.contains("refused: ERROR:")
+                && err.contains("pg_read_all_settings")
+                && err.contains("docs/cli.md (\"PostgreSQL privileges\")")
+                && !err.contains("SELECT"),
+            "PostgreSQL {major}: {err}"
+        );
+        cluster.psql("GRANT pg_read_all_settings TO pgvault");
+        let err = setup.fails(&args);
+        let start = if major >= 15 {
+            "pg_backup_start"
+        } else {
+            "pg_start_backup"
+        };
+        assert!(
+            err.contains(&format!("permission denied for function {start}")),
+            "PostgreSQL {major}: {err}"
+        );
+        cluster.psql(if major >= 15 {
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), \
+             pg_switch_wal(), pg_create_restore_point(text) TO pgvault"
+        } else {
+            "GRANT EXECUTE ON FUNCTION pg_start_backup(text, boolean, boolean), \
+             pg_stop_backup(boolean, boolean), pg_switch_wal(), pg_create_restore_point(text) TO pgvault"
+        });
+        setup.ok(&["check", "--pg-conn", &conn]);
+        cluster.psql("CREATE TABLE marks AS SELECT 'backed up by pgvault' AS mark");
+        let id = setup.ok(&args);
+        let restored = check_copy(&setup, cluster.bin(), id.trim());
+        assert_eq!(
+            restored.psql("SELECT mark FROM marks"),
+            "backed up by pgvault",
+            "PostgreSQL {major}"
+        );
+    }
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).
