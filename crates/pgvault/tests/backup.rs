@@ -839,9 +839,11 @@ fn backup_from_standby(setup: &Setup, standby: &Cluster, primary: &Cluster) -> S
 
 /// A role with only the privileges docs/cli.md lists ("PostgreSQL privileges") can check
 /// archiving and back up, and the backup restores; without them the error names what the
-/// server refused and points to that list.
+/// server refused and points to that list. Run as the OS user postgres, a file it cannot
+/// read fails the backup naming it.
 #[test]
 fn a_role_with_the_documented_privileges_backs_up() {
+    use std::os::unix::fs::PermissionsExt;
     for major in [12, 15] {
         let setup = Setup::local();
         let Some(cluster) = archiving_cluster_of(major) else {
@@ -888,6 +890,32 @@ fn a_role_with_the_documented_privileges_backs_up() {
             "backed up by pgvault",
             "PostgreSQL {major}"
         );
+        // Run as the OS user postgres, a backup that meets a file only root can read
+        // fails naming it and what to do.
+        let unreadable = cluster.pgdata().join("root-only.key");
+        fs::write(&unreadable, "secret").expect("write");
+        fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o600)).expect("chmod");
+        setup.give_to_postgres();
+        let out = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                env!("CARGO_BIN_EXE_pgvault"),
+                "--config",
+            ])
+            .arg(setup.path("pgvault.toml"))
+            .args(args)
+            .output()
+            .expect("runuser");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("root-only.key: Permission denied")
+                && err.contains("run pgvault as the user that owns the data directory"),
+            "PostgreSQL {major}: {err}"
+        );
+        fs::remove_file(&unreadable).expect("remove");
     }
 }
 

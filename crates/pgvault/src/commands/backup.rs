@@ -469,8 +469,17 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 root: node,
                 summary: part,
                 ..
-            } = archive_tree(&saver, &root, &options)
-                .with_context(|| format!("backing up {}", root.display()))?;
+            } = archive_tree(&saver, &root, &options).map_err(|e| {
+                let hint = match &e {
+                    repo::RepoError::Io { error, .. }
+                        if error.kind() == std::io::ErrorKind::PermissionDenied =>
+                    {
+                        "; run pgvault as the user that owns the data directory, or make the file readable to it"
+                    }
+                    _ => "",
+                };
+                anyhow::anyhow!("backing up {}: {e}{hint}", root.display())
+            })?;
             add(&mut summary, &part);
             if let Some(verifier) = verifier {
                 let mut found = std::mem::take(
