@@ -884,6 +884,13 @@ fn a_role_with_the_documented_privileges_backs_up() {
         setup.ok(&["check", "--pg-conn", &conn]);
         cluster.psql("CREATE TABLE marks AS SELECT 'backed up by pgvault' AS mark");
         let id = setup.ok(&args);
+        // Recorded for restores as root on another host, which give the files to the
+        // user and group of these names there.
+        let owner = &info(&setup)["backups"][0]["owner"];
+        assert!(
+            owner["user"] == "postgres" && owner["group"] == "postgres" && owner["uid"].is_u64(),
+            "PostgreSQL {major}: {owner}"
+        );
         let restored = check_copy(&setup, cluster.bin(), id.trim());
         assert_eq!(
             restored.psql("SELECT mark FROM marks"),

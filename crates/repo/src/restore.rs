@@ -311,6 +311,29 @@ pub struct RestoreOptions<'a> {
     /// PostgreSQL restore, which recovery can still replay into and `DROP DATABASE`
     /// then removes).
     pub holes: &'a [PathBuf],
+    /// Owner ids given in place of the recorded ones (which are kept otherwise).
+    pub owners: OwnerMap,
+}
+
+/// Owner ids to give restored entries in place of those recorded: a restore on another
+/// host, where the same user and group have other ids. Each pair is (recorded, local).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerMap {
+    pub uid: Option<(u32, u32)>,
+    pub gid: Option<(u32, u32)>,
+}
+
+impl OwnerMap {
+    /// `node` with its owner ids mapped.
+    pub fn apply(&self, mut node: Node) -> Node {
+        if let Some((_, local)) = self.uid.filter(|(recorded, _)| *recorded == node.uid) {
+            node.uid = local;
+        }
+        if let Some((_, local)) = self.gid.filter(|(recorded, _)| *recorded == node.gid) {
+            node.gid = local;
+        }
+        node
+    }
 }
 
 impl RestoreOptions<'_> {
@@ -320,6 +343,7 @@ impl RestoreOptions<'_> {
             sync,
             held_back: None,
             holes: &[],
+            owners: OwnerMap::default(),
         }
     }
 
@@ -362,6 +386,7 @@ pub fn restore_tree(
     walk_dirs(repo, root, target, |dir, cursor| {
         let mut subdirs = Vec::new();
         while let Some(node) = cursor.next_node()? {
+            let node = options.owners.apply(node);
             let path = dir.join(&node.name);
             match node.kind {
                 NodeKind::Dir => {
@@ -780,6 +805,7 @@ pub fn restore_tree_delta(
         let mut present = listing.iter().peekable();
         let mut subdirs = Vec::new();
         while let Some(node) = cursor.next_node()? {
+            let node = options.owners.apply(node);
             // Remove what the snapshot does not name, or names as another kind.
             let name = node.name.as_bytes();
             while let Some(entry) = present.next_if(|(other, _)| other.as_bytes() < name) {

@@ -840,6 +840,61 @@ fn a_directory_only_symlink_is_stored_as_an_empty_directory() {
     );
 }
 
+/// An owner map gives restored entries the local ids in place of the recorded ones, in a
+/// restore and in a delta restore over a copy with the recorded ids; other owners are
+/// kept. Needs root (to give files away), as restores that keep owners do.
+#[test]
+fn owner_maps_give_restored_entries_the_local_ids() {
+    use repo::restore::OwnerMap;
+    use std::os::unix::fs::{lchown, MetadataExt};
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(source.join("sub")).expect("mkdir");
+    std::fs::write(source.join("sub/file"), payload(44, 40_000)).expect("write");
+    std::fs::write(source.join("root-owned"), b"kept").expect("write");
+    std::os::unix::fs::symlink("sub/file", source.join("link")).expect("symlink");
+    for name in ["", "sub", "sub/file", "link"] {
+        lchown(source.join(name), Some(4242), Some(4343)).expect("chown (tests run as root)");
+    }
+    lchown(source.join("root-owned"), Some(0), Some(0)).expect("chown");
+    let archived = archive(&repo, &source, &ArchiveOptions::default());
+    let owners = OwnerMap {
+        uid: Some((4242, 4444)),
+        gid: Some((4343, 4545)),
+    };
+    let owned = |target: &Path| -> Vec<(&str, u32, u32)> {
+        ["sub", "sub/file", "link", "root-owned"]
+            .into_iter()
+            .map(|name| {
+                let meta = std::fs::symlink_metadata(target.join(name)).expect("stat");
+                (name, meta.uid(), meta.gid())
+            })
+            .collect()
+    };
+    let mapped = vec![
+        ("sub", 4444, 4545),
+        ("sub/file", 4444, 4545),
+        ("link", 4444, 4545),
+        ("root-owned", 0, 0),
+    ];
+    let target = dir.path().join("target");
+    let options = RestoreOptions {
+        owners,
+        ..RestoreOptions::new(2, SyncMethod::Fsync)
+    };
+    restore_tree(&repo, &archived.tree, &target, options).expect("restore");
+    assert_eq!(owned(&target), mapped);
+
+    // A copy with the recorded ids (the link is replaced: a delta restore keeps a link
+    // that already points where it should, owner and all).
+    let copy = dir.path().join("copy");
+    restore_whole(&repo, &archived.tree, &copy).expect("restore");
+    assert_eq!(owned(&copy)[0], ("sub", 4242, 4343));
+    std::fs::remove_file(copy.join("link")).expect("rm");
+    restore_tree_delta(&repo, &archived.tree, &copy, DeltaCheck::Content, options).expect("delta");
+    assert_eq!(owned(&copy), mapped);
+}
+
 /// A file name or a symlink target that is not UTF-8 fails the archive with an error
 /// naming it, rather than storing a lossy name that would restore as another path.
 #[test]

@@ -93,6 +93,33 @@ pub struct BackupMeta {
     /// older backups.
     #[serde(default)]
     pub databases: Option<Vec<Database>>,
+    /// Who owned the data directory, so that a restore on another host, as root, gives
+    /// the files to the user of that name there. Absent in older backups.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// The owner of a data directory: ids, and names where this host's user database had them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+impl Owner {
+    pub fn of(meta: &fs::Metadata) -> Owner {
+        let (uid, gid) = (meta.uid(), meta.gid());
+        let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
+        let group = nix::unistd::Group::from_gid(gid.into()).ok().flatten();
+        Owner {
+            uid,
+            gid,
+            user: user.map(|user| user.name),
+            group: group.map(|group| group.name),
+        }
+    }
 }
 
 impl BackupMeta {
@@ -399,6 +426,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             name: d.name,
         })
         .collect();
+    let owner = Owner::of(
+        &fs::metadata(&pgdata).with_context(|| format!("cannot read {}", pgdata.display()))?,
+    );
     let lock = ctx.lock_scope(&repo, &format!("a backup of cluster {}", ctx.cluster))?;
     let previous = list_backups(&repo, &ctx.cluster)?.pop();
     let label = args
@@ -588,6 +618,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         wal_summary_blocks: changed.as_ref().map(|c| c.block_count() as u64),
         next_xid: Some(stop.next_xid),
         databases: Some(databases),
+        owner: Some(owner),
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {

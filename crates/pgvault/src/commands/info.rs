@@ -39,6 +39,8 @@ fn backup_json(b: &BackupState) -> Value {
         "databases": b.meta.databases.as_ref().map(|all| {
             all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>()
         }),
+        // Whom a restore run as root gives the files to; null for older backups.
+        "owner": b.meta.owner,
     })
 }
 

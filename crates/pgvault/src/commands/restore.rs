@@ -18,14 +18,14 @@ use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
 use repo::restore::{
     apply_root_metadata, restore_file_last, restore_tree, restore_tree_delta, shortage_of_room,
-    tree_bytes, DeltaCheck, DeltaStats, RestoreOptions,
+    tree_bytes, DeltaCheck, DeltaStats, OwnerMap, RestoreOptions,
 };
 use repo::snapshot::{find_path, Node, Snapshot, Tree};
 use repo::{Id, Repository};
 use serde_json::json;
 
 use super::archive::{fetch_file, fsync_dir, write_atomically};
-use super::backup::{list_backups, BackupMeta, Database};
+use super::backup::{list_backups, BackupMeta, Database, Owner};
 use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
@@ -356,6 +356,39 @@ fn refuse_if_in_use(pgdata: &Path) -> Result<()> {
             )
         }
     }
+}
+
+/// Run as root, the ids that the data directory owner's user and group names have on this
+/// host, in place of the recorded ones where they differ (another host numbered them
+/// otherwise); PostgreSQL refuses a data directory not owned by the user running it. Run
+/// as anyone else, the restored files are that user's, and nothing is mapped.
+fn owner_map(owner: Option<&Owner>) -> Result<OwnerMap> {
+    match owner {
+        Some(owner) if nix::unistd::geteuid().is_root() => local_ids(owner),
+        _ => Ok(OwnerMap::default()),
+    }
+}
+
+fn local_ids(owner: &Owner) -> Result<OwnerMap> {
+    let missing = |what: &str, name: &str| {
+        anyhow!(
+            "the backup's files belong to {what} {name}, which does not exist on this host: create it, or run the restore as the user that will run PostgreSQL"
+        )
+    };
+    let mut map = OwnerMap::default();
+    if let Some(name) = &owner.user {
+        let user = nix::unistd::User::from_name(name)
+            .with_context(|| format!("cannot look up user {name}"))?
+            .ok_or_else(|| missing("user", name))?;
+        map.uid = Some((owner.uid, user.uid.as_raw())).filter(|(from, to)| from != to);
+    }
+    if let Some(name) = &owner.group {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("cannot look up group {name}"))?
+            .ok_or_else(|| missing("group", name))?;
+        map.gid = Some((owner.gid, group.gid.as_raw())).filter(|(from, to)| from != to);
+    }
+    Ok(map)
 }
 
 /// Removes the control file of the data directory about to be overwritten, before
@@ -696,6 +729,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let left_out = left_out_databases(args, &id, &meta)?;
+    let owners = owner_map(meta.owner.as_ref())?;
     let tablespaces = tablespace_locations(args, &meta)?;
     let waldir = args.waldir.as_deref();
     if let Some(dir) = waldir {
@@ -714,14 +748,17 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         }
     }
     let top = Tree::load(&repo, &snapshot.tree)?;
-    let pgdata_node = top
-        .find("pgdata")
-        .cloned()
-        .context("backup has no pgdata tree")?;
+    let pgdata_node = owners.apply(
+        top.find("pgdata")
+            .cloned()
+            .context("backup has no pgdata tree")?,
+    );
     let pgdata_tree = pgdata_node.subtree.context("pgdata is not a directory")?;
     let control_file = Path::new(pg::pgdata::CONTROL_FILE);
-    let control = find_path(&repo, &pgdata_tree, control_file)?
-        .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?;
+    let control = owners.apply(
+        find_path(&repo, &pgdata_tree, control_file)?
+            .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?,
+    );
     let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces, &left_out)?;
     let pgdata_holes: Vec<PathBuf> = (left_out.iter())
         .map(|database| database_dir(database.oid))
@@ -774,6 +811,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             let options = RestoreOptions {
                 held_back,
                 holes: hole_dirs,
+                owners,
                 ..RestoreOptions::new(ctx.jobs, sync)
             };
             Ok(match delta {
@@ -813,7 +851,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             let (files, bytes) = restore_into(tree, dir, None, hole_dirs)
                 .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
                 .with_context(incomplete)?;
-            apply_root_metadata(dir, node)?;
+            apply_root_metadata(dir, &owners.apply(node.clone()))?;
             total_bytes += bytes;
             total_files += files;
             let link = pgdata.join("pg_tblspc").join(oid.to_string());
@@ -908,6 +946,42 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_are_mapped_by_name_to_this_hosts_ids() {
+        let owner = |uid, gid, user: Option<&str>, group: Option<&str>| Owner {
+            uid,
+            gid,
+            user: user.map(str::to_owned),
+            group: group.map(str::to_owned),
+        };
+        // root is 0 on every host: numbered otherwise where the backup was taken.
+        let map = local_ids(&owner(4242, 4343, Some("root"), Some("root"))).expect("map");
+        assert_eq!((map.uid, map.gid), (Some((4242, 0)), Some((4343, 0))));
+        let map = local_ids(&owner(0, 0, Some("root"), Some("root"))).expect("map");
+        assert_eq!(map, OwnerMap::default());
+        // No names recorded (that host's user database had none): ids kept.
+        let map = local_ids(&owner(4242, 4343, None, None)).expect("map");
+        assert_eq!(map, OwnerMap::default());
+        for (user, group, says) in [
+            ("no-such-user-pgvault", "root", "user no-such-user-pgvault"),
+            (
+                "root",
+                "no-such-group-pgvault",
+                "group no-such-group-pgvault",
+            ),
+        ] {
+            let err = local_ids(&owner(4242, 4343, Some(user), Some(group)))
+                .expect_err(says)
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "belong to {says}, which does not exist on this host"
+                )) && err.contains("run the restore as the user that will run PostgreSQL"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn target_times_need_a_zone() {
