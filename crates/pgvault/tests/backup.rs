@@ -1386,7 +1386,8 @@ fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
 /// out): the backup stores pg_wal as an empty directory, not the link, so a copy restored
 /// on the same host recovers into a pg_wal of its own and never into the source's live
 /// WAL. `--waldir` puts a restored pg_wal on a disk of its own again, also in a delta
-/// restore; bad `--waldir` values are refused before anything is touched.
+/// restore, and a later delta restore keeps that link; bad `--waldir` values are refused
+/// before anything is touched.
 #[test]
 fn a_symlinked_pg_wal_is_restored_as_a_directory_or_onto_waldir() {
     let setup = Setup::local();
@@ -1467,6 +1468,35 @@ fn a_symlinked_pg_wal_is_restored_as_a_directory_or_onto_waldir() {
         names_in(&copy_wal)
     );
     judge(&mut copy);
+
+    // A delta restore without --waldir over a data directory whose pg_wal is a link
+    // keeps the link, emptying what it points to, rather than moving the WAL onto the
+    // data directory's disk.
+    copy.stop();
+    fs::write(copy_wal.join("stale"), "old WAL").expect("write");
+    let delta_again: Vec<&str> = delta
+        .iter()
+        .copied()
+        .filter(|arg| *arg != "--waldir" && *arg != copy_wal_text)
+        .collect();
+    let out = setup.run(&delta_again);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "pg_wal: kept as a link to {copy_wal_text} (emptied)"
+        )),
+        "{err}"
+    );
+    assert_eq!(fs::read_link(&wal).expect("pg_wal is a link"), copy_wal);
+    assert!(
+        !copy_wal.join("stale").exists(),
+        "{:?}",
+        names_in(&copy_wal)
+    );
+    copy.start_again().expect("start with pg_wal kept");
+    copy.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&copy), expected);
     source.stop();
 }
 

@@ -2,6 +2,7 @@
 //! WAL through `archive-get` to the chosen target.
 
 use std::fs;
+use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -572,6 +573,19 @@ fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where the `pg_wal` of an existing data directory links to (`initdb --waldir`): a restore
+/// over it keeps that layout, as if given `--waldir` (whose checks and emptying apply),
+/// rather than moving the WAL onto the data directory's disk.
+fn linked_waldir(pgdata: &Path) -> Result<Option<PathBuf>> {
+    let link = pgdata.join("pg_wal");
+    match fs::read_link(&link) {
+        // A relative link is relative to the data directory.
+        Ok(target) => Ok(Some(std::path::absolute(pgdata.join(target))?)),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidInput) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", link.display())),
+    }
+}
+
 /// Replaces the restored (empty) `pg_wal` with a link to `dir`, which it creates if
 /// missing and gives to the data directory's owner, as `initdb --waldir` lays it out.
 fn link_waldir(pgdata: &Path, dir: &Path) -> Result<()> {
@@ -731,9 +745,24 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let left_out = left_out_databases(args, &id, &meta)?;
     let owners = owner_map(meta.owner.as_ref())?;
     let tablespaces = tablespace_locations(args, &meta)?;
-    let waldir = args.waldir.as_deref();
+    let kept_waldir = match (&args.waldir, overwrite) {
+        (None, true) => linked_waldir(&pgdata)?,
+        _ => None,
+    };
+    let waldir = args.waldir.as_deref().or(kept_waldir.as_deref());
     if let Some(dir) = waldir {
-        check_waldir(dir, &pgdata, args)?;
+        let checked = check_waldir(dir, &pgdata, args);
+        if kept_waldir.is_some() {
+            checked.with_context(|| {
+                format!(
+                    "{}/pg_wal links to {}, which a restore over it keeps as --waldir",
+                    pgdata.display(),
+                    dir.display()
+                )
+            })?;
+        } else {
+            checked?;
+        }
     }
     let mut cleared = Vec::new();
     for (oid, dir) in &tablespaces {
@@ -914,6 +943,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             })),
             "left_out_databases": left_out_names,
             "holes": holes,
+            "waldir": waldir,
             "duration_ms": (seconds * 1000.0) as u64,
         }));
     }
@@ -921,6 +951,12 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         eprintln!(
             "delta: {} files already matched the backup, {} rewritten, {} entries removed",
             kept.files_kept, kept.files_written, kept.removed
+        );
+    }
+    if let Some(dir) = &kept_waldir {
+        eprintln!(
+            "pg_wal: kept as a link to {} (emptied), as it was; --waldir DIR moves it",
+            dir.display()
         );
     }
     if !left_out.is_empty() {
