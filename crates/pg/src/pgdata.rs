@@ -98,6 +98,90 @@ pub fn has_init_fork(root: &Path, main_fork: &Path) -> bool {
         .exists()
 }
 
+/// What the server needs in its data directory, or rebuilds by the rules above: an
+/// operator's exclusion may not name them or anything in them.
+const SERVER_ENTRIES: &[&str] = &[
+    "base",
+    "global",
+    "pg_commit_ts",
+    "pg_dynshmem",
+    "pg_logical",
+    "pg_multixact",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat",
+    "pg_stat_tmp",
+    "pg_subtrans",
+    "pg_tblspc",
+    "pg_twophase",
+    "pg_wal",
+    "pg_xact",
+    "PG_VERSION",
+    "postgresql.conf",
+    "postgresql.auto.conf",
+    "pg_hba.conf",
+    "pg_ident.conf",
+];
+
+/// Something an operator leaves out of backups (`backup --exclude`, e.g. the server log
+/// directory): a path relative to the data directory, left out with everything under it;
+/// written with a trailing `/`, the directory itself is kept, empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exclusion {
+    path: PathBuf,
+    contents_only: bool,
+}
+
+impl Exclusion {
+    pub fn parse(text: &str) -> Result<Exclusion, String> {
+        let contents_only = text.ends_with('/');
+        let path = PathBuf::from(text.trim_end_matches('/'));
+        let mut components = path.components();
+        let Some(Component::Normal(first)) = components.next() else {
+            return Err(format!(
+                "exclusion {text:?}: give a path inside the data directory, relative to it (e.g. log/)"
+            ));
+        };
+        if !components.all(|c| matches!(c, Component::Normal(_))) {
+            return Err(format!(
+                "exclusion {text:?}: give a plain relative path, without `..` or `.`"
+            ));
+        }
+        if let Some(entry) = first.to_str().filter(|name| SERVER_ENTRIES.contains(name)) {
+            return Err(format!(
+                "exclusion {text:?}: {entry} is PostgreSQL's own, and a backup without it cannot be restored"
+            ));
+        }
+        Ok(Exclusion {
+            path,
+            contents_only,
+        })
+    }
+
+    /// For an entry of the data directory: what this exclusion decides, if it names it.
+    pub fn decide(&self, relative: &Path) -> Option<Decision> {
+        if relative == self.path {
+            Some(match self.contents_only {
+                true => Decision::DirectoryOnly,
+                false => Decision::Exclude,
+            })
+        } else if relative.starts_with(&self.path) {
+            Some(Decision::Exclude)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slash = if self.contents_only { "/" } else { "" };
+        write!(f, "{}{slash}", self.path.display())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fork {
     Main,
@@ -237,6 +321,38 @@ fn is_oid(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclusions_name_what_the_operator_leaves_out() {
+        let log = Exclusion::parse("log/").expect("log/");
+        assert_eq!(log.to_string(), "log/");
+        assert_eq!(log.decide(Path::new("log")), Some(Decision::DirectoryOnly));
+        assert_eq!(
+            log.decide(Path::new("log/postgresql-Mon.log")),
+            Some(Decision::Exclude)
+        );
+        assert_eq!(log.decide(Path::new("logs")), None);
+        assert_eq!(log.decide(Path::new("base/1/log")), None);
+        let junk = Exclusion::parse("scratch/old dumps").expect("junk");
+        assert_eq!(
+            junk.decide(Path::new("scratch/old dumps")),
+            Some(Decision::Exclude)
+        );
+        assert_eq!(junk.decide(Path::new("scratch")), None);
+        for (bad, says) in [
+            ("", "give a path inside the data directory"),
+            ("/var/log", "give a path inside the data directory"),
+            ("../elsewhere", "give a path inside the data directory"),
+            ("log/../base", "without `..`"),
+            ("base", "base is PostgreSQL's own"),
+            ("global/pg_control", "global is PostgreSQL's own"),
+            ("pg_wal/", "pg_wal is PostgreSQL's own"),
+            ("postgresql.conf", "postgresql.conf is PostgreSQL's own"),
+        ] {
+            let err = Exclusion::parse(bad).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
     use std::path::PathBuf;
 
     fn decide_for(path: &str, is_dir: bool) -> Decision {

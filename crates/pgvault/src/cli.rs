@@ -178,6 +178,11 @@ pub struct BackupArgs {
     /// archived at once instead of when it fills up
     #[arg(long, value_name = "CONNINFO")]
     pub primary_conn: Option<String>,
+    /// Leave this path of the data directory out (repeatable; relative to it; with a
+    /// trailing / keep the directory, empty), e.g. log/; added to backup-exclude in the
+    /// cluster's config
+    #[arg(long, value_name = "PATH")]
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -65,6 +65,9 @@ pub struct ClusterSection {
     pub spool_path: Option<PathBuf>,
     /// Segments archive-get fetches ahead during recovery (default 16; 0 disables).
     pub archive_get_prefetch: Option<u32>,
+    /// Paths of the data directory every backup leaves out, as `backup --exclude`.
+    #[serde(default)]
+    pub backup_exclude: Vec<String>,
     #[serde(default)]
     pub schedule: BTreeMap<String, String>,
     pub retention: Option<RetentionSection>,

@@ -926,6 +926,73 @@ fn a_role_with_the_documented_privileges_backs_up() {
     }
 }
 
+/// What the operator leaves out (`backup-exclude` in the config, `--exclude`) is not in
+/// the backup: a directory named with a trailing `/` comes back empty, one without it
+/// not at all, and the restored cluster starts. Exclusions of PostgreSQL's own files, or
+/// outside the data directory, are refused before the backup starts.
+#[test]
+fn exclusions_leave_out_what_the_operator_names() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    setup.write_config_with(false, "backup-exclude = [\"log/\"]\n");
+    let pgdata = cluster.pgdata();
+    for (path, content) in [("log/server.log", "a log"), ("scratch/old.dump", "junk")] {
+        fs::create_dir_all(pgdata.join(path).parent().expect("parent")).expect("mkdir");
+        fs::write(pgdata.join(path), content).expect("write");
+    }
+    fs::write(pgdata.join("kept.txt"), "kept").expect("write");
+    let args = backup_args(&cluster, &["--exclude", "scratch"]);
+    for (bad, says) in [
+        (
+            "global",
+            "--exclude: exclusion \"global\": global is PostgreSQL's own",
+        ),
+        (
+            "/var/log",
+            "--exclude: exclusion \"/var/log\": give a path inside the data directory",
+        ),
+    ] {
+        let err = setup.fails(
+            &backup_args(&cluster, &["--exclude", bad])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    assert!(ids(&info(&setup)).is_empty(), "a refused backup is listed");
+    backup(&setup, &cluster, &["--exclude", "scratch"]);
+    assert_eq!(
+        info(&setup)["backups"][0]["excluded"],
+        serde_json::json!(["log/", "scratch"]),
+        "{args:?}"
+    );
+    cluster.psql("CREATE TABLE marks AS SELECT 'after exclusions' AS mark");
+    switch_and_wait_archived(&cluster);
+    let restored = restore_and_start(&setup, cluster.bin(), &[]);
+    let copy = restored.pgdata();
+    assert_eq!(
+        fs::read_to_string(copy.join("kept.txt")).expect("kept"),
+        "kept"
+    );
+    assert!(
+        copy.join("log").is_dir() && names_in(&copy.join("log")).is_empty(),
+        "{:?}",
+        names_in(&copy.join("log"))
+    );
+    assert!(!copy.join("scratch").exists());
+    assert_eq!(restored.psql("SELECT mark FROM marks"), "after exclusions");
+    setup.write_config_with(false, "backup-exclude = [\"pg_xact\"]\n");
+    let err = setup.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("backup-exclude: exclusion \"pg_xact\": pg_xact is PostgreSQL's own"),
+        "{err}"
+    );
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).

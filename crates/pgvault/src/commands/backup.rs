@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
-use pg::pgdata::{decide, has_init_fork, Decision, RelationFile};
+use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile};
 use pg::summary::ChangedBlocks;
 use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
@@ -97,6 +97,9 @@ pub struct BackupMeta {
     /// the files to the user of that name there. Absent in older backups.
     #[serde(default)]
     pub owner: Option<Owner>,
+    /// What the operator left out (`--exclude`, `backup-exclude`), as given.
+    #[serde(default)]
+    pub excluded: Vec<String>,
 }
 
 /// The owner of a data directory: ids, and names where this host's user database had them.
@@ -203,16 +206,18 @@ impl PageVerifier {
 }
 
 /// Archive options for one root (PGDATA or a tablespace directory): `base` (jobs,
-/// parent, read_all) plus the server's exclusion rules, page verification and the
-/// blocks known to have changed.
+/// parent, read_all) plus the server's exclusion rules and the operator's (`exclusions`,
+/// for PGDATA), page verification and the blocks known to have changed.
 fn options_for(
     base: ArchiveOptions,
     root: &Path,
     major: u32,
     tablespace: Option<u32>,
+    exclusions: &Arc<[Exclusion]>,
     verifier: Option<Arc<PageVerifier>>,
     changed: Option<Arc<ChangedBlocks>>,
 ) -> ArchiveOptions {
+    let exclusions = exclusions.clone();
     let root_for_filter = root.to_path_buf();
     let version_prefix = format!("PG_{major}_");
     let filter = move |relative: &Path, meta: &fs::Metadata| {
@@ -224,8 +229,12 @@ fn options_for(
                 return Include::No;
             }
         }
+        let excluded = exclusions.iter().find_map(|e| e.decide(relative));
         let unlogged = |main: &Path| has_init_fork(&root_for_filter, main);
-        match decide(relative, meta.is_dir(), &unlogged) {
+        match excluded
+            .filter(|_| tablespace.is_none())
+            .unwrap_or_else(|| decide(relative, meta.is_dir(), &unlogged))
+        {
             Decision::Include => Include::Yes,
             Decision::Exclude => Include::No,
             Decision::DirectoryOnly => Include::DirectoryOnly,
@@ -291,6 +300,7 @@ fn estimate(
     pgdata: &Path,
     tablespaces: &[Tablespace],
     major: u32,
+    exclusions: &Arc<[Exclusion]>,
     read_all: bool,
 ) -> Result<()> {
     let previous = list_backups(repo, &ctx.cluster)?.pop();
@@ -303,7 +313,7 @@ fn estimate(
             read_all,
             ..ArchiveOptions::default()
         };
-        let options = options_for(base, &root, major, tablespace, None, None);
+        let options = options_for(base, &root, major, tablespace, exclusions, None, None);
         let part = repo::archive::estimate_tree(repo, &root, &options)
             .with_context(|| format!("walking {}", root.display()))?;
         total.files += part.files;
@@ -357,6 +367,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         return super::expire::pin(ctx, action);
     }
     let wal_timeout = parse_duration(&args.wal_timeout, "--wal-timeout")?;
+    let configured =
+        (ctx.cluster_section.backup_exclude.iter()).map(|text| ("backup-exclude", text));
+    let exclusions: Arc<[Exclusion]> = (configured
+        .chain(args.exclude.iter().map(|text| ("--exclude", text))))
+    .map(|(source, text)| Exclusion::parse(text).map_err(|e| anyhow::anyhow!("{source}: {e}")))
+    .collect::<Result<_>>()?;
     let started_at = Instant::now();
     let (mut conn, info) = connect(ctx)?;
     let repo = ctx.open()?;
@@ -416,7 +432,16 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         })
         .collect();
     if args.dry_run {
-        return estimate(ctx, &repo, &pgdata, &tablespaces, major, args.checksum_all);
+        let read_all = args.checksum_all;
+        return estimate(
+            ctx,
+            &repo,
+            &pgdata,
+            &tablespaces,
+            major,
+            &exclusions,
+            read_all,
+        );
     }
     // Before the backup starts: a database created during it is restored whole.
     let databases: Vec<Database> = pg::backup::databases(&mut conn)?
@@ -492,6 +517,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 &root,
                 major,
                 tablespace,
+                &exclusions,
                 verifier.clone(),
                 changed.clone(),
             );
@@ -619,6 +645,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         next_xid: Some(stop.next_xid),
         databases: Some(databases),
         owner: Some(owner),
+        excluded: exclusions.iter().map(Exclusion::to_string).collect(),
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {

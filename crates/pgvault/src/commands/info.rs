@@ -41,6 +41,7 @@ fn backup_json(b: &BackupState) -> Value {
         }),
         // Whom a restore run as root gives the files to; null for older backups.
         "owner": b.meta.owner,
+        "excluded": b.meta.excluded,
     })
 }
 
