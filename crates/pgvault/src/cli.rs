@@ -333,6 +333,12 @@ pub struct LegacyImportArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BackupAction {
+    /// Everything about one backup: WAL range, sizes, tablespaces, databases, the
+    /// corrupted pages it found (file and block), its backup_label
+    Show {
+        /// Backup id (or unique prefix) or "latest"
+        id: String,
+    },
     /// Keep this backup whatever the retention policy says
     Pin {
         /// Backup id (or unique prefix) or "latest"

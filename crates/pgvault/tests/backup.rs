@@ -544,13 +544,32 @@ fn corrupted_pages_are_reported_and_the_backup_completes() {
     let report = backup(&setup, &cluster, &[]);
     let mut expected = [(file, 2), (small_file, 1)];
     expected.sort();
-    assert_eq!(
-        report["corrupted_pages"],
-        serde_json::json!(
-            expected.map(|(file, block)| serde_json::json!({"file": file, "block": block}))
-        ),
-        "{report}"
+    let listed = serde_json::json!(expected
+        .clone()
+        .map(|(file, block)| serde_json::json!({"file": file, "block": block})));
+    assert_eq!(report["corrupted_pages"], listed, "{report}");
+    // `info` counts them and names the command that lists them, which does.
+    let id = report["id"].as_str().expect("id");
+    assert_eq!(info(&setup)["backups"][0]["corrupted_pages"], 2);
+    let text = setup.ok(&["info"]);
+    assert!(
+        text.contains(&format!("bad pages: `pgvault backup show {}`", &id[..8])),
+        "{text}"
     );
+    let shown: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["backup", "show", &id[..8], "--output", "json"]))
+            .expect("show JSON");
+    assert_eq!(shown["corrupted_pages"], listed, "{shown}");
+    assert_eq!(shown["id"], id, "{shown}");
+    let text = setup.ok(&["backup", "show", "latest"]);
+    for (file, block) in &expected {
+        assert!(
+            text.lines().any(|line| line.contains(file.as_str())
+                && line.trim_end().ends_with(&block.to_string())),
+            "{text}"
+        );
+    }
+    assert!(text.contains("on; 2 corrupted page(s)"), "{text}");
     cluster.stop();
 }
 

@@ -30,7 +30,7 @@ use serde_json::json;
 
 use super::archive::{load_identity, parse_duration, wal_name};
 use super::setup::connect;
-use crate::cli::BackupArgs;
+use crate::cli::{BackupAction, BackupArgs};
 use crate::context::Context;
 use crate::output::{bytes, print_json, progress_bar};
 
@@ -149,6 +149,27 @@ pub fn list_backups(repo: &Repository, cluster: &str) -> Result<Vec<(Id, Snapsho
         }
     }
     Ok(out)
+}
+
+/// Which of a cluster's backups (`ids`, oldest first) `spec` names: `latest`, or a unique
+/// prefix of an id. Returns its index.
+pub fn backup_named(ids: &[Id], spec: &str, cluster: &str) -> Result<usize> {
+    if spec == "latest" {
+        return (ids.len().checked_sub(1))
+            .with_context(|| format!("cluster {cluster:?} has no backups: run `pgvault backup`"));
+    }
+    let wanted = spec.to_lowercase();
+    let matching: Vec<usize> = (0..ids.len())
+        .filter(|&i| ids[i].to_hex().starts_with(&wanted))
+        .collect();
+    match matching[..] {
+        [index] => Ok(index),
+        [] => bail!("no backup of cluster {cluster:?} has an id starting with {spec:?}"),
+        _ => bail!(
+            "{} backups match {spec:?}: give more digits of the id",
+            matching.len()
+        ),
+    }
 }
 
 /// Checks the pages of each chunk of relation files read during the backup.
@@ -363,8 +384,11 @@ fn add(total: &mut Summary, part: &Summary) {
 }
 
 pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
-    if let Some(action) = &args.action {
-        return super::expire::pin(ctx, action);
+    match &args.action {
+        Some(BackupAction::Show { id }) => return super::info::show_backup(ctx, id),
+        Some(BackupAction::Pin { id }) => return super::expire::pin(ctx, id, true),
+        Some(BackupAction::Unpin { id }) => return super::expire::pin(ctx, id, false),
+        None => {}
     }
     let wal_timeout = parse_duration(&args.wal_timeout, "--wal-timeout")?;
     let configured =

@@ -17,7 +17,7 @@ use repo::{Id, RepoError, Repository};
 use serde_json::json;
 
 use super::catalog::{pin_name, BackupState, ClusterState};
-use crate::cli::{BackupAction, ExpireArgs};
+use crate::cli::ExpireArgs;
 use crate::context::Context;
 use crate::output::{bytes, print_json};
 use crate::retention::{describe_duration, parse_duration, plan, Candidate, Policy};
@@ -270,12 +270,8 @@ fn repo_delete_all<'a>(
 }
 
 /// `pgvault backup pin|unpin ID`.
-pub fn pin(ctx: &Context, action: &BackupAction) -> Result<()> {
+pub fn pin(ctx: &Context, spec: &str, pin: bool) -> Result<()> {
     let repo = ctx.open()?;
-    let (spec, pin) = match action {
-        BackupAction::Pin { id } => (id, true),
-        BackupAction::Unpin { id } => (id, false),
-    };
     let backups = super::backup::list_backups(&repo, &ctx.cluster)?;
     // Dumps can be pinned too: one namespace of snapshot ids.
     let dumps = super::dump::list_dumps(&repo, &ctx.cluster)?;

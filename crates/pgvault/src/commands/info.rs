@@ -2,12 +2,13 @@
 //! behind the server when reachable), the recoverable window and repository totals.
 //! Everything comes from LIST calls plus one read per snapshot and history file.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
 use pg::wal::{Lsn, WalFileName};
 use repo::Repository;
 use serde_json::{json, Value};
 
+use super::backup::backup_named;
 use super::catalog::{cluster_names, BackupState, ClusterState};
 use crate::context::Context;
 use crate::output::{bytes, print_json, Table};
@@ -160,6 +161,148 @@ fn jobs_json(repo: &Repository, cluster: &str) -> Result<Vec<Value>> {
     )
 }
 
+/// `pgvault backup show ID`: one backup in full.
+pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
+    let repo = ctx.open()?;
+    let state = ClusterState::load(&repo, &ctx.cluster)?.with_context(|| {
+        format!(
+            "no cluster {:?} in {}: see `pgvault info`",
+            ctx.cluster,
+            repo.location()
+        )
+    })?;
+    let ids: Vec<_> = state.backups.iter().map(|b| b.id).collect();
+    let b = &state.backups[backup_named(&ids, spec, &ctx.cluster)?];
+    let meta = &b.meta;
+    let summary = &b.snapshot.summary;
+    let mut view = backup_json(b);
+    let details = json!({
+        "cluster": meta.cluster,
+        "pg_version": meta.pg_version,
+        "system_identifier": meta.system_identifier,
+        "from_standby": meta.from_standby,
+        "data_checksums": meta.data_checksums,
+        "start_wal": meta.start_wal,
+        "stop_wal": meta.stop_wal,
+        "files": summary.files,
+        "bytes_read": summary.bytes - summary.bytes_unchanged,
+        "wal_summary_blocks": meta.wal_summary_blocks,
+        "tablespaces": meta.tablespaces,
+        // As `backup` reports them (`info` counts them).
+        "corrupted_pages": meta.corrupted_pages,
+        "backup_label": meta.backup_label,
+    });
+    if let (Some(view), Some(details)) = (view.as_object_mut(), details.as_object()) {
+        view.extend(details.clone());
+    }
+    if ctx.json() {
+        return print_json(&view);
+    }
+    let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string();
+    let mut lines = vec![
+        ("backup", b.id.to_hex()),
+        ("label", b.snapshot.label.clone().unwrap_or_default()),
+        (
+            "cluster",
+            format!(
+                "{} (PostgreSQL {}.{}, system identifier {})",
+                meta.cluster,
+                meta.pg_version / 10000,
+                meta.pg_version % 10000,
+                meta.system_identifier
+            ),
+        ),
+        (
+            "taken from",
+            if meta.from_standby {
+                "a standby"
+            } else {
+                "the primary"
+            }
+            .to_string(),
+        ),
+        (
+            "start",
+            format!("{} at {}", time(meta.start_time), meta.start_lsn),
+        ),
+        (
+            "stop",
+            format!("{} at {}", time(meta.stop_time), meta.stop_lsn),
+        ),
+        (
+            "WAL",
+            format!(
+                "{} … {} (timeline {})",
+                meta.start_wal, meta.stop_wal, meta.timeline
+            ),
+        ),
+        (
+            "WAL in repository",
+            match b.reach.restorable() {
+                true => "complete".to_string(),
+                false => format!("MISSING {}", b.reach.missing.join(", ")),
+            },
+        ),
+        (
+            "size",
+            format!(
+                "{} in {} files; {} read, {} new stored ({:.1}s)",
+                bytes(summary.bytes),
+                summary.files,
+                bytes(summary.bytes - summary.bytes_unchanged),
+                bytes(summary.save.bytes_stored),
+                summary.duration_ms as f64 / 1000.0
+            ),
+        ),
+        ("pinned", if b.pinned { "yes" } else { "no" }.to_string()),
+        (
+            "data checksums",
+            match meta.data_checksums {
+                false => "off".to_string(),
+                true => format!("on; {} corrupted page(s)", meta.corrupted_pages.len()),
+            },
+        ),
+    ];
+    if let Some(databases) = &meta.databases {
+        let names: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
+        lines.push(("databases", names.join(", ")));
+    }
+    for t in &meta.tablespaces {
+        lines.push((
+            "tablespace",
+            format!("{} (oid {}) at {}", t.name, t.oid, t.location),
+        ));
+    }
+    if !meta.excluded.is_empty() {
+        lines.push(("left out", meta.excluded.join(", ")));
+    }
+    if let Some(owner) = &meta.owner {
+        let name = |name: &Option<String>, id: u32| name.clone().unwrap_or_else(|| id.to_string());
+        lines.push((
+            "owner",
+            format!(
+                "{}:{} (uid {}, gid {})",
+                name(&owner.user, owner.uid),
+                name(&owner.group, owner.gid),
+                owner.uid,
+                owner.gid
+            ),
+        ));
+    }
+    for (key, value) in lines {
+        println!("{key:<18} {value}");
+    }
+    if !meta.corrupted_pages.is_empty() {
+        let mut table = Table::new(&["corrupted page: file", "block"]);
+        for page in &meta.corrupted_pages {
+            table.row(vec![page.file.clone(), page.block.to_string()]);
+        }
+        table.print();
+    }
+    println!("backup_label:\n{}", meta.backup_label.trim_end());
+    Ok(())
+}
+
 pub fn info(ctx: &Context) -> Result<()> {
     let repo = ctx.open()?;
     let (view, states) = collect_with_states(ctx, &repo)?;
@@ -283,6 +426,17 @@ fn print_cluster(state: &ClusterState, view: &Value) {
             ]);
         }
         table.print();
+        if let Some(b) = state
+            .backups
+            .iter()
+            .rev()
+            .find(|b| !b.meta.corrupted_pages.is_empty())
+        {
+            println!(
+                "bad pages: `pgvault backup show {}` lists them (file, block)",
+                b.id.short()
+            );
+        }
     }
     let dumps = view["dumps"].as_array().cloned().unwrap_or_default();
     if dumps.is_empty() {

@@ -26,7 +26,7 @@ use repo::{Id, Repository};
 use serde_json::json;
 
 use super::archive::{fetch_file, fsync_dir, write_atomically};
-use super::backup::{list_backups, BackupMeta, Database, Owner};
+use super::backup::{backup_named, list_backups, BackupMeta, Database, Owner};
 use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
@@ -198,18 +198,9 @@ fn candidate_backups(
     backups: Vec<(Id, Snapshot, BackupMeta)>,
 ) -> Result<Vec<(Id, Snapshot, BackupMeta)>> {
     if let Some(spec) = args.backup.as_deref().filter(|s| *s != "latest") {
-        let matching: Vec<_> = backups
-            .into_iter()
-            .filter(|(id, _, _)| id.to_hex().starts_with(spec))
-            .collect();
-        return match matching.len() {
-            1 => Ok(matching),
-            0 => bail!(
-                "no backup of cluster {:?} has an id starting with {spec:?}",
-                ctx.cluster
-            ),
-            n => bail!("{n} backups match {spec:?}: give more digits of the id"),
-        };
+        let ids: Vec<Id> = backups.iter().map(|(id, _, _)| *id).collect();
+        let index = backup_named(&ids, spec, &ctx.cluster)?;
+        return Ok(backups.into_iter().skip(index).take(1).collect());
     }
     Ok(match target {
         Target::Time(text) => {
