@@ -620,8 +620,7 @@ fn is_empty_or_missing(dir: &Path) -> Result<bool> {
     match fs::read_dir(dir) {
         Ok(mut entries) => Ok(entries.next().is_none()),
         // Missing, or under a file: creating it will say which.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(true),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(true),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.display())),
     }
 }
