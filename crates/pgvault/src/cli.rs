@@ -183,6 +183,11 @@ pub struct BackupArgs {
     /// cluster's config
     #[arg(long, value_name = "PATH")]
     pub exclude: Vec<String>,
+    /// Read the data directory no faster than this many bytes per second, e.g. 200MiB
+    /// (at least 1MiB), sparing the disk for the server's queries [default:
+    /// backup-max-rate in the cluster's config, else unlimited]
+    #[arg(long, value_name = "SIZE")]
+    pub max_rate: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,8 @@ pub struct ClusterSection {
     /// Paths of the data directory every backup leaves out, as `backup --exclude`.
     #[serde(default)]
     pub backup_exclude: Vec<String>,
+    /// How fast a backup may read the data directory, as `backup --max-rate`.
+    pub backup_max_rate: Option<String>,
     #[serde(default)]
     pub schedule: BTreeMap<String, String>,
     pub retention: Option<RetentionSection>,

@@ -945,6 +945,59 @@ fn a_role_with_the_documented_privileges_backs_up() {
     }
 }
 
+/// `--max-rate` holds a backup's reads to that many bytes per second: after the one
+/// second's worth it may read at once, the rest takes its time (a lower bound, which a
+/// slow machine cannot break). Rates that are too low or not sizes are refused, from the
+/// command line and from the config.
+#[test]
+fn max_rate_holds_a_backups_reads() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    cluster.psql(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) AS t FROM generate_series(1, 100000) g",
+    );
+    const RATE: u64 = 8 << 20;
+    let report = backup(&setup, &cluster, &["--max-rate", "8MiB"]);
+    let read = report["read_bytes"].as_u64().expect("read_bytes");
+    let took = report["duration_ms"].as_u64().expect("duration_ms") as f64 / 1000.0;
+    let least = read.saturating_sub(RATE) as f64 / RATE as f64;
+    assert!(read > 2 * RATE, "too little read to measure: {report}");
+    assert!(
+        took >= least,
+        "read {read} bytes in {took} s, under {least} s: {report}"
+    );
+    for (args, says) in [
+        (
+            ["--max-rate", "100KB"],
+            "--max-rate 100000 bytes per second is below the least allowed, 1MiB",
+        ),
+        (["--max-rate", "fast"], "--max-rate \"fast\""),
+    ] {
+        let err = setup.fails(
+            &backup_args(&cluster, &args)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    setup.write_config_with(false, "backup-max-rate = \"512KiB\"\n");
+    let err = setup.fails(
+        &backup_args(&cluster, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        err.contains("backup-max-rate 524288 bytes per second is below"),
+        "{err}"
+    );
+    assert_eq!(ids(&info(&setup)).len(), 1, "a refused backup is listed");
+}
+
 /// What the operator leaves out (`backup-exclude` in the config, `--exclude`) is not in
 /// the backup: a directory named with a trailing `/` comes back empty, one without it
 /// not at all, and the restored cluster starts. Exclusions of PostgreSQL's own files, or

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::num::NonZeroU32;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -94,6 +95,56 @@ pub struct ArchiveOptions {
     pub inspector: Option<Inspector>,
     pub changed_ranges: Option<ChangedRanges>,
     pub progress: Option<Progress>,
+    /// A limit on how fast files are read, shared by every reading thread.
+    pub read_rate: Option<Arc<ReadRate>>,
+}
+
+/// A limit on how fast files are read: reading a busy server's data directory flat out
+/// competes with its queries for the disk. Counted in KiB; one second's worth may be
+/// read at once.
+pub struct ReadRate {
+    limiter: governor::DefaultDirectRateLimiter,
+    clock: governor::clock::DefaultClock,
+    burst_kib: NonZeroU32,
+}
+
+impl ReadRate {
+    /// At least 1 KiB per second.
+    pub fn new(bytes_per_second: u64) -> ReadRate {
+        let kib = u32::try_from(bytes_per_second / 1024).unwrap_or(u32::MAX);
+        let burst_kib = NonZeroU32::new(kib).unwrap_or(NonZeroU32::MIN);
+        ReadRate {
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(burst_kib)),
+            clock: governor::clock::DefaultClock::default(),
+            burst_kib,
+        }
+    }
+
+    /// Returns once `bytes` more may have been read.
+    pub fn wait(&self, bytes: usize) {
+        use governor::clock::Clock;
+        let mut kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        while let Some(cells) = NonZeroU32::new(kib.min(self.burst_kib.get())) {
+            match self.limiter.check_n(cells) {
+                Ok(Err(not_until)) => {
+                    std::thread::sleep(not_until.wait_time_from(self.clock.now()));
+                }
+                // At most the burst is asked for, so capacity never lacks.
+                Ok(Ok(())) | Err(_) => kib -= cells.get(),
+            }
+        }
+    }
+}
+
+impl ArchiveOptions {
+    /// [`read_chunk`], held to `read_rate`.
+    fn read(&self, file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let chunk = read_chunk(file, offset, len)?;
+        if let Some(rate) = &self.read_rate {
+            rate.wait(chunk.len());
+        }
+        Ok(chunk)
+    }
 }
 
 impl std::fmt::Debug for ArchiveOptions {
@@ -106,6 +157,7 @@ impl std::fmt::Debug for ArchiveOptions {
             .field("inspector", &self.inspector.is_some())
             .field("changed_ranges", &self.changed_ranges.is_some())
             .field("progress", &self.progress.is_some())
+            .field("read_rate", &self.read_rate.is_some())
             .finish()
     }
 }
@@ -120,6 +172,7 @@ impl Default for ArchiveOptions {
             inspector: None,
             changed_ranges: None,
             progress: None,
+            read_rate: None,
         }
     }
 }
@@ -568,7 +621,7 @@ impl Walker<'_, '_> {
                     // A file of one chunk is read here: handing it to a worker and
                     // taking it back cost more than reading and hashing it (40,000 files
                     // of 8 KiB: 1.2 s against 1.0 s).
-                    let chunk = read_chunk(&file, 0, meta.len() as usize)
+                    let chunk = (self.options.read(&file, 0, meta.len() as usize))
                         .map_err(|e| RepoError::io(&path, e))?;
                     let chunks = (!chunk.is_empty()).then_some(Ok(chunk));
                     let (content, size) = self.store_file_chunks(
@@ -654,7 +707,7 @@ impl Walker<'_, '_> {
                 reused += end - start;
                 continue;
             }
-            let chunk = read_chunk(file, start, (end - start) as usize)
+            let chunk = (self.options.read(file, start, (end - start) as usize))
                 .map_err(|e| RepoError::io(path, e))?;
             let read = chunk.len();
             if chunk.is_empty() {
@@ -696,7 +749,7 @@ fn store_piece(saver: &BlobSaver<'_>, options: &ArchiveOptions, piece: Piece) ->
     while offset < end {
         let want = (end - offset).min(chunk_size) as usize;
         let chunk =
-            read_chunk(&piece.file, offset, want).map_err(|e| RepoError::io(&piece.path, e))?;
+            (options.read(&piece.file, offset, want)).map_err(|e| RepoError::io(&piece.path, e))?;
         let read = chunk.len();
         if read == 0 {
             break; // truncated since it was listed: the rest belongs to WAL replay

@@ -20,7 +20,7 @@ use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile};
 use pg::summary::ChangedBlocks;
 use pg::wal::{Lsn, WalFileName};
-use repo::archive::{archive_tree, ArchiveOptions, Archived, Include};
+use repo::archive::{archive_tree, ArchiveOptions, Archived, Include, ReadRate};
 use repo::pack::BlobType;
 use repo::saver::BlobSaver;
 use repo::snapshot::{find_path, Node, NodeKind, Snapshot, Summary, Tree};
@@ -28,7 +28,7 @@ use repo::{Id, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::archive::{load_identity, parse_duration, wal_name};
+use super::archive::{load_identity, parse_duration, parse_size, wal_name};
 use super::setup::connect;
 use crate::cli::{BackupAction, BackupArgs};
 use crate::context::Context;
@@ -397,6 +397,15 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         .chain(args.exclude.iter().map(|text| ("--exclude", text))))
     .map(|(source, text)| Exclusion::parse(text).map_err(|e| anyhow::anyhow!("{source}: {e}")))
     .collect::<Result<_>>()?;
+    let max_rate = match (&args.max_rate, &ctx.cluster_section.backup_max_rate) {
+        (Some(text), _) => Some(("--max-rate", parse_size(text, "--max-rate")?)),
+        (None, Some(text)) => Some(("backup-max-rate", parse_size(text, "backup-max-rate")?)),
+        (None, None) => None,
+    };
+    if let Some((source, rate)) = max_rate.filter(|(_, rate)| *rate < 1 << 20) {
+        bail!("{source} {rate} bytes per second is below the least allowed, 1MiB: a backup that slow would hold the server's backup open for hours");
+    }
+    let read_rate = max_rate.map(|(_, rate)| Arc::new(ReadRate::new(rate)));
     let started_at = Instant::now();
     let (mut conn, info) = connect(ctx)?;
     let repo = ctx.open()?;
@@ -534,6 +543,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 parent: parent_of(&repo, previous_tree, &name)?,
                 read_all: args.checksum_all,
                 progress: progress.clone(),
+                read_rate: read_rate.clone(),
                 ..ArchiveOptions::default()
             };
             let options = options_for(
