@@ -85,9 +85,25 @@ impl Drop for SftpStorage {
         if tokio::runtime::Handle::try_current().is_ok() {
             return;
         }
-        let closing = async { tokio::time::timeout(Duration::from_secs(10), sftp.close()).await };
-        if let Ok(Err(e)) = self.runtime.block_on(closing) {
-            tracing::debug!("closing the SFTP session to {}: {e}", self.config.host);
+        // On a task of its own: the crate's close can panic (it unwraps its session
+        // handle, which it sometimes still shares), and a panic here would fail a
+        // command whose work is done. The idle timeout then ends the master.
+        let closing = self.runtime.spawn(sftp.close());
+        let closed = self
+            .runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), closing).await });
+        match closed {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::debug!("closing the SFTP session to {}: {e}", self.config.host);
+            }
+            Ok(Err(e)) => tracing::debug!(
+                "closing the SFTP session to {} failed: {e}",
+                self.config.host
+            ),
+            Err(_elapsed) => {
+                tracing::debug!("closing the SFTP session to {} timed out", self.config.host)
+            }
         }
     }
 }
