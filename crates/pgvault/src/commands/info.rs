@@ -185,7 +185,7 @@ pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
         "start_wal": meta.start_wal,
         "stop_wal": meta.stop_wal,
         "files": summary.files,
-        "bytes_read": summary.bytes - summary.bytes_unchanged,
+        "bytes_read": summary.bytes.saturating_sub(summary.bytes_unchanged),
         "wal_summary_blocks": meta.wal_summary_blocks,
         "tablespaces": meta.tablespaces,
         // As `backup` reports them (`info` counts them).
@@ -249,7 +249,7 @@ pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
                 "{} in {} files; {} read, {} new stored ({:.1}s)",
                 bytes(summary.bytes),
                 summary.files,
-                bytes(summary.bytes - summary.bytes_unchanged),
+                bytes(summary.bytes.saturating_sub(summary.bytes_unchanged)),
                 bytes(summary.save.bytes_stored),
                 summary.duration_ms as f64 / 1000.0
             ),
