@@ -945,6 +945,71 @@ fn a_role_with_the_documented_privileges_backs_up() {
     }
 }
 
+/// On a terminal, backup and restore draw a progress bar on stderr (in bytes, up to the
+/// total); without one they do not.
+#[test]
+fn progress_bars_only_on_a_terminal() {
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let quoted = |args: &[String]| -> String {
+        let mut line = format!(
+            "'{}' --config '{}'",
+            env!("CARGO_BIN_EXE_pgvault"),
+            setup.path("pgvault.toml").display()
+        );
+        for arg in args {
+            line.push_str(&format!(" '{}'", arg.replace('\'', "'\\''")));
+        }
+        line
+    };
+    // `script` runs the command on a pseudo-terminal and copies what it printed.
+    let on_a_terminal = |args: &[String]| -> String {
+        let out = std::process::Command::new("script")
+            .args(["-qec", &quoted(args), "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("script (util-linux)");
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    let backup_text = [
+        "backup".to_string(),
+        "--fast".to_string(),
+        "--pg-conn".to_string(),
+        cluster.conninfo(),
+        "--pgdata".to_string(),
+        cluster.pgdata().display().to_string(),
+    ];
+    let text = on_a_terminal(&backup_text);
+    assert!(
+        text.lines()
+            .any(|line| line.contains("backup [") && line.contains("MiB/")),
+        "no backup progress bar: {text}"
+    );
+    switch_and_wait_archived(&cluster);
+    let (_dir, pgdata) = new_data_directory("pgvault-progress-");
+    let text = on_a_terminal(&[
+        "restore".to_string(),
+        "--pgdata".to_string(),
+        pgdata.clone(),
+    ]);
+    assert!(
+        text.lines()
+            .any(|line| line.contains("restore [") && line.contains("MiB/")),
+        "no restore progress bar: {text}"
+    );
+    let out = setup.run(&["restore", "--pgdata", &pgdata, "--delta"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("restore ["),
+        "{stderr}"
+    );
+}
+
 /// `--max-rate` holds a backup's reads to that many bytes per second: after the one
 /// second's worth it may read at once, the rest takes its time (a lower bound, which a
 /// slow machine cannot break). Rates that are too low or not sizes are refused, from the

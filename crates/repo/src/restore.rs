@@ -313,6 +313,18 @@ pub struct RestoreOptions<'a> {
     pub holes: &'a [PathBuf],
     /// Owner ids given in place of the recorded ones (which are kept otherwise).
     pub owners: OwnerMap,
+    /// Told the bytes of each file once it is restored (in a delta restore: checked).
+    pub progress: Option<Progress<'a>>,
+}
+
+/// A callback told how many more bytes are done, from any thread.
+#[derive(Clone, Copy)]
+pub struct Progress<'a>(pub &'a (dyn Fn(u64) + Sync));
+
+impl std::fmt::Debug for Progress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 /// Owner ids to give restored entries in place of those recorded: a restore on another
@@ -344,6 +356,13 @@ impl RestoreOptions<'_> {
             held_back: None,
             holes: &[],
             owners: OwnerMap::default(),
+            progress: None,
+        }
+    }
+
+    fn report(&self, bytes: u64) {
+        if let Some(Progress(progress)) = self.progress {
+            progress(bytes);
         }
     }
 
@@ -364,7 +383,7 @@ pub fn restore_tree(
     target: &Path,
     options: RestoreOptions<'_>,
 ) -> Result<RestoreStats> {
-    let RestoreOptions { jobs, sync, .. } = options;
+    let sync = options.sync;
     repo.load_index()?;
     match fs::read_dir(target) {
         Ok(mut entries) => {
@@ -417,14 +436,14 @@ pub fn restore_tree(
                         continue;
                     }
                     if batch.add(PendingFile { path, node, hole }) {
-                        restore_files(repo, &batch.take(), jobs, sync)?;
+                        restore_files(repo, &batch.take(), options)?;
                     }
                 }
             }
         }
         Ok(subdirs)
     })?;
-    restore_files(repo, &batch.take(), jobs, sync)?;
+    restore_files(repo, &batch.take(), options)?;
     finish_dirs(dirs, target, sync)?;
     Ok(stats)
 }
@@ -443,9 +462,9 @@ fn finish_dirs(mut dirs: Vec<PendingFile>, target: &Path, sync: SyncMethod) -> R
 fn restore_files(
     repo: &Repository,
     files: &[PendingFile],
-    jobs: usize,
-    sync: SyncMethod,
+    options: RestoreOptions<'_>,
 ) -> Result<()> {
+    let RestoreOptions { jobs, sync, .. } = options;
     let work = plan_restore(repo, files)?;
     // Threads take the work in order; each, as it takes one, has the storage start on the
     // next `jobs` (a thread otherwise waited on the disk for every window it read).
@@ -467,10 +486,13 @@ fn restore_files(
                 Restore::File(number) => {
                     write_file(repo, &files[*number])?;
                     finishers.finish(*number);
-                    Ok(())
+                    options.report(files[*number].node.size);
+                    Ok::<_, RepoError>(())
                 }
                 Restore::Part(number, chunks) => {
-                    restore_part(repo, &files[*number], chunks.clone()).map(|_| ())
+                    let written = restore_part(repo, &files[*number], chunks.clone())?;
+                    options.report(written);
+                    Ok(())
                 }
             }
         })?;
@@ -794,7 +816,7 @@ pub fn restore_tree_delta(
     check: DeltaCheck,
     options: RestoreOptions<'_>,
 ) -> Result<DeltaStats> {
-    let RestoreOptions { jobs, sync, .. } = options;
+    let sync = options.sync;
     repo.load_index()?;
     fs::create_dir_all(target).map_err(|e| RepoError::io(target, e))?;
     let mut stats = DeltaStats::default();
@@ -842,7 +864,7 @@ pub fn restore_tree_delta(
                 NodeKind::File => {
                     let hole = options.is_hole(target, &path);
                     if batch.add(PendingFile { path, node, hole }) {
-                        stats.add(&repair_files(repo, batch.take(), jobs, check, sync)?);
+                        stats.add(&repair_files(repo, batch.take(), check, options)?);
                     }
                 }
             }
@@ -852,7 +874,7 @@ pub fn restore_tree_delta(
         }
         Ok(subdirs)
     })?;
-    stats.add(&repair_files(repo, batch.take(), jobs, check, sync)?);
+    stats.add(&repair_files(repo, batch.take(), check, options)?);
     finish_dirs(dirs, target, sync)?;
     Ok(stats)
 }
@@ -893,10 +915,10 @@ fn remove_entry(
 fn repair_files(
     repo: &Repository,
     files: Vec<PendingFile>,
-    jobs: usize,
     check: DeltaCheck,
-    sync: SyncMethod,
+    options: RestoreOptions<'_>,
 ) -> Result<DeltaStats> {
+    let RestoreOptions { jobs, sync, .. } = options;
     let mut stats = DeltaStats::default();
     let repairs = plan_repairs(repo, &files, jobs.max(1), check)?;
     let work: Vec<(usize, Repair)> = repairs.into_iter().enumerate().collect();
@@ -929,6 +951,9 @@ fn repair_files(
                     Outcome::Hole
                 }
             };
+            if !matches!(outcome, Outcome::Hole) {
+                options.report(file.node.size);
+            }
             Ok(outcome)
         })
     })?;

@@ -19,7 +19,7 @@ use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
 use repo::restore::{
     apply_root_metadata, restore_file_last, restore_tree, restore_tree_delta, shortage_of_room,
-    tree_bytes, DeltaCheck, DeltaStats, OwnerMap, RestoreOptions,
+    tree_bytes, DeltaCheck, DeltaStats, OwnerMap, Progress, RestoreOptions,
 };
 use repo::snapshot::{find_path, Node, Snapshot, Tree};
 use repo::{Id, Repository};
@@ -31,7 +31,7 @@ use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
 use crate::context::Context;
-use crate::output::{bytes, print_json};
+use crate::output::{bytes, print_json, progress_bar};
 
 /// PostgreSQL's timestamp input, as far as recovery_target_time needs it: an ISO date
 /// and time with a zone — an offset (`+01`, `+01:00`, `Z`), `UTC`/`GMT`, or a time zone
@@ -824,6 +824,27 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     });
     let mut kept = DeltaStats::default();
     let mut holes = 0;
+    let bar = progress_bar(
+        ctx,
+        0,
+        if delta.is_some() {
+            "delta restore"
+        } else {
+            "restore"
+        },
+    );
+    if let Some(bar) = &bar {
+        let mut total = tree_bytes(&repo, &pgdata_tree)?;
+        for tablespace in &tablespace_nodes {
+            total += tree_bytes(&repo, &tablespace.tree)?;
+        }
+        bar.set_length(total);
+    }
+    let advance = |bytes: u64| {
+        if let Some(bar) = &bar {
+            bar.inc(bytes);
+        }
+    };
     // Files and bytes written into `dir` from `tree`.
     let mut restore_into =
         |tree: &Id, dir: &Path, held_back, hole_dirs: &[PathBuf]| -> repo::Result<(u64, u64)> {
@@ -831,6 +852,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 held_back,
                 holes: hole_dirs,
                 owners,
+                progress: Some(Progress(&advance)),
                 ..RestoreOptions::new(ctx.jobs, sync)
             };
             Ok(match delta {
@@ -915,6 +937,9 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     // Last: until it is there the directory cannot be started, half restored.
     restore_file_last(&repo, &control, &pgdata.join(control_file), sync)
         .with_context(incomplete)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
 
     let seconds = started.elapsed().as_secs_f64();
     let left_out_names: Vec<&str> = left_out.iter().map(|d| d.name.as_str()).collect();
