@@ -321,6 +321,7 @@ fn is_oid(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn exclusions_name_what_the_operator_leaves_out() {
@@ -353,7 +354,6 @@ mod tests {
             assert!(err.contains(says), "{bad}: {err}");
         }
     }
-    use std::path::PathBuf;
 
     fn decide_for(path: &str, is_dir: bool) -> Decision {
         decide(Path::new(path), is_dir, &|main: &Path| {
