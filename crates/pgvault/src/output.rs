@@ -4,6 +4,17 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+/// A line for people on standard error (a summary, a hint), which `--quiet` leaves out:
+/// with it only errors are printed there.
+macro_rules! note {
+    ($ctx:expr, $($arg:tt)*) => {
+        if !$ctx.quiet {
+            eprintln!($($arg)*);
+        }
+    };
+}
+pub(crate) use note;
+
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode JSON output")?;
     println!("{text}");

@@ -946,9 +946,10 @@ fn a_role_with_the_documented_privileges_backs_up() {
 }
 
 /// On a terminal, backup and restore draw a progress bar on stderr (in bytes, up to the
-/// total); without one they do not.
+/// total); without one they do not. With `-q` stderr has nothing but errors, on a
+/// terminal too: a backup prints its id on stdout and nothing else (cron mails nothing).
 #[test]
-fn progress_bars_only_on_a_terminal() {
+fn progress_bars_only_on_a_terminal_and_quiet_means_quiet() {
     let setup = Setup::local();
     let Some(cluster) = archiving_cluster() else {
         return;
@@ -1005,9 +1006,21 @@ fn progress_bars_only_on_a_terminal() {
     let out = setup.run(&["restore", "--pgdata", &pgdata, "--delta"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && !stderr.contains("restore ["),
+        out.status.success() && !stderr.contains("restore [") && stderr.contains("restored backup"),
         "{stderr}"
     );
+
+    let quiet = |args: &[String]| [vec!["-q".to_string()], args.to_vec()].concat();
+    let delta = ["restore", "--pgdata", &pgdata, "--delta"].map(String::from);
+    let text = on_a_terminal(&quiet(&delta));
+    assert_eq!(text.trim(), "", "restore -q on a terminal");
+    let args = quiet(&backup_text);
+    let out = setup.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr, "", "backup -q");
+    assert_eq!(stdout.trim().len(), 64, "backup -q prints its id: {stdout}");
 }
 
 /// `--max-rate` holds a backup's reads to that many bytes per second: after the one

@@ -32,7 +32,7 @@ use super::archive::{load_identity, parse_duration, parse_size, wal_name};
 use super::setup::connect;
 use crate::cli::{BackupAction, BackupArgs};
 use crate::context::Context;
-use crate::output::{bytes, print_json, progress_bar};
+use crate::output::{bytes, note, print_json, progress_bar};
 
 pub const BACKUP_KIND: &str = "backup";
 
@@ -897,7 +897,7 @@ fn report(
         }));
     }
     println!("{id}");
-    eprintln!(
+    note!(ctx,
         "backup {} of cluster {}: {} in {} files, {} read, {} new stored; WAL {} … {} (timeline {}), {:.1}s",
         &id.to_hex()[..12],
         meta.cluster,
@@ -911,9 +911,11 @@ fn report(
         seconds
     );
     for page in &meta.corrupted_pages {
-        eprintln!(
+        note!(
+            ctx,
             "warning: checksum mismatch in {} block {}",
-            page.file, page.block
+            page.file,
+            page.block
         );
     }
     Ok(())

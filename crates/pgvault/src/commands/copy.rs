@@ -20,7 +20,7 @@ use super::archive::wal_name;
 use super::catalog::cluster_names;
 use crate::cli::RepoCopyArgs;
 use crate::context::Context;
-use crate::output::{bytes, print_json};
+use crate::output::{bytes, note, print_json};
 
 /// What one cluster's copy did.
 #[derive(Debug, Default, Clone)]
@@ -156,7 +156,7 @@ pub fn repo_copy(ctx: &Context, args: &RepoCopyArgs) -> Result<()> {
         let synced = sync_cluster(ctx, &source, &target, cluster)
             .with_context(|| format!("copying cluster {cluster}"))?;
         if !ctx.json() {
-            eprintln!(
+            note!(ctx,
                 "cluster {cluster}: {} WAL files, {} snapshots, {} pins copied from {} to {} ({} stored)",
                 synced.wal_files,
                 synced.snapshots.len(),
@@ -190,7 +190,8 @@ pub fn replicate(ctx: &Context, primary: &Repository) -> Vec<Value> {
         match result {
             Ok(synced) => {
                 if !ctx.json() && !ctx.quiet {
-                    eprintln!(
+                    note!(
+                        ctx,
                         "repository {name}: {} WAL files and {} snapshots copied ({} stored)",
                         synced.wal_files,
                         synced.snapshots.len(),

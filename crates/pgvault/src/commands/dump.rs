@@ -35,7 +35,7 @@ use super::archive::{register, ClusterIdentity};
 use super::setup::connect;
 use crate::cli::{DumpAction, DumpArgs};
 use crate::context::Context;
-use crate::output::{bytes, print_json, Table};
+use crate::output::{bytes, note, print_json, Table};
 
 pub const DUMP_KIND: &str = "dump";
 
@@ -459,7 +459,7 @@ fn dump(ctx: &Context, args: &DumpArgs) -> Result<()> {
         }));
     }
     println!("{id}");
-    eprintln!(
+    note!(ctx,
         "dump {} of cluster {}: {} databases + globals with {} ({}), {} in archives, {} new stored, {:.1}s",
         id.short(),
         ctx.cluster,

@@ -25,7 +25,7 @@ use super::dump::{
 };
 use crate::cli::DumpRestoreArgs;
 use crate::context::Context;
-use crate::output::print_json;
+use crate::output::{note, print_json};
 
 /// Streams a stored file into `command`'s stdin; returns its stderr, failing on a
 /// non-zero exit with the first error line.
@@ -262,7 +262,8 @@ pub fn restore(ctx: &Context, args: &DumpRestoreArgs) -> Result<()> {
                 .prefix("pgvault-dump-")
                 .tempfile()
                 .context("cannot create a temporary file for a parallel restore")?;
-            eprintln!(
+            note!(
+                ctx,
                 "staging the archive of {db:?} ({}) in {} for pg_restore --jobs {}",
                 crate::output::bytes(node.size),
                 staged.path().display(),
@@ -308,7 +309,8 @@ pub fn restore(ctx: &Context, args: &DumpRestoreArgs) -> Result<()> {
             "pg_restore": pg_restore.path,
         }));
     }
-    eprintln!(
+    note!(
+        ctx,
         "restored dump {}{} and {} database(s) with {} ({}){}",
         id.short(),
         if with_globals { ": globals" } else { "" },
@@ -351,7 +353,8 @@ fn restore_dumpall(
         .context("imported dump has no script")?;
     if let Some(path) = &args.to_file {
         write_node(repo, &node, path)?;
-        eprintln!(
+        note!(
+            ctx,
             "wrote {} ({})",
             path.display(),
             crate::output::bytes(node.size)
@@ -383,7 +386,8 @@ fn restore_dumpall(
             &json!({"dump": id, "sql_bytes": replayed.bytes, "expected_and_skipped": replayed.skipped}),
         );
     }
-    eprintln!(
+    note!(
+        ctx,
         "replayed dump {} ({} of SQL){}",
         id.short(),
         crate::output::bytes(replayed.bytes),
@@ -461,7 +465,10 @@ fn to_dir(
     for path in written {
         println!("{}", path.display());
     }
-    eprintln!("restore an archive with: pg_restore --create --dbname=postgres DIR/NAME.dump");
+    note!(
+        ctx,
+        "restore an archive with: pg_restore --create --dbname=postgres DIR/NAME.dump"
+    );
     Ok(())
 }
 
@@ -529,7 +536,8 @@ fn to_file(
             &json!({"written": path, "databases": databases, "globals": with_globals}),
         );
     }
-    eprintln!(
+    note!(
+        ctx,
         "wrote {} ({}{} database(s)) as plain SQL",
         path.display(),
         if with_globals { "globals and " } else { "" },

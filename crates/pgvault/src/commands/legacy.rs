@@ -31,7 +31,7 @@ use crate::config::read_secret_file;
 use crate::context::Context;
 use crate::legacy::openssl::{self, KeyDerivation};
 use crate::legacy::{discover, LegacyBackup, PartsReader};
-use crate::output::{bytes, print_json, Table};
+use crate::output::{bytes, note, print_json, Table};
 
 pub fn legacy_command(ctx: &Context, command: &LegacyCommand) -> Result<()> {
     match command {
@@ -392,7 +392,8 @@ fn restore(ctx: &Context, args: &crate::cli::LegacyRestoreArgs) -> Result<()> {
         if ctx.json() {
             return print_json(&json!({"backup": backup_id, "written": path, "bytes": written}));
         }
-        eprintln!(
+        note!(
+            ctx,
             "wrote {} ({}) from backup {backup_id}",
             path.display(),
             bytes(written)
@@ -439,7 +440,7 @@ fn restore(ctx: &Context, args: &crate::cli::LegacyRestoreArgs) -> Result<()> {
             "duration_ms": (seconds * 1000.0) as u64,
         }));
     }
-    eprintln!(
+    note!(ctx,
         "restored backup {backup_id} ({} parts, {} encrypted, {} of SQL, openssl {}) in {seconds:.1}s",
         stream.backup.parts.len(),
         bytes(stream.backup.size()),
@@ -447,10 +448,10 @@ fn restore(ctx: &Context, args: &crate::cli::LegacyRestoreArgs) -> Result<()> {
         stream.derivation
     );
     for skipped in &report.skipped {
-        eprintln!("  expected on a fresh server and left out: {skipped}");
+        note!(ctx, "  expected on a fresh server and left out: {skipped}");
     }
     if let Some((old, new)) = &rename {
-        eprintln!("  renamed database {old:?} to {new:?}");
+        note!(ctx, "  renamed database {old:?} to {new:?}");
     }
     Ok(())
 }
@@ -596,7 +597,8 @@ fn import(
         }));
     }
     println!("{id}");
-    eprintln!(
+    note!(
+        ctx,
         "imported backup {} as dump {} of cluster {}: {} of SQL, {} stored; databases: {}",
         stream.backup.id,
         id.short(),

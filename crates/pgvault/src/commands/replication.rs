@@ -13,7 +13,7 @@ use super::archive::{load_identity, parse_duration, parse_size};
 use super::setup::{connect, connect_to};
 use crate::cli::{ReplicationStatusArgs, RestoreArgs, StandbyCreateArgs};
 use crate::context::Context;
-use crate::output::{bytes, print_json, Table};
+use crate::output::{bytes, note, print_json, Table};
 
 fn valid_slot_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
@@ -100,7 +100,8 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         }));
     }
     if let (Some(slot), Some(created)) = (&args.slot, slot_report) {
-        eprintln!(
+        note!(
+            ctx,
             "{} physical replication slot {slot} on the primary",
             if created {
                 "created"
@@ -109,7 +110,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
             }
         );
     }
-    eprintln!(
+    note!(ctx,
         "standby ready in {}: start it (pg_ctl -D {} start); it replays WAL from the repository, then streams from the primary",
         pgdata.display(),
         pgdata.display()

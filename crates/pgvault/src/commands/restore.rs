@@ -31,7 +31,7 @@ use super::catalog::{Reach, WalArchive};
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
 use crate::context::Context;
-use crate::output::{bytes, print_json, progress_bar};
+use crate::output::{bytes, note, print_json, progress_bar};
 
 /// PostgreSQL's timestamp input, as far as recovery_target_time needs it: an ISO date
 /// and time with a zone — an offset (`+01`, `+01:00`, `Z`), `UTC`/`GMT`, or a time zone
@@ -963,19 +963,23 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         }));
     }
     if delta.is_some() {
-        eprintln!(
+        note!(
+            ctx,
             "delta: {} files already matched the backup, {} rewritten, {} entries removed",
-            kept.files_kept, kept.files_written, kept.removed
+            kept.files_kept,
+            kept.files_written,
+            kept.removed
         );
     }
     if let Some(dir) = &kept_waldir {
-        eprintln!(
+        note!(
+            ctx,
             "pg_wal: kept as a link to {} (emptied), as it was; --waldir DIR moves it",
             dir.display()
         );
     }
     if !left_out.is_empty() {
-        eprintln!(
+        note!(ctx,
             "left out: database{} {} ({holes} files restored as empty holes); once the server is up, DROP DATABASE {}: connecting to {} fails",
             if left_out.len() == 1 { "" } else { "s" },
             left_out_names.join(", "),
@@ -983,7 +987,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             if left_out.len() == 1 { "it" } else { "them" },
         );
     }
-    eprintln!(
+    note!(ctx,
         "restored backup {} ({} in {} files) into {} in {:.1}s; start the server to recover to {target} ({signal})",
         &id.to_hex()[..12],
         bytes(total_bytes),

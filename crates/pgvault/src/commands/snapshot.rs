@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::cli::{SnapshotCommand, SnapshotCreateArgs, SnapshotRestoreArgs};
 use crate::context::Context;
-use crate::output::{bytes, print_json};
+use crate::output::{bytes, note, print_json};
 
 pub fn run(ctx: &Context, command: &SnapshotCommand) -> Result<()> {
     match command {
@@ -104,7 +104,8 @@ fn create(ctx: &Context, args: &SnapshotCreateArgs) -> Result<()> {
             "duration_ms": s.duration_ms,
         }));
     }
-    eprintln!(
+    note!(
+        ctx,
         "stored {} files, {} in {:.1}s: {} new data, {} written after compression{}",
         s.files,
         bytes(s.bytes),
