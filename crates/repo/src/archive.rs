@@ -104,7 +104,6 @@ pub struct ArchiveOptions {
 /// read at once.
 pub struct ReadRate {
     limiter: governor::DefaultDirectRateLimiter,
-    clock: governor::clock::DefaultClock,
     burst_kib: NonZeroU32,
 }
 
@@ -115,7 +114,6 @@ impl ReadRate {
         let burst_kib = NonZeroU32::new(kib).unwrap_or(NonZeroU32::MIN);
         ReadRate {
             limiter: governor::RateLimiter::direct(governor::Quota::per_second(burst_kib)),
-            clock: governor::clock::DefaultClock::default(),
             burst_kib,
         }
     }
@@ -127,7 +125,8 @@ impl ReadRate {
         while let Some(cells) = NonZeroU32::new(kib.min(self.burst_kib.get())) {
             match self.limiter.check_n(cells) {
                 Ok(Err(not_until)) => {
-                    std::thread::sleep(not_until.wait_time_from(self.clock.now()));
+                    let now = self.limiter.clock().now();
+                    std::thread::sleep(not_until.wait_time_from(now));
                 }
                 // At most the burst is asked for, so capacity never lacks.
                 Ok(Ok(())) | Err(_) => kib -= cells.get(),

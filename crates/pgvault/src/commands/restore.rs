@@ -834,11 +834,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         },
     );
     if let Some(bar) = &bar {
-        let mut total = tree_bytes(&repo, &pgdata_tree)?;
-        for tablespace in &tablespace_nodes {
-            total += tree_bytes(&repo, &tablespace.tree)?;
-        }
-        bar.set_length(total);
+        // The data directory's and every tablespace's files: known without reading trees.
+        bar.set_length(snapshot.summary.bytes);
     }
     let advance = |bytes: u64| {
         if let Some(bar) = &bar {
