@@ -917,6 +917,10 @@ pub struct ClusterInfo {
     pub restore_command: String,
     pub data_checksums: bool,
     pub data_directory: String,
+    /// Where the server read its settings, host-based and ident rules from (absolute).
+    pub config_file: String,
+    pub hba_file: String,
+    pub ident_file: String,
     pub in_recovery: bool,
     pub timeline: u32,
 }
@@ -929,7 +933,8 @@ const CLUSTER_INFO_SQL: &str = "SELECT current_setting('server_version_num'), \
      coalesce(current_setting('restore_command', true), ''), \
      current_setting('data_checksums'), current_setting('data_directory'), \
      pg_is_in_recovery()::text, \
-     (SELECT timeline_id::text FROM pg_control_checkpoint())";
+     (SELECT timeline_id::text FROM pg_control_checkpoint()), \
+     current_setting('config_file'), current_setting('hba_file'), current_setting('ident_file')";
 
 impl ClusterInfo {
     pub fn read(conn: &mut Connection) -> Result<ClusterInfo, ConnError> {
@@ -966,6 +971,9 @@ impl ClusterInfo {
             data_directory: field(9)?,
             in_recovery: field(10)? == "true",
             timeline: number(11)? as u32,
+            config_file: field(12)?,
+            hba_file: field(13)?,
+            ident_file: field(14)?,
         };
         crate::wal::check_segment_size(info.wal_segment_size).map_err(|e| answer(e.to_string()))?;
         Ok(info)

@@ -1,10 +1,11 @@
 //! PostgreSQL knowledge for pgvault: connections, WAL file names and headers, data
 //! pages and their checksums, restore points in WAL records, the data directory's
-//! backup rules, backup start/stop and recovery settings per server version. Nothing
-//! here knows about storage or repositories.
+//! backup rules, configuration files and their includes, backup start/stop and recovery
+//! settings per server version. Nothing here knows about storage or repositories.
 
 pub mod backup;
 mod bytes;
+pub mod config;
 pub mod conn;
 pub mod page;
 pub mod pgdata;

@@ -435,6 +435,11 @@ pub struct RestoreArgs {
     /// missing; must be empty, or is emptied with --delta/--force)
     #[arg(long, value_name = "DIR")]
     pub waldir: Option<PathBuf>,
+    /// Write the configuration files the backup took from outside the data directory
+    /// (as Debian's /etc/postgresql/...) under DIR at their original paths; "/" puts them
+    /// back where they were
+    #[arg(long, value_name = "DIR")]
+    pub config_to: Option<PathBuf>,
     /// A server setting written with the recovery settings, e.g.
     /// recovery_min_apply_delay=1h or restore_command=... (repeatable; replaces pgvault's
     /// own of that name; not the recovery targets, which have options of their own)
@@ -511,6 +516,10 @@ pub struct StandbyCreateArgs {
     /// missing; must be empty, or is emptied with --delta/--force)
     #[arg(long, value_name = "DIR")]
     pub waldir: Option<PathBuf>,
+    /// Write the configuration files the backup took from outside the data directory
+    /// under DIR at their original paths ("/": where they were)
+    #[arg(long, value_name = "DIR")]
+    pub config_to: Option<PathBuf>,
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long)]
     pub force: bool,

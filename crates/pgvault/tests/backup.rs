@@ -2552,3 +2552,211 @@ fn backups_under_write_load_restore_consistently() {
 fn block_level_backups_under_write_load_restore_consistently() {
     backups_under_write_load(17, true);
 }
+
+/// `chown -R postgres:postgres` when run as root, as the server and archiver run.
+fn give_to_postgres(path: &Path) {
+    let status = std::process::Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(status.success(), "chown {}", path.display());
+}
+
+/// The configuration laid out as Debian does it: `postgresql.conf`, `pg_hba.conf`,
+/// `pg_ident.conf` and a `conf.d/` outside the data directory. Backups take them; a
+/// restore puts them back only when asked, under a directory or where they were, and
+/// refuses to replace different files without `--force`.
+#[test]
+fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request() {
+    let setup = Setup::local();
+    let Some(mut cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let inside_only = backup(&setup, &cluster, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    cluster.stop();
+    let pgdata = cluster.pgdata();
+    let etc = cluster.dir().join("etc/postgresql/15/main");
+    fs::create_dir_all(etc.join("conf.d")).expect("mkdir");
+    for name in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+        fs::rename(pgdata.join(name), etc.join(name)).expect("move out");
+    }
+    let mut conf = fs::read_to_string(etc.join("postgresql.conf")).expect("read");
+    conf.push_str(&format!(
+        "data_directory = '{}'\nhba_file = '{}'\nident_file = '{}'\ninclude_dir = 'conf.d'\n",
+        pgdata.display(),
+        etc.join("pg_hba.conf").display(),
+        etc.join("pg_ident.conf").display()
+    ));
+    fs::write(etc.join("postgresql.conf"), conf).expect("write");
+    fs::write(etc.join("conf.d/50-tuning.conf"), "work_mem = '7MB'\n").expect("write");
+    give_to_postgres(&cluster.dir().join("etc"));
+    let config_file = etc.join("postgresql.conf");
+    cluster
+        .start_with(&format!("-c config_file={}", config_file.display()))
+        .expect("start with the configuration outside");
+    assert_eq!(cluster.psql("SHOW work_mem"), "7MB");
+    assert_eq!(
+        cluster.psql("SHOW config_file"),
+        config_file.display().to_string()
+    );
+
+    backup(&setup, &cluster, &[]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["backup", "show", "latest", "--output", "json"]))
+            .expect("show JSON");
+    let path = |name: &str| etc.join(name).display().to_string();
+    assert_eq!(
+        shown["config_files"],
+        serde_json::json!([
+            {"path": path("postgresql.conf"), "setting": "config_file"},
+            {"path": path("conf.d/50-tuning.conf")},
+            {"path": path("pg_hba.conf"), "setting": "hba_file"},
+            {"path": path("pg_ident.conf"), "setting": "ident_file"},
+        ])
+    );
+    cluster.psql("CREATE TABLE marks AS SELECT 'configured outside' AS mark");
+    switch_and_wait_archived(&cluster);
+
+    // Not asked for: not restored, and said so.
+    let (_plain_dir, plain) = new_data_directory("pgvault-config-");
+    let out = setup.run(&[
+        "restore",
+        "--pgdata",
+        &plain,
+        "--target-timeline",
+        "current",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "configuration: the backup also holds {}",
+            path("postgresql.conf")
+        )),
+        "{stderr}"
+    );
+    assert!(!Path::new(&plain).join("postgresql.conf").exists());
+
+    // Under a directory of their own, then a server started with them.
+    let (restored_dir, restored) = new_data_directory("pgvault-config-");
+    let config_to = restored_dir.path().join("config");
+    let config_to_arg = config_to.display().to_string();
+    let restore_args = [
+        "restore",
+        "--pgdata",
+        &restored,
+        "--target-timeline",
+        "current",
+        "--target-action",
+        "promote",
+        "--archive-mode",
+        "off",
+        "--config-to",
+        &config_to_arg,
+    ];
+    let out = setup.run(&restore_args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let under = |name: &str| config_to.join(etc.join(name).strip_prefix("/").expect("absolute"));
+    for name in [
+        "postgresql.conf",
+        "conf.d/50-tuning.conf",
+        "pg_hba.conf",
+        "pg_ident.conf",
+    ] {
+        assert_eq!(
+            fs::read(under(name)).expect("restored"),
+            fs::read(etc.join(name)).expect("source"),
+            "{name}"
+        );
+        let mode = |path: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(
+                &fs::metadata(path).expect("stat").permissions(),
+            )
+        };
+        assert_eq!(mode(&under(name)), mode(&etc.join(name)), "{name}");
+    }
+    for (setting, now) in [
+        ("data_directory", restored.clone()),
+        ("hba_file", under("pg_hba.conf").display().to_string()),
+        ("ident_file", under("pg_ident.conf").display().to_string()),
+    ] {
+        assert!(
+            stderr.contains(&format!(
+                "warning: the restored configuration sets {setting} = '"
+            )) && stderr.contains(&format!("but this restore put it at {now}:")),
+            "{setting}: {stderr}"
+        );
+    }
+    let server_options = format!(
+        "-c config_file={} -c data_directory={restored} -c hba_file={} -c ident_file={}",
+        under("postgresql.conf").display(),
+        under("pg_hba.conf").display(),
+        under("pg_ident.conf").display()
+    );
+    let started = Cluster::adopt_with(cluster.bin().clone(), restored_dir, &server_options)
+        .expect("start with the restored configuration");
+    started.wait_promoted(Duration::from_secs(120));
+    assert_eq!(started.psql("SHOW work_mem"), "7MB");
+    assert_eq!(started.psql("SELECT mark FROM marks"), "configured outside");
+
+    // A different file there is not replaced without --force, and nothing is written.
+    fs::write(under("conf.d/50-tuning.conf"), "work_mem = '1MB'\n").expect("edit");
+    let (_again_dir, again) = new_data_directory("pgvault-config-");
+    let mut args = restore_args.to_vec();
+    args[2] = &again;
+    let err = setup.fails(&args);
+    assert!(
+        err.contains(&format!(
+            "--config-to: {} is there with other content than the backup's",
+            under("conf.d/50-tuning.conf").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&again).exists(),
+        "a refused restore wrote the data directory"
+    );
+    args.push("--force");
+    setup.ok(&args);
+    assert_eq!(
+        fs::read_to_string(under("conf.d/50-tuning.conf")).expect("read"),
+        "work_mem = '7MB'\n"
+    );
+
+    // `/`: back where they were.
+    fs::remove_file(etc.join("conf.d/50-tuning.conf")).expect("remove");
+    let (_home_dir, home) = new_data_directory("pgvault-config-");
+    setup.ok(&[
+        "restore",
+        "--pgdata",
+        &home,
+        "--target-timeline",
+        "current",
+        "--config-to",
+        "/",
+    ]);
+    assert_eq!(
+        fs::read_to_string(etc.join("conf.d/50-tuning.conf")).expect("back"),
+        "work_mem = '7MB'\n"
+    );
+
+    for (extra, says) in [
+        (
+            vec!["--config-to", "config"],
+            "--config-to config: give an absolute directory",
+        ),
+        (
+            vec!["--backup", &inside_only, "--config-to", "/tmp"],
+            "--config-to: this backup took no configuration files from outside its data directory",
+        ),
+    ] {
+        let err = restore_fails(&setup, "refused", &extra);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}

@@ -125,6 +125,8 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     port: u16,
     running: bool,
+    /// More `postgres` options for each start (`-c config_file=…`).
+    server_options: String,
 }
 
 impl Cluster {
@@ -185,6 +187,7 @@ impl Cluster {
             dir,
             port: 0,
             running: false,
+            server_options: String::new(),
         };
         cluster.start_server()?;
         Ok(cluster)
@@ -229,6 +232,7 @@ impl Cluster {
             dir,
             port: 0,
             running: false,
+            server_options: String::new(),
         };
         cluster.start_server()?;
         Ok(cluster)
@@ -236,12 +240,22 @@ impl Cluster {
 
     /// Adopts a data directory restored by someone else (e.g. pgvault) and starts it.
     pub fn adopt(bin: PgBin, dir: tempfile::TempDir) -> Result<Cluster, String> {
+        Cluster::adopt_with(bin, dir, "")
+    }
+
+    /// [`Cluster::adopt`], the server started with more `postgres` options.
+    pub fn adopt_with(
+        bin: PgBin,
+        dir: tempfile::TempDir,
+        server_options: &str,
+    ) -> Result<Cluster, String> {
         give_to_postgres(dir.path());
         let mut cluster = Cluster {
             bin,
             dir,
             port: 0,
             running: false,
+            server_options: server_options.to_string(),
         };
         cluster.start_server()?;
         Ok(cluster)
@@ -255,6 +269,13 @@ impl Cluster {
         self.start_server()
     }
 
+    /// Starts a server stopped with [`Cluster::stop`], from now on with these more
+    /// `postgres` options.
+    pub fn start_with(&mut self, server_options: &str) -> Result<(), String> {
+        self.server_options = server_options.to_string();
+        self.start_again()
+    }
+
     fn start_server(&mut self) -> Result<(), String> {
         let mut last = String::new();
         for _attempt in 0..3 {
@@ -265,7 +286,7 @@ impl Cluster {
                 .arg("-l")
                 .arg(self.log_path())
                 .arg("-o")
-                .arg(format!("-p {}", self.port))
+                .arg(format!("-p {} {}", self.port, self.server_options))
                 .args(["-w", "-t", "120", "start"])
                 .stdin(Stdio::null())
                 .output()

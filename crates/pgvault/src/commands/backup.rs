@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::archive::{load_identity, parse_duration, parse_size, wal_name};
+use super::config_files::{self, ConfigRecord};
 use super::setup::connect;
 use crate::cli::{BackupAction, BackupArgs};
 use crate::context::Context;
@@ -100,6 +101,10 @@ pub struct BackupMeta {
     /// What the operator left out (`--exclude`, `backup-exclude`), as given.
     #[serde(default)]
     pub excluded: Vec<String>,
+    /// Configuration files the server read from outside its data directory, stored under
+    /// `config/` in the tree. Absent in older backups.
+    #[serde(default)]
+    pub config_files: Vec<ConfigRecord>,
 }
 
 /// The owner of a data directory: ids, and names where this host's user database had them.
@@ -487,6 +492,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let owner = Owner::of(
         &fs::metadata(&pgdata).with_context(|| format!("cannot read {}", pgdata.display()))?,
     );
+    let config = config_files::take(&info, &pgdata);
     let lock = ctx.lock_scope(&repo, &format!("a backup of cluster {}", ctx.cluster))?;
     let previous = list_backups(&repo, &ctx.cluster)?.pop();
     let label = args
@@ -607,6 +613,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             subtree: Some(tablespaces_tree),
             target: None,
         });
+        if !config.is_empty() {
+            top.push(config_files::store(&saver, &config)?);
+        }
         Ok(top)
     })();
     // Always end the backup on the server, also when storing failed.
@@ -680,6 +689,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         databases: Some(databases),
         owner: Some(owner),
         excluded: exclusions.iter().map(Exclusion::to_string).collect(),
+        config_files: config.into_iter().map(|file| file.record).collect(),
     };
     summary.duration_ms = started_at.elapsed().as_millis() as u64;
     let snapshot = Snapshot {

@@ -188,6 +188,7 @@ pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
         "bytes_read": summary.bytes.saturating_sub(summary.bytes_unchanged),
         "wal_summary_blocks": meta.wal_summary_blocks,
         "tablespaces": meta.tablespaces,
+        "config_files": meta.config_files,
         // As `backup` reports them (`info` counts them).
         "corrupted_pages": meta.corrupted_pages,
         "backup_label": meta.backup_label,
@@ -275,6 +276,13 @@ pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
     }
     if !meta.excluded.is_empty() {
         lines.push(("left out", meta.excluded.join(", ")));
+    }
+    for file in &meta.config_files {
+        let line = match &file.setting {
+            Some(setting) => format!("{} ({setting})", file.path),
+            None => file.path.clone(),
+        };
+        lines.push(("configuration", line));
     }
     if let Some(owner) = &meta.owner {
         let name = |name: &Option<String>, id: u32| name.clone().unwrap_or_else(|| id.to_string());

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod config_files;
 pub mod copy;
 pub mod daemon;
 pub mod dump;

@@ -80,6 +80,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         db_exclude: Vec::new(),
         recovery_option: Vec::new(),
         waldir: args.waldir.clone(),
+        config_to: args.config_to.clone(),
         archive_mode: "preserve".to_string(),
         delta: None,
         force: args.force,

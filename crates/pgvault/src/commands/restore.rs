@@ -28,6 +28,7 @@ use serde_json::json;
 use super::archive::{fetch_file, fsync_dir, write_atomically};
 use super::backup::{backup_named, list_backups, BackupMeta, Database, Owner};
 use super::catalog::{Reach, WalArchive};
+use super::config_files;
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
 use crate::context::Context;
@@ -779,6 +780,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?,
     );
     let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces, &left_out)?;
+    let config = match &args.config_to {
+        Some(dir) => config_files::plan(&repo, &top, dir, args.force || args.delta.is_some())?,
+        None => Vec::new(),
+    };
     let pgdata_holes: Vec<PathBuf> = (left_out.iter())
         .map(|database| database_dir(database.oid))
         .collect();
@@ -931,6 +936,9 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         rewrite_auto_conf(&auto_conf, &settings).as_bytes(),
     )?;
     write_server_file(&pgdata, signal, b"")?;
+    if let Some(dir) = &args.config_to {
+        config_files::write(dir, &config, owners)?;
+    }
     // Last: until it is there the directory cannot be started, half restored.
     restore_file_last(&repo, &control, &pgdata.join(control_file), sync)
         .with_context(incomplete)?;
@@ -956,6 +964,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             "left_out_databases": left_out_names,
             "holes": holes,
             "waldir": waldir,
+            "config_files": config.iter().map(|p| p.target()).collect::<Vec<_>>(),
             "duration_ms": (seconds * 1000.0) as u64,
         }));
     }
@@ -974,6 +983,33 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             "pg_wal: kept as a link to {} (emptied), as it was; --waldir DIR moves it",
             dir.display()
         );
+    }
+    match &args.config_to {
+        Some(dir) => {
+            note!(
+                ctx,
+                "configuration: {} file{} of the backup written under {}",
+                config.len(),
+                if config.len() == 1 { "" } else { "s" },
+                dir.display()
+            );
+            for (setting, value, now) in
+                config_files::stale_places(&config, &meta.config_files, dir, &pgdata)
+            {
+                note!(ctx,
+                    "warning: the restored configuration sets {setting} = '{value}', but this restore put it at {}: change it before starting a server with that configuration",
+                    now.display()
+                );
+            }
+        }
+        None if !meta.config_files.is_empty() => {
+            let paths: Vec<&str> = meta.config_files.iter().map(|f| f.path.as_str()).collect();
+            note!(ctx,
+                "configuration: the backup also holds {} (outside the data directory), not restored: the server uses what is at those paths on this host; --config-to / puts the backup's back there, --config-to DIR under DIR",
+                paths.join(", ")
+            );
+        }
+        None => {}
     }
     if !left_out.is_empty() {
         note!(ctx,
