@@ -2569,6 +2569,7 @@ fn give_to_postgres(path: &Path) {
 /// refuses to replace different files without `--force`.
 #[test]
 fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request() {
+    use std::os::unix::fs::PermissionsExt;
     let setup = Setup::local();
     let Some(mut cluster) = archiving_cluster() else {
         return;
@@ -2674,11 +2675,7 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
             fs::read(etc.join(name)).expect("source"),
             "{name}"
         );
-        let mode = |path: &Path| {
-            std::os::unix::fs::PermissionsExt::mode(
-                &fs::metadata(path).expect("stat").permissions(),
-            )
-        };
+        let mode = |path: &Path| fs::metadata(path).expect("stat").permissions().mode();
         assert_eq!(mode(&under(name)), mode(&etc.join(name)), "{name}");
     }
     for (setting, now) in [
@@ -2727,6 +2724,49 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
     assert_eq!(
         fs::read_to_string(under("conf.d/50-tuning.conf")).expect("read"),
         "work_mem = '7MB'\n"
+    );
+
+    // Run as a user that cannot write there: refused before anything is written.
+    let root_only = tempfile::Builder::new()
+        .prefix("pgvault-root-only-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    fs::set_permissions(root_only.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (postgres_dir, as_postgres) = new_data_directory("pgvault-config-");
+    give_to_postgres(postgres_dir.path());
+    setup.give_to_postgres();
+    let denied_to = root_only.path().join("config").display().to_string();
+    let out = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            env!("CARGO_BIN_EXE_pgvault"),
+            "--config",
+        ])
+        .arg(setup.path("pgvault.toml"))
+        .args([
+            "restore",
+            "--pgdata",
+            &as_postgres,
+            "--target-timeline",
+            "current",
+        ])
+        .args(["--config-to", &denied_to])
+        .output()
+        .expect("runuser");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "--config-to: cannot write into {}: Permission denied",
+                root_only.path().display()
+            )),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&as_postgres).exists(),
+        "a refused restore wrote the data directory"
     );
 
     // `/`: back where they were.

@@ -240,6 +240,9 @@ pub fn plan(repo: &Repository, top: &Tree, dir: &Path, replace: bool) -> Result<
                             same
                         }
                     };
+                    if !unchanged {
+                        check_writable(&target)?;
+                    }
                     placements.push(Placement {
                         target,
                         node,
@@ -254,6 +257,21 @@ pub fn plan(repo: &Repository, top: &Tree, dir: &Path, replace: bool) -> Result<
     }
     placements.sort_by(|a, b| a.target.cmp(&b.target));
     Ok(placements)
+}
+
+/// Refuses, before anything is written, a target whose directory (or the nearest one of
+/// its ancestors that exists, to be created in) this user cannot write.
+fn check_writable(target: &Path) -> Result<()> {
+    let dir = (target.ancestors().skip(1))
+        .find(|dir| dir.exists())
+        .unwrap_or(Path::new("/"));
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+        anyhow::anyhow!(
+            "--config-to: cannot write into {}: {}: restore as a user that can, or give another --config-to",
+            dir.display(),
+            e.desc()
+        )
+    })
 }
 
 /// Writes the planned files that are not there already under `dir` (created if

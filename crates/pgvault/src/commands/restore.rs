@@ -937,7 +937,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     )?;
     write_server_file(&pgdata, signal, b"")?;
     if let Some(dir) = &args.config_to {
-        config_files::write(dir, &config, owners)?;
+        config_files::write(dir, &config, owners).with_context(incomplete)?;
     }
     // Last: until it is there the directory cannot be started, half restored.
     restore_file_last(&repo, &control, &pgdata.join(control_file), sync)
