@@ -132,11 +132,19 @@ enum Syntax {
     /// `pg_hba.conf`, `pg_ident.conf` and the `@file` lists: whitespace- and
     /// comma-separated tokens, double quotes.
     Lines,
+    /// Read by others than the server, which name no further files.
+    Opaque,
 }
 
+/// What Debian's postgresql-common keeps beside a cluster's `postgresql.conf` for
+/// `pg_ctlcluster` (whether and how to start it, `pg_ctl` options, its environment): a
+/// cluster restored on a new host needs them as much as the server's own files.
+const DEBIAN_CLUSTER_FILES: [&str; 3] = ["start.conf", "pg_ctl.conf", "environment"];
+
 /// Every file the server reads for its configuration, starting from its `config_file`,
-/// `hba_file` and `ident_file` settings, each once, in the order found. A missing
-/// `include_if_exists` file is left out, as the server leaves it out.
+/// `hba_file` and `ident_file` settings, each once, in the order found, and Debian's
+/// cluster files beside `config_file` where they are. A missing `include_if_exists` file
+/// is left out, as the server leaves it out.
 pub fn configuration_files(
     config_file: &Path,
     hba_file: &Path,
@@ -151,6 +159,11 @@ pub fn configuration_files(
     walk.file(config_file, Syntax::Settings, false, 0);
     walk.file(hba_file, Syntax::Lines, false, 0);
     walk.file(ident_file, Syntax::Lines, false, 0);
+    if let Some(dir) = config_file.parent() {
+        for name in DEBIAN_CLUSTER_FILES {
+            walk.file(&dir.join(name), Syntax::Opaque, true, 0);
+        }
+    }
     found
 }
 
@@ -207,6 +220,7 @@ impl Walk<'_> {
                     problem,
                 }),
             },
+            Syntax::Opaque => {}
             Syntax::Lines => {
                 for tokens in line_tokens(&text) {
                     let directive = tokens.first().filter(|(_, quoted)| !quoted);
@@ -432,6 +446,8 @@ mod tests {
         write(&etc.join("hba.d/more.conf"), "local all all trust\n");
         write(&etc.join("pg_ident.conf"), "include_dir ident.d\n");
         write(&etc.join("ident.d/map.conf"), "m root postgres\n");
+        write(&etc.join("start.conf"), "auto\n");
+        write(&etc.join("environment"), "# @not_a_list\n");
         let names = |major| -> Vec<String> {
             let found = configuration_files(
                 &etc.join("postgresql.conf"),
@@ -461,6 +477,8 @@ mod tests {
                 "etc/hba.d/more.conf",
                 "etc/pg_ident.conf",
                 "etc/ident.d/map.conf",
+                "etc/start.conf",
+                "etc/environment",
             ]
         );
         // Before 16 the hba and ident files have no include directives.
@@ -470,7 +488,9 @@ mod tests {
                 "etc/pg_hba.conf",
                 "etc/admins",
                 "etc/more_admins",
-                "etc/pg_ident.conf"
+                "etc/pg_ident.conf",
+                "etc/start.conf",
+                "etc/environment"
             ]
         );
     }

@@ -2595,6 +2595,8 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
     ));
     fs::write(etc.join("postgresql.conf"), conf).expect("write");
     fs::write(etc.join("conf.d/50-tuning.conf"), "work_mem = '7MB'\n").expect("write");
+    // Debian's, for pg_ctlcluster.
+    fs::write(etc.join("start.conf"), "auto\n").expect("write");
     give_to_postgres(&cluster.dir().join("etc"));
     let config_file = etc.join("postgresql.conf");
     cluster
@@ -2618,6 +2620,7 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
             {"path": path("conf.d/50-tuning.conf")},
             {"path": path("pg_hba.conf"), "setting": "hba_file"},
             {"path": path("pg_ident.conf"), "setting": "ident_file"},
+            {"path": path("start.conf")},
         ])
     );
     cluster.psql("CREATE TABLE marks AS SELECT 'configured outside' AS mark");
@@ -2669,6 +2672,7 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
         "conf.d/50-tuning.conf",
         "pg_hba.conf",
         "pg_ident.conf",
+        "start.conf",
     ] {
         assert_eq!(
             fs::read(under(name)).expect("restored"),
