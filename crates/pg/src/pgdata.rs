@@ -160,6 +160,16 @@ impl Exclusion {
         })
     }
 
+    /// A tablespace located inside the data directory (PostgreSQL warns against it but
+    /// allows it): the data directory keeps its directory, empty, as the tablespace's own
+    /// backup has its files, by the rules for tablespaces.
+    pub fn tablespace_inside(relative: &Path) -> Exclusion {
+        Exclusion {
+            path: relative.to_path_buf(),
+            contents_only: true,
+        }
+    }
+
     /// For an entry of the data directory: what this exclusion decides, if it names it.
     pub fn decide(&self, relative: &Path) -> Option<Decision> {
         if relative == self.path {

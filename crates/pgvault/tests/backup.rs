@@ -2804,3 +2804,81 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
         assert!(err.contains(says), "{extra:?}: {err}");
     }
 }
+
+/// A tablespace inside the data directory (PostgreSQL warns, but allows it) is backed up
+/// once, as the tablespace, and restored to the same place inside the restored data
+/// directory; a delta restore leaves its files to the tablespace's own comparison.
+#[test]
+fn a_tablespace_inside_the_data_directory_moves_with_it() {
+    use std::os::unix::fs::MetadataExt;
+    let setup = Setup::local();
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let pgdata = cluster.pgdata();
+    let location = pgdata.join("ts_inside");
+    fs::create_dir(&location).expect("mkdir");
+    give_to_postgres(&location);
+    cluster.psql(&format!(
+        "CREATE TABLESPACE inside LOCATION '{}'",
+        location.display()
+    ));
+    cluster.psql(
+        "CREATE TABLE marks TABLESPACE inside AS \
+         SELECT 'inside' AS mark, g FROM generate_series(1, 200000) g",
+    );
+    // Frozen, so that reading it in the copy leaves its pages as they are.
+    cluster.psql("VACUUM FREEZE marks");
+    cluster.psql("CHECKPOINT");
+    let size = |path: &Path| fs::metadata(path).expect("stat").len();
+    let in_tablespace: u64 = walk_files(&location).iter().map(|f| size(f)).sum();
+    let outside: u64 = (walk_files(&pgdata).iter())
+        .filter(|f| {
+            !f.starts_with(pgdata.join("pg_wal")) && !f.starts_with(pgdata.join("pg_tblspc"))
+        })
+        .map(|f| size(f))
+        .sum();
+    let report = backup(&setup, &cluster, &[]);
+    let backed_up = report["size_bytes"].as_u64().expect("size");
+    // Once: about the data directory's files, not those plus the tablespace's again.
+    assert!(
+        backed_up.abs_diff(outside) < in_tablespace / 2,
+        "backed up {backed_up} bytes; the data directory has {outside}, its tablespace {in_tablespace}"
+    );
+    switch_and_wait_archived(&cluster);
+
+    let mut restored = check_copy(&setup, cluster.bin(), report["id"].as_str().expect("id"));
+    let moved = restored.pgdata().join("ts_inside");
+    assert_eq!(
+        restored
+            .psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'inside'"),
+        moved.display().to_string()
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM marks"), "200000");
+    let relation = restored.psql("SELECT pg_relation_filepath('marks')");
+    judge(&mut restored);
+
+    let relation_file = restored.pgdata().join(&relation);
+    let inode = fs::metadata(&relation_file).expect("stat").ino();
+    let dir = restored.pgdata().display().to_string();
+    let mut args = vec![
+        "restore",
+        "--pgdata",
+        &dir,
+        "--delta",
+        "--target-timeline",
+        "current",
+    ];
+    args.extend(CHECK_COPY);
+    setup.ok(&args);
+    assert_eq!(
+        fs::metadata(&relation_file).expect("stat").ino(),
+        inode,
+        "the delta restore replaced the tablespace's unchanged file"
+    );
+    restored
+        .start_again()
+        .expect("start after the delta restore");
+    assert_eq!(restored.psql("SELECT count(*) FROM marks"), "200000");
+}

@@ -311,6 +311,10 @@ pub struct RestoreOptions<'a> {
     /// PostgreSQL restore, which recovery can still replay into and `DROP DATABASE`
     /// then removes).
     pub holes: &'a [PathBuf],
+    /// Directories, relative to the target, that the restore creates but whose contents
+    /// it neither writes nor removes: another restore fills them (a PostgreSQL tablespace
+    /// located inside the data directory).
+    pub left_alone: &'a [PathBuf],
     /// Owner ids given in place of the recorded ones (which are kept otherwise).
     pub owners: OwnerMap,
     /// Told the bytes of each file once it is restored (in a delta restore: checked).
@@ -355,6 +359,7 @@ impl RestoreOptions<'_> {
             sync,
             held_back: None,
             holes: &[],
+            left_alone: &[],
             owners: OwnerMap::default(),
             progress: None,
         }
@@ -373,6 +378,13 @@ impl RestoreOptions<'_> {
     fn is_hole(&self, target: &Path, path: &Path) -> bool {
         let relative = path.strip_prefix(target).unwrap_or(path);
         self.holes.iter().any(|dir| relative.starts_with(dir))
+    }
+
+    /// The subtree to restore into the directory `path`: none when it is left alone.
+    fn subtree_of(&self, target: &Path, path: &Path, node: &Node) -> Option<Id> {
+        let relative = path.strip_prefix(target).unwrap_or(path);
+        node.subtree
+            .filter(|_| !self.left_alone.iter().any(|dir| relative == dir))
     }
 }
 
@@ -410,7 +422,7 @@ pub fn restore_tree(
             match node.kind {
                 NodeKind::Dir => {
                     fs::create_dir(&path).map_err(|e| RepoError::io(&path, e))?;
-                    if let Some(sub) = node.subtree {
+                    if let Some(sub) = options.subtree_of(target, &path, &node) {
                         subdirs.push((sub, path.clone()));
                     }
                     stats.dirs += 1;
@@ -844,7 +856,7 @@ pub fn restore_tree_delta(
                     if !path.is_dir() {
                         fs::create_dir(&path).map_err(|e| RepoError::io(&path, e))?;
                     }
-                    if let Some(sub) = node.subtree {
+                    if let Some(sub) = options.subtree_of(target, &path, &node) {
                         subdirs.push((sub, path.clone()));
                     }
                     dirs.push(PendingFile {

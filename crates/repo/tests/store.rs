@@ -931,6 +931,70 @@ fn names_and_link_targets_that_are_not_utf8_are_refused() {
     }
 }
 
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A directory left alone is created, but a restore writes nothing into it and a delta
+/// restore neither writes nor removes what is in it; the rest is restored as usual.
+#[test]
+fn a_directory_left_alone_keeps_what_another_restore_put_there() {
+    let (repo, _storage, dir) = local_repo(Encryption::Xchacha20Poly1305, Compression::Zstd(3));
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(source.join("inside/deeper")).expect("mkdir");
+    std::fs::write(source.join("inside/deeper/file"), payload(51, 9000)).expect("write");
+    std::fs::write(source.join("other"), payload(52, 9000)).expect("write");
+    let archived = archive(&repo, &source, &ArchiveOptions::default());
+    let left_alone = [std::path::PathBuf::from("inside")];
+    let options = RestoreOptions {
+        left_alone: &left_alone,
+        ..RestoreOptions::new(2, SyncMethod::Fsync)
+    };
+    let target = dir.path().join("target");
+    restore_tree(&repo, &archived.tree, &target, options).expect("restore");
+    assert!(target.join("inside").is_dir());
+    assert_eq!(names(&target.join("inside")), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read(target.join("other")).expect("read"),
+        payload(52, 9000)
+    );
+
+    std::fs::write(target.join("inside/put-by-another"), b"kept").expect("write");
+    std::fs::write(target.join("extra"), b"removed").expect("write");
+    std::fs::write(target.join("other"), b"rewritten").expect("write");
+    restore_tree_delta(&repo, &archived.tree, &target, DeltaCheck::Content, options)
+        .expect("delta");
+    assert_eq!(names(&target.join("inside")), ["put-by-another"]);
+    assert!(!target.join("extra").exists());
+    assert_eq!(
+        std::fs::read(target.join("other")).expect("read"),
+        payload(52, 9000)
+    );
+
+    // Without it, the same delta restore makes the directory what the backup has.
+    restore_tree_delta(
+        &repo,
+        &archived.tree,
+        &target,
+        DeltaCheck::Content,
+        RestoreOptions::new(2, SyncMethod::Fsync),
+    )
+    .expect("delta");
+    assert_eq!(names(&target.join("inside")), ["deeper"]);
+}
+
 /// A held-back file is neither written nor touched by a restore or a delta restore, and
 /// `restore_file_last` puts it in place (over what is there) with its metadata.
 #[test]

@@ -281,6 +281,23 @@ fn options_for(
     }
 }
 
+/// Tablespaces located inside the data directory, left out of its walk: each is backed
+/// up once, as the tablespace it is.
+fn tablespaces_inside(pgdata: &Path, tablespaces: &[Tablespace]) -> Vec<Exclusion> {
+    (tablespaces.iter())
+        .filter_map(|t| {
+            let location = fs::canonicalize(&t.location).ok()?;
+            let relative = location.strip_prefix(pgdata).ok()?;
+            tracing::info!(
+                "tablespace {} is inside the data directory ({}): backed up as the tablespace",
+                t.name,
+                t.location
+            );
+            Some(Exclusion::tablespace_inside(relative))
+        })
+        .collect()
+}
+
 /// The data roots of a backup: (name in the backup tree, directory, prefix for
 /// reports, tablespace OID or `None` for the data directory).
 fn backup_roots(
@@ -469,6 +486,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             location: t.location,
         })
         .collect();
+    let walk_exclusions: Arc<[Exclusion]> = (exclusions.iter().cloned())
+        .chain(tablespaces_inside(&pgdata, &tablespaces))
+        .collect();
     if args.dry_run {
         let read_all = args.checksum_all;
         return estimate(
@@ -477,7 +497,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             &pgdata,
             &tablespaces,
             major,
-            &exclusions,
+            &walk_exclusions,
             read_all,
         );
     }
@@ -557,7 +577,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 &root,
                 major,
                 tablespace,
-                &exclusions,
+                &walk_exclusions,
                 verifier.clone(),
                 changed.clone(),
             );

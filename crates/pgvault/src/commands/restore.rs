@@ -641,11 +641,22 @@ fn write_server_file(pgdata: &Path, name: &str, data: &[u8]) -> Result<()> {
 }
 
 /// `--tablespace-map OID_OR_NAME=DIR` into oid → directory.
-fn tablespace_locations(args: &RestoreArgs, meta: &BackupMeta) -> Result<Vec<(u32, PathBuf)>> {
-    let mut out: Vec<(u32, PathBuf)> = meta
-        .tablespaces
-        .iter()
-        .map(|t| (t.oid, PathBuf::from(&t.location)))
+/// A tablespace that was inside the backed-up data directory (`source`) goes to the same
+/// place inside the restored one, `pgdata` (absolute), unless mapped.
+fn tablespace_locations(
+    args: &RestoreArgs,
+    meta: &BackupMeta,
+    source: Option<&Path>,
+    pgdata: &Path,
+) -> Result<Vec<(u32, PathBuf)>> {
+    let moved_along = |location: &Path| -> Option<PathBuf> {
+        Some(pgdata.join(location.strip_prefix(source?).ok()?))
+    };
+    let mut out: Vec<(u32, PathBuf)> = (meta.tablespaces.iter())
+        .map(|t| {
+            let location = PathBuf::from(&t.location);
+            (t.oid, moved_along(&location).unwrap_or(location))
+        })
         .collect();
     for mapping in &args.tablespace_map {
         let (key, dir) = mapping
@@ -735,7 +746,16 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let left_out = left_out_databases(args, &id, &meta)?;
     let owners = owner_map(meta.owner.as_ref())?;
-    let tablespaces = tablespace_locations(args, &meta)?;
+    let absolute_pgdata =
+        std::path::absolute(&pgdata).with_context(|| format!("--pgdata {}", pgdata.display()))?;
+    let source_pgdata = snapshot.paths.first().map(Path::new);
+    let tablespaces = tablespace_locations(args, &meta, source_pgdata, &absolute_pgdata)?;
+    // Created by the data directory's restore, which leaves their contents alone.
+    let inside: Vec<PathBuf> = (tablespaces.iter())
+        .filter_map(|(_, dir)| dir.strip_prefix(&absolute_pgdata).ok())
+        .map(Path::to_path_buf)
+        .collect();
+    let is_inside = |dir: &Path| dir.starts_with(&absolute_pgdata);
     let kept_waldir = match (&args.waldir, overwrite) {
         (None, true) => linked_waldir(&pgdata)?,
         _ => None,
@@ -756,7 +776,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         }
     }
     let mut cleared = Vec::new();
-    for (oid, dir) in &tablespaces {
+    for (oid, dir) in tablespaces
+        .iter()
+        .filter(|(_, dir)| !(args.force && is_inside(dir)))
+    {
         if !is_empty_or_missing(dir)? && args.delta.is_none() {
             if !args.force {
                 bail!(
@@ -806,7 +829,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     // own error, not one saying a restore that wrote nothing is incomplete.
     let missing = std::iter::once(pgdata.as_path())
         .chain(tablespaces.iter().map(|(_, dir)| dir.as_path()))
-        .filter(|dir| !dir.exists());
+        .filter(|dir| !dir.exists() && !is_inside(dir));
     for dir in missing {
         let created: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
         fs::create_dir_all(dir).with_context(|| {
@@ -848,29 +871,34 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         }
     };
     // Files and bytes written into `dir` from `tree`.
-    let mut restore_into =
-        |tree: &Id, dir: &Path, held_back, hole_dirs: &[PathBuf]| -> repo::Result<(u64, u64)> {
-            let options = RestoreOptions {
-                held_back,
-                holes: hole_dirs,
-                owners,
-                progress: Some(Progress(&advance)),
-                ..RestoreOptions::new(ctx.jobs, sync)
-            };
-            Ok(match delta {
-                Some(check) => {
-                    let stats = restore_tree_delta(&repo, tree, dir, check, options)?;
-                    kept.add(&stats);
-                    holes += stats.holes;
-                    (stats.files_written, stats.bytes_written)
-                }
-                None => {
-                    let stats = restore_tree(&repo, tree, dir, options)?;
-                    holes += stats.holes;
-                    (stats.files - stats.holes, stats.bytes)
-                }
-            })
+    let mut restore_into = |tree: &Id,
+                            dir: &Path,
+                            held_back,
+                            hole_dirs: &[PathBuf],
+                            left_alone: &[PathBuf]|
+     -> repo::Result<(u64, u64)> {
+        let options = RestoreOptions {
+            held_back,
+            holes: hole_dirs,
+            left_alone,
+            owners,
+            progress: Some(Progress(&advance)),
+            ..RestoreOptions::new(ctx.jobs, sync)
         };
+        Ok(match delta {
+            Some(check) => {
+                let stats = restore_tree_delta(&repo, tree, dir, check, options)?;
+                kept.add(&stats);
+                holes += stats.holes;
+                (stats.files_written, stats.bytes_written)
+            }
+            None => {
+                let stats = restore_tree(&repo, tree, dir, options)?;
+                holes += stats.holes;
+                (stats.files - stats.holes, stats.bytes)
+            }
+        })
+    };
     let incomplete = || {
         format!(
             "restoring into {}; the data directory is incomplete and cannot be started (it has no {}): run the restore again, with --delta to keep what was written",
@@ -878,9 +906,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             control_file.display()
         )
     };
-    let (mut total_files, mut total_bytes) =
-        restore_into(&pgdata_tree, &pgdata, Some(control_file), &pgdata_holes)
-            .with_context(incomplete)?;
+    let (mut total_files, mut total_bytes) = restore_into(
+        &pgdata_tree,
+        &pgdata,
+        Some(control_file),
+        &pgdata_holes,
+        &inside,
+    )
+    .with_context(incomplete)?;
     apply_root_metadata(&pgdata, &pgdata_node)?;
     if !tablespace_nodes.is_empty() {
         for TablespaceNode {
@@ -891,7 +924,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             holes: hole_dirs,
         } in &tablespace_nodes
         {
-            let (files, bytes) = restore_into(tree, dir, None, hole_dirs)
+            let (files, bytes) = restore_into(tree, dir, None, hole_dirs, &[])
                 .with_context(|| format!("restoring tablespace {oid} into {}", dir.display()))
                 .with_context(incomplete)?;
             apply_root_metadata(dir, &owners.apply(node.clone()))?;
