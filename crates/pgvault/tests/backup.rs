@@ -655,6 +655,14 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         err.contains("ends before the target transaction 3") && err.contains("--backup"),
         "{err}"
     );
+    let mount_point = setup.path("mount-point");
+    fs::create_dir_all(mount_point.join("lost+found")).expect("mkdir");
+    let err = restore_fails(&setup, "mount-point", &[]);
+    assert!(
+        err.contains("holds only lost+found: it is a mount point")
+            && err.contains("restore into a directory under it"),
+        "{err}"
+    );
     let err = restore_fails(&setup, "s", &["--sync-method", "sync"]);
     assert!(
         err.contains("--sync-method") && err.contains("syncfs"),
@@ -2881,4 +2889,32 @@ fn a_tablespace_inside_the_data_directory_moves_with_it() {
         .start_again()
         .expect("start after the delta restore");
     assert_eq!(restored.psql("SELECT count(*) FROM marks"), "200000");
+
+    let err = restore_fails(
+        &setup,
+        "relative-map",
+        &["--tablespace-map", "inside=relative"],
+    );
+    assert!(
+        err.contains("--tablespace-map \"inside=relative\": give an absolute directory"),
+        "{err}"
+    );
+
+    // A relative --pgdata: links and created directories are named absolutely.
+    let (elsewhere, _) = new_data_directory("pgvault-relative-");
+    let out = setup
+        .cmd(&["restore", "--pgdata", "data", "--target", "immediate"])
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("run pgvault");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let oid = cluster.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'inside'");
+    assert_eq!(
+        fs::read_link(elsewhere.path().join("data/pg_tblspc").join(oid)).expect("link"),
+        elsewhere.path().join("data/ts_inside")
+    );
 }

@@ -539,8 +539,8 @@ fn check_room(
     Ok(())
 }
 
-/// `--waldir DIR`: absolute, outside the data directory, and empty unless `--delta` or
-/// `--force` may empty it.
+/// `--waldir DIR`: absolute, outside the data directory (`pgdata`, absolute), and empty
+/// unless `--delta` or `--force` may empty it.
 fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<()> {
     if !dir.is_absolute() {
         bail!(
@@ -548,8 +548,7 @@ fn check_waldir(dir: &Path, pgdata: &Path, args: &RestoreArgs) -> Result<()> {
             dir.display()
         );
     }
-    let absolute_pgdata = std::path::absolute(pgdata)?;
-    if dir.starts_with(&absolute_pgdata) {
+    if dir.starts_with(pgdata) {
         bail!(
             "--waldir {} is inside the data directory {}: give a directory on the other disk",
             dir.display(),
@@ -662,6 +661,9 @@ fn tablespace_locations(
         let (key, dir) = mapping
             .split_once('=')
             .with_context(|| format!("--tablespace-map {mapping:?}: write OID=DIR"))?;
+        if !Path::new(dir).is_absolute() {
+            bail!("--tablespace-map {mapping:?}: give an absolute directory (the server follows the tablespace's link from pg_tblspc)");
+        }
         let oid = meta
             .tablespaces
             .iter()
@@ -721,6 +723,9 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .pgdata
         .clone()
         .context("restore needs --pgdata DIR (or PGDATA, or pgdata in the cluster's config)")?;
+    // Absolute: tablespace links and the directories created above it are named from it.
+    let pgdata = std::path::absolute(&pgdata)
+        .with_context(|| format!("--pgdata {}: cannot make it absolute", pgdata.display()))?;
     if pgdata.exists() && !pgdata.is_dir() {
         bail!(
             "--pgdata {} is not a directory: give the data directory's path",
@@ -730,6 +735,15 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     refuse_if_in_use(&pgdata)?;
     let overwrite = !is_empty_or_missing(&pgdata)?;
     if overwrite && !args.force && args.delta.is_none() {
+        if fs::read_dir(&pgdata).is_ok_and(|entries| {
+            let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+            names == ["lost+found"]
+        }) {
+            bail!(
+                "{} holds only lost+found: it is a mount point, which PostgreSQL advises against as a data directory (initdb refuses it); restore into a directory under it",
+                pgdata.display()
+            );
+        }
         bail!(
             "{} is not empty: restore into an empty directory, or pass --delta (rewrite only what differs) or --force (delete its contents first)",
             pgdata.display()
@@ -746,16 +760,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let left_out = left_out_databases(args, &id, &meta)?;
     let owners = owner_map(meta.owner.as_ref())?;
-    let absolute_pgdata =
-        std::path::absolute(&pgdata).with_context(|| format!("--pgdata {}", pgdata.display()))?;
     let source_pgdata = snapshot.paths.first().map(Path::new);
-    let tablespaces = tablespace_locations(args, &meta, source_pgdata, &absolute_pgdata)?;
+    let tablespaces = tablespace_locations(args, &meta, source_pgdata, &pgdata)?;
     // Created by the data directory's restore, which leaves their contents alone.
     let inside: Vec<PathBuf> = (tablespaces.iter())
-        .filter_map(|(_, dir)| dir.strip_prefix(&absolute_pgdata).ok())
+        .filter_map(|(_, dir)| dir.strip_prefix(&pgdata).ok())
         .map(Path::to_path_buf)
         .collect();
-    let is_inside = |dir: &Path| dir.starts_with(&absolute_pgdata);
+    let is_inside = |dir: &Path| dir.starts_with(&pgdata);
     let kept_waldir = match (&args.waldir, overwrite) {
         (None, true) => linked_waldir(&pgdata)?,
         _ => None,
@@ -828,8 +840,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     // Here rather than as the restore writes: a directory that cannot be created gets its
     // own error, not one saying a restore that wrote nothing is incomplete.
     let missing = std::iter::once(pgdata.as_path())
-        .chain(tablespaces.iter().map(|(_, dir)| dir.as_path()))
-        .filter(|dir| !dir.exists() && !is_inside(dir));
+        .chain((tablespaces.iter().map(|(_, dir)| dir.as_path())).filter(|dir| !is_inside(dir)))
+        .filter(|dir| !dir.exists());
     for dir in missing {
         let created: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
         fs::create_dir_all(dir).with_context(|| {
