@@ -930,18 +930,7 @@ fn a_role_with_the_documented_privileges_backs_up() {
         fs::write(&unreadable, "secret").expect("write");
         fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o600)).expect("chmod");
         setup.give_to_postgres();
-        let out = std::process::Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                env!("CARGO_BIN_EXE_pgvault"),
-                "--config",
-            ])
-            .arg(setup.path("pgvault.toml"))
-            .args(args)
-            .output()
-            .expect("runuser");
+        let out = setup.run_as_postgres(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success()
@@ -2748,25 +2737,15 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
     give_to_postgres(postgres_dir.path());
     setup.give_to_postgres();
     let denied_to = root_only.path().join("config").display().to_string();
-    let out = std::process::Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            env!("CARGO_BIN_EXE_pgvault"),
-            "--config",
-        ])
-        .arg(setup.path("pgvault.toml"))
-        .args([
-            "restore",
-            "--pgdata",
-            &as_postgres,
-            "--target-timeline",
-            "current",
-        ])
-        .args(["--config-to", &denied_to])
-        .output()
-        .expect("runuser");
+    let out = setup.run_as_postgres(&[
+        "restore",
+        "--pgdata",
+        &as_postgres,
+        "--target-timeline",
+        "current",
+        "--config-to",
+        &denied_to,
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()

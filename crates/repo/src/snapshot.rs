@@ -49,6 +49,23 @@ pub struct Node {
 }
 
 impl Node {
+    /// A directory entry that stands for no directory of its own (owned by root, mode
+    /// 0700, no mtime), grouping `subtree` in a snapshot's tree.
+    pub fn synthetic_dir(name: &str, subtree: Id) -> Node {
+        Node {
+            name: name.to_string(),
+            kind: NodeKind::Dir,
+            mode: 0o40700,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            size: 0,
+            content: Vec::new(),
+            subtree: Some(subtree),
+            target: None,
+        }
+    }
+
     /// Whether a file of this node's size and mtime can be taken to have its content
     /// without being read, the node being from a snapshot started at `snapshot_time`: its
     /// mtime must be more than a second before that start, since a write in the same

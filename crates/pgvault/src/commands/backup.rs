@@ -23,7 +23,7 @@ use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include, ReadRate};
 use repo::pack::BlobType;
 use repo::saver::BlobSaver;
-use repo::snapshot::{find_path, Node, NodeKind, Snapshot, Summary, Tree};
+use repo::snapshot::{find_path, Node, Snapshot, Summary, Tree};
 use repo::{Id, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -621,18 +621,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             store_control_file_last(&saver, &pgdata, pgdata_node)?;
         }
         let tablespaces_tree = Tree::sorted(tablespace_nodes).save(&saver)?;
-        top.push(Node {
-            name: "tablespaces".into(),
-            kind: NodeKind::Dir,
-            mode: 0o40700,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-            size: 0,
-            content: Vec::new(),
-            subtree: Some(tablespaces_tree),
-            target: None,
-        });
+        top.push(Node::synthetic_dir("tablespaces", tablespaces_tree));
         if !config.is_empty() {
             top.push(config_files::store(&saver, &config)?);
         }

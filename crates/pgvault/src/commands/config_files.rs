@@ -131,18 +131,7 @@ pub fn store(saver: &BlobSaver<'_>, files: &[TakenFile]) -> Result<Node> {
         dir.files.push(node);
     }
     let subtree = root.save(saver, Path::new("/"))?;
-    Ok(Node {
-        name: CONFIG_ROOT.into(),
-        kind: NodeKind::Dir,
-        mode: 0o40755,
-        uid: 0,
-        gid: 0,
-        mtime_ns: 0,
-        size: 0,
-        content: Vec::new(),
-        subtree: Some(subtree),
-        target: None,
-    })
+    Ok(Node::synthetic_dir(CONFIG_ROOT, subtree))
 }
 
 #[derive(Default)]

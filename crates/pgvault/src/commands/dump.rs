@@ -26,7 +26,7 @@ use pg::tools::Tool;
 use repo::archive::{archive_stream, ArchiveOptions};
 use repo::lock::LockKind;
 use repo::saver::BlobSaver;
-use repo::snapshot::{Node, NodeKind, Snapshot, Summary, Tree};
+use repo::snapshot::{Node, Snapshot, Summary, Tree};
 use repo::{Id, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -175,18 +175,7 @@ fn store_output(
 
 fn dir_node(name: &str, nodes: Vec<Node>, saver: &BlobSaver<'_>) -> Result<Node> {
     let subtree = Tree::sorted(nodes).save(saver)?;
-    Ok(Node {
-        name: name.to_string(),
-        kind: NodeKind::Dir,
-        mode: 0o040700,
-        uid: 0,
-        gid: 0,
-        mtime_ns: 0,
-        size: 0,
-        content: Vec::new(),
-        subtree: Some(subtree),
-        target: None,
-    })
+    Ok(Node::synthetic_dir(name, subtree))
 }
 
 struct ServerDatabase {

@@ -142,6 +142,24 @@ impl Setup {
         cmd
     }
 
+    /// pgvault with this setup's config, run as the OS user `postgres` (the tests run as
+    /// root); the repository must be theirs ([`Setup::give_to_postgres`]).
+    pub fn run_as_postgres(&self, args: &[&str]) -> Output {
+        Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                env!("CARGO_BIN_EXE_pgvault"),
+                "--config",
+            ])
+            .arg(self.path("pgvault.toml"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("runuser")
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().expect("run pgvault")
     }
