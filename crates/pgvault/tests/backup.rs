@@ -2897,3 +2897,47 @@ fn a_tablespace_inside_the_data_directory_moves_with_it() {
         elsewhere.path().join("data/ts_inside")
     );
 }
+
+/// `--pgdata` naming another cluster's data directory, or a copy of the server's own, is
+/// refused: a backup of it would be listed and fail only when restored.
+#[test]
+fn a_backup_of_another_data_directory_is_refused() {
+    let setup = Setup::local();
+    let (Some(cluster), Some(other)) = (archiving_cluster(), archiving_cluster()) else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let conn = cluster.conninfo();
+    let attempt = |pgdata: &Path| {
+        let pgdata = pgdata.display().to_string();
+        setup.fails(&["backup", "--fast", "--pg-conn", &conn, "--pgdata", &pgdata])
+    };
+    let err = attempt(&other.pgdata());
+    let system_identifier = cluster.psql("SELECT system_identifier FROM pg_control_system()");
+    assert!(
+        err.contains("is another cluster's (system identifier")
+            && err.contains(&format!(
+                "not that of the server at --pg-conn ({system_identifier})"
+            )),
+        "{err}"
+    );
+    let copy = setup.path("copy");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(cluster.pgdata())
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let err = attempt(&copy);
+    assert!(
+        err.contains(
+            "is not the one the server at --pg-conn runs on: its last checkpoint starts at"
+        ),
+        "{err}"
+    );
+    assert!(ids(&info(&setup)).is_empty(), "a refused backup is listed");
+    // The backup ended on the server: the next one starts.
+    backup(&setup, &cluster, &[]);
+    assert_eq!(ids(&info(&setup)).len(), 1);
+}

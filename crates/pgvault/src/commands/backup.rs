@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
+use pg::control::ControlFile;
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile};
 use pg::summary::ChangedBlocks;
@@ -477,6 +478,15 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             pgdata.display()
         );
     }
+    let control = ControlFile::read(&pgdata)?;
+    if control.system_identifier != info.system_identifier {
+        bail!(
+            "the data directory {} is another cluster's (system identifier {}), not that of the server at --pg-conn ({}): give that server's data directory with --pgdata",
+            pgdata.display(),
+            control.system_identifier,
+            info.system_identifier
+        );
+    }
     let major = info.major();
     let tablespaces: Vec<Tablespace> = pg::backup::tablespaces(&mut conn)?
         .into_iter()
@@ -553,6 +563,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let mut corrupted = Vec::new();
     let previous_tree = previous.as_ref().map(|(_, s, _)| (s.tree, s.time));
     let stored = (|| -> Result<Vec<Node>> {
+        check_live(&pgdata, start.lsn)?;
         let mut top = Vec::new();
         let mut tablespace_nodes = Vec::new();
         for (name, root, report_prefix, tablespace) in backup_roots(&pgdata, &tablespaces) {
@@ -714,6 +725,21 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     drop(lock);
     let copies = super::copy::replicate(ctx, &repo);
     report(ctx, &id, &meta, &summary, &label, copies)
+}
+
+/// Refuses a data directory that is not the one the server runs on, though of the same
+/// cluster (a copy, a standby's elsewhere): its control file has not seen the checkpoint
+/// (or restartpoint) the backup started from, which the server writes there before
+/// answering the start call.
+fn check_live(pgdata: &Path, start: Lsn) -> Result<()> {
+    let redo = ControlFile::read(pgdata)?.checkpoint_redo;
+    if redo < start {
+        bail!(
+            "the data directory {} is not the one the server at --pg-conn runs on: its last checkpoint starts at {redo}, before the one this backup started from ({start}); a copy of it? give the server's own data directory with --pgdata",
+            pgdata.display()
+        );
+    }
+    Ok(())
 }
 
 /// PostgreSQL 17+ with `summarize_wal`: the blocks modified since `previous` started,
