@@ -1,6 +1,7 @@
 //! The start of `global/pg_control`, laid out alike from PostgreSQL 12 to 18: which
-//! cluster a data directory belongs to, and where its last checkpoint's redo starts.
-//! (The rest of the file changes between versions and is not read.)
+//! cluster a data directory belongs to, whether it runs as a primary or a standby, and
+//! where its last checkpoint's redo starts. (The rest of the file changes between
+//! versions and is not read.)
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ const KNOWN_VERSIONS: [u32; 4] = [1201, 1300, 1700, 1800];
 
 const SYSTEM_IDENTIFIER_AT: usize = 0;
 const VERSION_AT: usize = 8;
+const STATE_AT: usize = 16;
 /// `checkPointCopy.redo`, after `state` (4 bytes), `time` (8, aligned) and `checkPoint`.
 const REDO_AT: usize = 40;
 
@@ -19,8 +21,55 @@ const REDO_AT: usize = 40;
 pub struct ControlFile {
     pub system_identifier: u64,
     pub version: u32,
+    pub state: DbState,
     /// Where replay from the last checkpoint (or restartpoint) would start.
     pub checkpoint_redo: Lsn,
+}
+
+/// `DBState`: what the server last recorded itself doing in this data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbState {
+    Starting,
+    ShutDown,
+    ShutDownInRecovery,
+    ShuttingDown,
+    InCrashRecovery,
+    /// A standby, or a restore recovering.
+    InArchiveRecovery,
+    /// A primary.
+    InProduction,
+    Unknown(u32),
+}
+
+impl DbState {
+    fn from_raw(raw: u32) -> DbState {
+        match raw {
+            0 => DbState::Starting,
+            1 => DbState::ShutDown,
+            2 => DbState::ShutDownInRecovery,
+            3 => DbState::ShuttingDown,
+            4 => DbState::InCrashRecovery,
+            5 => DbState::InArchiveRecovery,
+            6 => DbState::InProduction,
+            other => DbState::Unknown(other),
+        }
+    }
+}
+
+/// As `pg_controldata` says it.
+impl std::fmt::Display for DbState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbState::Starting => f.write_str("starting up"),
+            DbState::ShutDown => f.write_str("shut down"),
+            DbState::ShutDownInRecovery => f.write_str("shut down in recovery"),
+            DbState::ShuttingDown => f.write_str("shutting down"),
+            DbState::InCrashRecovery => f.write_str("in crash recovery"),
+            DbState::InArchiveRecovery => f.write_str("in archive recovery"),
+            DbState::InProduction => f.write_str("in production"),
+            DbState::Unknown(raw) => write!(f, "unknown state {raw}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,15 +108,14 @@ impl ControlFile {
         let u64_at = |at: usize| -> Option<u64> {
             Some(u64::from_ne_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
         };
+        let u32_at = |at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+        };
         let too_short = || ControlError::TooShort {
             path: PathBuf::new(),
             len: bytes.len(),
         };
-        let version = bytes
-            .get(VERSION_AT..VERSION_AT + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_ne_bytes)
-            .ok_or_else(too_short)?;
+        let version = u32_at(VERSION_AT).ok_or_else(too_short)?;
         if !KNOWN_VERSIONS.contains(&version) {
             return Err(ControlError::UnknownVersion {
                 path: PathBuf::new(),
@@ -77,6 +125,7 @@ impl ControlFile {
         Ok(ControlFile {
             system_identifier: u64_at(SYSTEM_IDENTIFIER_AT).ok_or_else(too_short)?,
             version,
+            state: DbState::from_raw(u32_at(STATE_AT).ok_or_else(too_short)?),
             checkpoint_redo: Lsn(u64_at(REDO_AT).ok_or_else(too_short)?),
         })
     }
@@ -90,6 +139,7 @@ mod tests {
         let mut bytes = vec![0u8; 8192];
         bytes[0..8].copy_from_slice(&system_identifier.to_ne_bytes());
         bytes[8..12].copy_from_slice(&version.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&5u32.to_ne_bytes());
         bytes[32..40].copy_from_slice(&(redo + 0x38).to_ne_bytes());
         bytes[40..48].copy_from_slice(&redo.to_ne_bytes());
         bytes
@@ -104,6 +154,7 @@ mod tests {
             assert_eq!(parsed.system_identifier, 7714734130969023097);
             assert_eq!(parsed.checkpoint_redo.to_string(), "0/9000028");
             assert_eq!(parsed.version, version);
+            assert_eq!(parsed.state, DbState::InArchiveRecovery);
         }
     }
 

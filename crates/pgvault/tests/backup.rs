@@ -453,7 +453,9 @@ fn a_backup_whose_wal_is_not_archived_names_the_archivers_failure() {
             && err.contains("server log"),
         "{err}"
     );
-    let args = backup_args(&cluster, &["--wal-timeout", "4s"]);
+    // Long enough for the second backup below to start while the first waits, also on a
+    // busy machine.
+    let args = backup_args(&cluster, &["--wal-timeout", "8s"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let waiting = setup
         .cmd(&args)
@@ -491,7 +493,7 @@ fn a_backup_whose_wal_is_not_archived_names_the_archivers_failure() {
     let error = lines[1];
     assert!(
         error.starts_with("error: the backup's last WAL segment")
-            && error.contains("did not reach the repository within 4s")
+            && error.contains("did not reach the repository within 8s")
             && error.contains("was not recorded; the archiver is failing: it last failed on"),
         "{stderr}"
     );
@@ -2938,6 +2940,28 @@ fn a_backup_of_another_data_directory_is_refused() {
     );
     assert!(ids(&info(&setup)).is_empty(), "a refused backup is listed");
     // The backup ended on the server: the next one starts.
+    cluster.psql("CREATE TABLE marks AS SELECT 'before the standby' AS mark");
     backup(&setup, &cluster, &[]);
+    assert_eq!(ids(&info(&setup)).len(), 1);
+
+    // A standby's backup API with its primary's files.
+    let standby = streaming_standby(&setup, &cluster, &[]);
+    let pgdata = cluster.pgdata().display().to_string();
+    let err = setup.fails(&[
+        "backup",
+        "--fast",
+        "--pg-conn",
+        &standby.conninfo(),
+        "--pgdata",
+        &pgdata,
+        "--primary-conn",
+        &primary_conn(&cluster),
+    ]);
+    assert!(
+        err.contains(
+            "that server is a standby, but the directory's control file says \"in production\""
+        ),
+        "{err}"
+    );
     assert_eq!(ids(&info(&setup)).len(), 1);
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
-use pg::control::ControlFile;
+use pg::control::{ControlFile, DbState};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile};
 use pg::summary::ChangedBlocks;
@@ -563,7 +563,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let mut corrupted = Vec::new();
     let previous_tree = previous.as_ref().map(|(_, s, _)| (s.tree, s.time));
     let stored = (|| -> Result<Vec<Node>> {
-        check_live(&pgdata, start.lsn)?;
+        check_live(&pgdata, start.lsn, from_standby)?;
         let mut top = Vec::new();
         let mut tablespace_nodes = Vec::new();
         for (name, root, report_prefix, tablespace) in backup_roots(&pgdata, &tablespaces) {
@@ -730,9 +730,22 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
 /// Refuses a data directory that is not the one the server runs on, though of the same
 /// cluster (a copy, a standby's elsewhere): its control file has not seen the checkpoint
 /// (or restartpoint) the backup started from, which the server writes there before
-/// answering the start call.
-fn check_live(pgdata: &Path, start: Lsn) -> Result<()> {
-    let redo = ControlFile::read(pgdata)?.checkpoint_redo;
+/// answering the start call, or says it is a primary's where the server is a standby, or
+/// the other way round.
+fn check_live(pgdata: &Path, start: Lsn, in_recovery: bool) -> Result<()> {
+    let control = ControlFile::read(pgdata)?;
+    let (state, redo) = (control.state, control.checkpoint_redo);
+    let expected = match in_recovery {
+        true => DbState::InArchiveRecovery,
+        false => DbState::InProduction,
+    };
+    if state != expected {
+        bail!(
+            "the data directory {} is not the one the server at --pg-conn runs on: that server is {}, but the directory's control file says \"{state}\"; give the server's own data directory with --pgdata",
+            pgdata.display(),
+            if in_recovery { "a standby" } else { "a primary" }
+        );
+    }
     if redo < start {
         bail!(
             "the data directory {} is not the one the server at --pg-conn runs on: its last checkpoint starts at {redo}, before the one this backup started from ({start}); a copy of it? give the server's own data directory with --pgdata",
