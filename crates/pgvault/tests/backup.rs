@@ -2923,6 +2923,13 @@ fn a_backup_of_another_data_directory_is_refused() {
             )),
         "{err}"
     );
+    let other_pgdata = other.pgdata().display().to_string();
+    let err = setup.fails(&["check", "--pg-conn", &conn, "--pgdata", &other_pgdata]);
+    assert!(
+        err.contains("backups read the data directory given by --pgdata")
+            && err.contains("is another cluster's (system identifier"),
+        "{err}"
+    );
     let copy = setup.path("copy");
     let status = std::process::Command::new("cp")
         .arg("-a")

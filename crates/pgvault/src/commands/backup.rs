@@ -478,15 +478,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
             pgdata.display()
         );
     }
-    let control = ControlFile::read(&pgdata)?;
-    if control.system_identifier != info.system_identifier {
-        bail!(
-            "the data directory {} is another cluster's (system identifier {}), not that of the server at --pg-conn ({}): give that server's data directory with --pgdata",
-            pgdata.display(),
-            control.system_identifier,
-            info.system_identifier
-        );
-    }
+    check_cluster_of(&pgdata, &info)?;
     let major = info.major();
     let tablespaces: Vec<Tablespace> = pg::backup::tablespaces(&mut conn)?
         .into_iter()
@@ -725,6 +717,21 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     drop(lock);
     let copies = super::copy::replicate(ctx, &repo);
     report(ctx, &id, &meta, &summary, &label, copies)
+}
+
+/// Refuses a data directory of another cluster than the server's (its control file's
+/// system identifier), which a backup would read and list as good.
+pub fn check_cluster_of(pgdata: &Path, info: &ClusterInfo) -> Result<()> {
+    let control = ControlFile::read(pgdata)?;
+    if control.system_identifier != info.system_identifier {
+        bail!(
+            "the data directory {} is another cluster's (system identifier {}), not that of the server at --pg-conn ({}): give that server's data directory with --pgdata",
+            pgdata.display(),
+            control.system_identifier,
+            info.system_identifier
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a data directory that is not the one the server runs on, though of the same

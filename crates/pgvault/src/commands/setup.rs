@@ -180,6 +180,12 @@ pub fn check(ctx: &Context, args: &CheckArgs) -> Result<()> {
     if info.in_recovery {
         bail!("the server is a standby; run `pgvault check` against the primary");
     }
+    // Where backups will read, when configured: the first nightly backup should not be
+    // what finds it wrong.
+    if let Some(pgdata) = &ctx.pgdata {
+        super::backup::check_cluster_of(pgdata, &info)
+            .context("backups read the data directory given by --pgdata (or PGDATA, or pgdata in the cluster's config)")?;
+    }
     if info.wal_level == "minimal" {
         bail!(
             "wal_level is minimal: set it to replica and restart (or run `pgvault setup --apply`)"
