@@ -2563,14 +2563,21 @@ fn give_to_postgres(path: &Path) {
 }
 
 /// The configuration laid out as Debian does it: `postgresql.conf`, `pg_hba.conf`,
-/// `pg_ident.conf` and a `conf.d/` outside the data directory. Backups take them; a
-/// restore puts them back only when asked, under a directory or where they were, and
-/// refuses to replace different files without `--force`.
+/// `pg_ident.conf` and a `conf.d/` outside the data directory (on 17, `pg_hba.conf`
+/// includes an `hba.d/` too). Backups take them; a restore puts them back only when
+/// asked, under a directory or where they were, and refuses to replace different files
+/// without `--force`.
 #[test]
 fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request() {
+    for major in [15, 17] {
+        configuration_outside_the_data_directory(major);
+    }
+}
+
+fn configuration_outside_the_data_directory(major: u32) {
     use std::os::unix::fs::PermissionsExt;
     let setup = Setup::local();
-    let Some(mut cluster) = archiving_cluster() else {
+    let Some(mut cluster) = archiving_cluster_of(major) else {
         return;
     };
     setup.setup_cluster(&cluster);
@@ -2580,7 +2587,7 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
         .to_string();
     cluster.stop();
     let pgdata = cluster.pgdata();
-    let etc = cluster.dir().join("etc/postgresql/15/main");
+    let etc = cluster.dir().join(format!("etc/postgresql/{major}/main"));
     fs::create_dir_all(etc.join("conf.d")).expect("mkdir");
     for name in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
         fs::rename(pgdata.join(name), etc.join(name)).expect("move out");
@@ -2596,6 +2603,17 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
     fs::write(etc.join("conf.d/50-tuning.conf"), "work_mem = '7MB'\n").expect("write");
     // Debian's, for pg_ctlcluster.
     fs::write(etc.join("start.conf"), "auto\n").expect("write");
+    // From 16 on pg_hba.conf can include files; the server refuses to start without them.
+    let mut names = vec!["postgresql.conf", "conf.d/50-tuning.conf", "pg_hba.conf"];
+    if major >= 16 {
+        let mut hba = fs::read_to_string(etc.join("pg_hba.conf")).expect("read");
+        hba.push_str("include_dir hba.d\n");
+        fs::write(etc.join("pg_hba.conf"), hba).expect("write");
+        fs::create_dir(etc.join("hba.d")).expect("mkdir");
+        fs::write(etc.join("hba.d/10-local.conf"), "local all all trust\n").expect("write");
+        names.push("hba.d/10-local.conf");
+    }
+    names.extend(["pg_ident.conf", "start.conf"]);
     give_to_postgres(&cluster.dir().join("etc"));
     let config_file = etc.join("postgresql.conf");
     cluster
@@ -2612,15 +2630,23 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
         serde_json::from_str(&setup.ok(&["backup", "show", "latest", "--output", "json"]))
             .expect("show JSON");
     let path = |name: &str| etc.join(name).display().to_string();
+    let settings = [
+        ("postgresql.conf", "config_file"),
+        ("pg_hba.conf", "hba_file"),
+        ("pg_ident.conf", "ident_file"),
+    ];
+    let expected: Vec<serde_json::Value> = (names.iter())
+        .map(
+            |name| match settings.iter().find(|(file, _)| file == name) {
+                Some((_, setting)) => serde_json::json!({"path": path(name), "setting": setting}),
+                None => serde_json::json!({"path": path(name)}),
+            },
+        )
+        .collect();
     assert_eq!(
         shown["config_files"],
-        serde_json::json!([
-            {"path": path("postgresql.conf"), "setting": "config_file"},
-            {"path": path("conf.d/50-tuning.conf")},
-            {"path": path("pg_hba.conf"), "setting": "hba_file"},
-            {"path": path("pg_ident.conf"), "setting": "ident_file"},
-            {"path": path("start.conf")},
-        ])
+        serde_json::Value::Array(expected),
+        "PostgreSQL {major}"
     );
     cluster.psql("CREATE TABLE marks AS SELECT 'configured outside' AS mark");
     switch_and_wait_archived(&cluster);
@@ -2666,13 +2692,7 @@ fn configuration_outside_the_data_directory_is_backed_up_and_restored_on_request
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let under = |name: &str| config_to.join(etc.join(name).strip_prefix("/").expect("absolute"));
-    for name in [
-        "postgresql.conf",
-        "conf.d/50-tuning.conf",
-        "pg_hba.conf",
-        "pg_ident.conf",
-        "start.conf",
-    ] {
+    for name in &names {
         assert_eq!(
             fs::read(under(name)).expect("restored"),
             fs::read(etc.join(name)).expect("source"),
