@@ -38,7 +38,18 @@ pub enum ConnError {
     Privilege { target: String, message: String },
     #[error("unexpected answer to {sql}: {message}")]
     Answer { sql: String, message: String },
+    #[error("PostgreSQL at {target} cannot read its own control file in {attempts} tries (\"{message}\"): global/pg_control is corrupt on disk, and the server would not start again on it; run CHECKPOINT, which rewrites it from memory, and try again")]
+    ControlFileChecksum {
+        target: String,
+        message: String,
+        attempts: u32,
+    },
 }
+
+/// What the `pg_control_*()` functions say when the file they read fails its checksum:
+/// a read meeting the server's rewrite of it half done, or a corrupt file.
+const CONTROL_FILE_CHECKSUM_ERROR: &str =
+    "calculated CRC checksum does not match value stored in file";
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -796,8 +807,28 @@ impl Connection {
 
     /// Every row of the last statement's result, as text (`None` for NULL).
     pub fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ConnError> {
-        let result = self.client.simple_query(sql);
-        let messages = result.map_err(|e| self.query_error(sql, &e))?;
+        let mut attempt = 1;
+        let messages = loop {
+            match self.client.simple_query(sql) {
+                Ok(messages) => break messages,
+                // The functions reading pg_control: read again, as a read of the file.
+                Err(e)
+                    if sql.contains("pg_control_")
+                        && error_text(&e).contains(CONTROL_FILE_CHECKSUM_ERROR) =>
+                {
+                    if attempt == crate::control::READ_ATTEMPTS {
+                        return Err(ConnError::ControlFileChecksum {
+                            target: self.target.clone(),
+                            message: CONTROL_FILE_CHECKSUM_ERROR.to_string(),
+                            attempts: attempt,
+                        });
+                    }
+                    attempt += 1;
+                    std::thread::sleep(crate::control::BETWEEN_ATTEMPTS);
+                }
+                Err(e) => return Err(self.query_error(sql, &e)),
+            }
+        };
         let mut rows = Vec::new();
         for message in messages {
             if let SimpleQueryMessage::Row(row) = message {

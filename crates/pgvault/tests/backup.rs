@@ -2814,6 +2814,143 @@ fn configuration_outside_the_data_directory(major: u32) {
     }
 }
 
+/// `postgresql.conf` a link out of the data directory (as configuration management
+/// often sets it up), and another file linked from its top: backups take the files the
+/// links lead to, at those places, so that a restore on a host without them makes the
+/// links whole with `--config-to /`, and says when they lead nowhere.
+#[test]
+fn files_linked_from_the_data_directory_are_backed_up_where_the_links_lead() {
+    let setup = Setup::local();
+    let Some(mut cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    cluster.stop();
+    let pgdata = cluster.pgdata();
+    let linked = cluster.dir().join("managed");
+    fs::create_dir(&linked).expect("mkdir");
+    let mut conf = fs::read_to_string(pgdata.join("postgresql.conf")).expect("read");
+    conf.push_str("work_mem = '7MB'\n");
+    fs::write(linked.join("postgresql.conf"), conf).expect("write");
+    fs::remove_file(pgdata.join("postgresql.conf")).expect("remove");
+    std::os::unix::fs::symlink(
+        linked.join("postgresql.conf"),
+        pgdata.join("postgresql.conf"),
+    )
+    .expect("link");
+    fs::write(linked.join("notes.txt"), "kept beside the cluster\n").expect("write");
+    std::os::unix::fs::symlink(linked.join("notes.txt"), pgdata.join("notes.txt")).expect("link");
+    // A link to a file inside the data directory is in the backup already.
+    std::os::unix::fs::symlink(pgdata.join("PG_VERSION"), pgdata.join("version.txt"))
+        .expect("link");
+    give_to_postgres(&linked);
+    cluster.start_again().expect("start through the link");
+    assert_eq!(cluster.psql("SHOW work_mem"), "7MB");
+
+    backup(&setup, &cluster, &[]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["backup", "show", "latest", "--output", "json"]))
+            .expect("show JSON");
+    let path = |name: &str| linked.join(name).display().to_string();
+    assert_eq!(
+        shown["config_files"],
+        serde_json::json!([
+            {"path": path("postgresql.conf"), "setting": "config_file", "linked_from": "postgresql.conf"},
+            {"path": path("notes.txt"), "linked_from": "notes.txt"},
+        ])
+    );
+    let text = setup.ok(&["backup", "show", "latest"]);
+    assert!(
+        text.contains(&format!(
+            "{} (config_file, linked from postgresql.conf)",
+            path("postgresql.conf")
+        )),
+        "{text}"
+    );
+    cluster.psql("CREATE TABLE marks AS SELECT 'linked' AS mark");
+    switch_and_wait_archived(&cluster);
+
+    // A host without the files: the links lead nowhere, and the restore says so.
+    let kept = cluster.dir().join("managed.kept");
+    fs::rename(&linked, &kept).expect("move away");
+    let (_plain_dir, plain) = new_data_directory("pgvault-linked-");
+    let out = setup.run(&[
+        "restore",
+        "--pgdata",
+        &plain,
+        "--target-timeline",
+        "current",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for name in ["postgresql.conf", "notes.txt"] {
+        assert!(
+            stderr.contains(&format!(
+                "warning: {plain}/{name} is a link that leads to no file on this host; the backup holds the file it led to, {}: --config-to / puts it back there",
+                path(name)
+            )),
+            "{name}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("version.txt"), "{stderr}");
+
+    // Under another directory: the links still lead to the old places.
+    let (_elsewhere_dir, elsewhere) = new_data_directory("pgvault-linked-");
+    let config_to = setup.path("config").display().to_string();
+    let out = setup.run(&[
+        "restore",
+        "--pgdata",
+        &elsewhere,
+        "--target-timeline",
+        "current",
+        "--config-to",
+        &config_to,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: {elsewhere}/postgresql.conf is a link that does not lead to {config_to}{}, where this restore wrote the file it led to",
+            path("postgresql.conf")
+        )),
+        "{stderr}"
+    );
+
+    // `/`: the files come back where the links lead, and the server starts through them.
+    let (restored_dir, restored) = new_data_directory("pgvault-linked-");
+    let out = setup.run(&[
+        "restore",
+        "--pgdata",
+        &restored,
+        "--target-timeline",
+        "current",
+        "--target-action",
+        "promote",
+        "--archive-mode",
+        "off",
+        "--config-to",
+        "/",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("is a link that"), "{stderr}");
+    for name in ["postgresql.conf", "notes.txt"] {
+        assert_eq!(
+            fs::read(linked.join(name)).expect("back"),
+            fs::read(kept.join(name)).expect("kept"),
+            "{name}"
+        );
+        assert_eq!(
+            fs::read_link(Path::new(&restored).join(name)).expect("a link"),
+            linked.join(name)
+        );
+    }
+    let started = Cluster::adopt(cluster.bin().clone(), restored_dir).expect("start restored");
+    started.wait_promoted(Duration::from_secs(120));
+    assert_eq!(started.psql("SHOW work_mem"), "7MB");
+    assert_eq!(started.psql("SELECT mark FROM marks"), "linked");
+}
+
 /// A tablespace inside the data directory (PostgreSQL warns, but allows it) is backed up
 /// once, as the tablespace, and restored to the same place inside the restored data
 /// directory; a delta restore leaves its files to the tablespace's own comparison.
@@ -2965,6 +3102,21 @@ fn a_backup_of_another_data_directory_is_refused() {
         ),
         "{err}"
     );
+    // A control file whose checksum is wrong on disk (the server would not start on
+    // it) is refused until the server rewrites it from memory. The server's own
+    // pg_control_*() functions find it first.
+    let control = cluster.pgdata().join("global/pg_control");
+    let mut torn = fs::read(&control).expect("read pg_control");
+    torn[260] ^= 0xff; // in the mock authentication nonce, which the checksum covers
+    fs::write(&control, &torn).expect("write pg_control");
+    let err = attempt(&cluster.pgdata());
+    assert!(
+        err.contains("cannot read its own control file in 10 tries")
+            && err.contains("global/pg_control is corrupt on disk")
+            && err.contains("run CHECKPOINT, which rewrites it from memory"),
+        "{err}"
+    );
+    cluster.psql("CHECKPOINT");
     assert!(ids(&info(&setup)).is_empty(), "a refused backup is listed");
     // The backup ended on the server: the next one starts.
     cluster.psql("CREATE TABLE marks AS SELECT 'before the standby' AS mark");

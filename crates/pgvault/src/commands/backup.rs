@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
-use pg::control::{ControlFile, DbState};
+use pg::control::{read_checked, ControlFile, DbState};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
-use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile};
+use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile, CONTROL_FILE};
 use pg::summary::ChangedBlocks;
 use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include, ReadRate};
@@ -835,15 +835,16 @@ fn connect_primary(conninfo: &str, standby: &ClusterInfo) -> Result<(Connection,
 
 /// Stores `global/pg_control` again after every other file. Recovery of a backup taken
 /// from a standby ends at the control file's minimum recovery point, which covers every
-/// page flushed before it was read — so it must be read last (as pg_basebackup does).
+/// page flushed before it was read — so it must be read last (as pg_basebackup does),
+/// and whole: the server may be rewriting it, and cannot start on a torn copy.
 fn store_control_file_last(
     saver: &BlobSaver<'_>,
     pgdata: &Path,
     pgdata_node: &mut Node,
 ) -> Result<()> {
-    let path = pgdata.join("global").join("pg_control");
+    let path = pgdata.join(CONTROL_FILE);
     let meta = fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?;
-    let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (data, _) = read_checked(pgdata)?;
     let content = saver.save(BlobType::Data, &data)?;
     let repo = saver.repository();
     let root_id = pgdata_node

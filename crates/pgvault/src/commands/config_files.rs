@@ -31,6 +31,11 @@ pub struct ConfigRecord {
     /// none for files those include.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setting: Option<String>,
+    /// The path in the data directory (relative to it) that leads here through a
+    /// symlink, which the restored data directory holds again: `path` is then where the
+    /// link led, so that a restore to the same places makes the link whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linked_from: Option<String>,
 }
 
 /// A configuration file read for a backup.
@@ -40,9 +45,15 @@ pub struct TakenFile {
     meta: fs::Metadata,
 }
 
+/// Files linked from the top of the data directory that are bigger than this are not
+/// taken: what a server reads there (settings, certificates, keys) is small.
+const LINKED_FILE_LIMIT: u64 = 16 << 20;
+
 /// The server's configuration files that are outside `pgdata` (those inside are in the
-/// backup already), read now. What cannot be read or followed is warned about and left
-/// out: the data directory's backup matters more.
+/// backup already), and the regular files that symlinks at the top of `pgdata` lead to
+/// outside it (`server.crt`, a linked `postgresql.conf`), read now. What cannot be read
+/// or followed is warned about and left out: the data directory's backup matters more.
+/// `pgdata` is canonical; the server may name its files through links.
 pub fn take(info: &ClusterInfo, pgdata: &Path) -> Vec<TakenFile> {
     let settings = [
         ("config_file", &info.config_file),
@@ -58,43 +69,105 @@ pub fn take(info: &ClusterInfo, pgdata: &Path) -> Vec<TakenFile> {
     for problem in &found.problems {
         tracing::warn!("configuration files: {problem}; the backup goes on without it");
     }
-    let mut taken = Vec::new();
-    for file in found.files {
-        let inside = fs::canonicalize(&file.path).is_ok_and(|real| real.starts_with(pgdata));
-        if inside || !file.path.is_absolute() {
+    let files = (found.files.into_iter())
+        .map(|file| (file.path, Some(file.data)))
+        .chain(linked_from_top(pgdata).into_iter().map(|path| (path, None)));
+    let mut taken: Vec<TakenFile> = Vec::new();
+    for (named, data) in files {
+        let unreadable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(
+                "configuration files: cannot read {}: {e}; the backup goes on without it",
+                named.display()
+            );
+        };
+        let real = match fs::canonicalize(&named) {
+            Ok(real) => real,
+            Err(e) => {
+                unreadable(&e);
+                continue;
+            }
+        };
+        if real.starts_with(pgdata) || !named.is_absolute() {
             continue;
         }
-        let meta = match fs::metadata(&file.path) {
+        let linked_from = (named.strip_prefix(pgdata))
+            .or_else(|_| named.strip_prefix(&info.data_directory))
+            .ok()
+            .map(|inside| inside.display().to_string());
+        let path = match linked_from {
+            Some(_) => real,
+            None => named.clone(),
+        };
+        if taken.iter().any(|t| Path::new(&t.record.path) == path) {
+            continue;
+        }
+        let meta = match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => meta,
             Ok(_) => {
                 tracing::warn!(
                     "configuration files: {} is not a regular file; the backup goes on without it",
-                    file.path.display()
+                    named.display()
                 );
                 continue;
             }
             Err(e) => {
-                tracing::warn!(
-                    "configuration files: cannot read {}: {e}; the backup goes on without it",
-                    file.path.display()
-                );
+                unreadable(&e);
+                continue;
+            }
+        };
+        let data = match data.map_or_else(|| fs::read(&path), Ok) {
+            Ok(data) => data,
+            Err(e) => {
+                unreadable(&e);
                 continue;
             }
         };
         let setting = settings
             .iter()
-            .find(|(_, path)| Path::new(path) == file.path)
+            .find(|(_, setting)| Path::new(setting) == named)
             .map(|(name, _)| name.to_string());
         taken.push(TakenFile {
             record: ConfigRecord {
-                path: file.path.display().to_string(),
+                path: path.display().to_string(),
                 setting,
+                linked_from,
             },
-            data: file.data,
+            data,
             meta,
         });
     }
     taken
+}
+
+/// The symlinks at the top of `pgdata` that lead to a regular file (`pg_wal` and the
+/// tablespaces are directories, and are backed up as such).
+fn linked_from_top(pgdata: &Path) -> Vec<PathBuf> {
+    let entries = match fs::read_dir(pgdata) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!("configuration files: cannot list {}: {e}", pgdata.display());
+            return Vec::new();
+        }
+    };
+    let mut links = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            continue;
+        }
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() > LINKED_FILE_LIMIT => tracing::warn!(
+                "configuration files: {} leads to a file of {} bytes, too big to be configuration; it is not taken (the backup keeps the link)",
+                path.display(),
+                meta.len()
+            ),
+            Ok(meta) if meta.is_file() => links.push(path),
+            // A dangling link or one to a directory: the backup keeps the link.
+            _ => {}
+        }
+    }
+    links.sort();
+    links
 }
 
 /// Stores `files` and returns the tree entry [`CONFIG_ROOT`] holding them, directories
@@ -343,6 +416,38 @@ pub fn stale_places(
         }
     }
     stale
+}
+
+/// The paths in the restored data directory `pgdata` that led, through a symlink, to a
+/// file the backup took, and no longer lead to the copy of it this restore wrote under
+/// `config_to` (or, without it, lead to no file on this host): each with where the
+/// backup's copy is.
+pub fn unlinked(
+    records: &[ConfigRecord],
+    pgdata: &Path,
+    config_to: Option<&Path>,
+) -> Vec<(PathBuf, PathBuf)> {
+    let mut unlinked = Vec::new();
+    for record in records {
+        let Some(linked_from) = &record.linked_from else {
+            continue;
+        };
+        let link = pgdata.join(linked_from);
+        let broken = match config_to {
+            Some(dir) => {
+                let Ok(relative) = Path::new(&record.path).strip_prefix("/") else {
+                    continue;
+                };
+                let copy = dir.join(relative);
+                (!same_place(&link, &copy)).then_some((link, copy))
+            }
+            None => fs::metadata(&link)
+                .is_err()
+                .then(|| (link, PathBuf::from(&record.path))),
+        };
+        unlinked.extend(broken);
+    }
+    unlinked
 }
 
 fn same_place(a: &Path, b: &Path) -> bool {

@@ -278,9 +278,16 @@ pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
         lines.push(("left out", meta.excluded.join(", ")));
     }
     for file in &meta.config_files {
-        let line = match &file.setting {
-            Some(setting) => format!("{} ({setting})", file.path),
-            None => file.path.clone(),
+        let about: Vec<String> = (file.setting.iter().cloned())
+            .chain(
+                file.linked_from
+                    .iter()
+                    .map(|link| format!("linked from {link}")),
+            )
+            .collect();
+        let line = match about.is_empty() {
+            true => file.path.clone(),
+            false => format!("{} ({})", file.path, about.join(", ")),
         };
         lines.push(("configuration", line));
     }

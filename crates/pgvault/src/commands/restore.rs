@@ -1046,6 +1046,13 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                     now.display()
                 );
             }
+            for (link, copy) in config_files::unlinked(&meta.config_files, &pgdata, Some(dir)) {
+                note!(ctx,
+                    "warning: {} is a link that does not lead to {}, where this restore wrote the file it led to: point it there before starting the server",
+                    link.display(),
+                    copy.display()
+                );
+            }
         }
         None if !meta.config_files.is_empty() => {
             let paths: Vec<&str> = meta.config_files.iter().map(|f| f.path.as_str()).collect();
@@ -1053,6 +1060,13 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 "configuration: the backup also holds {} (outside the data directory), not restored: the server uses what is at those paths on this host; --config-to / puts the backup's back there, --config-to DIR under DIR",
                 paths.join(", ")
             );
+            for (link, copy) in config_files::unlinked(&meta.config_files, &pgdata, None) {
+                note!(ctx,
+                    "warning: {} is a link that leads to no file on this host; the backup holds the file it led to, {}: --config-to / puts it back there",
+                    link.display(),
+                    copy.display()
+                );
+            }
         }
         None => {}
     }
