@@ -1013,7 +1013,21 @@ fn progress_bars_only_on_a_terminal_and_quiet_means_quiet() {
     let delta = ["restore", "--pgdata", &pgdata, "--delta"].map(String::from);
     let text = on_a_terminal(&quiet(&delta));
     assert_eq!(text.trim(), "", "restore -q on a terminal");
-    let args = quiet(&backup_text);
+    // Without --fast: what the backup waits for is said first, unless -q.
+    let spread: Vec<String> = (backup_text.iter())
+        .filter(|arg| *arg != "--fast")
+        .cloned()
+        .collect();
+    let out = setup.run(&spread.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && stderr.starts_with(
+                "waiting for the server's next checkpoint, spread over up to 0.9 × 5min (checkpoint_completion_target × checkpoint_timeout) before the backup starts; --fast asks for an immediate one\n"
+            ),
+        "{stderr}"
+    );
+    let args = quiet(&spread);
     let out = setup.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

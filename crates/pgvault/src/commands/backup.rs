@@ -523,6 +523,9 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         .unwrap_or_else(|| format!("pgvault backup {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")));
 
     let start_time = Utc::now();
+    if !args.fast {
+        say_checkpoint_wait(ctx, &mut conn, from_standby);
+    }
     let start = pg::backup::start(&mut conn, major, &label, args.fast, info.wal_segment_size)?;
     tracing::info!(
         "backup started at {} on timeline {}",
@@ -831,6 +834,28 @@ fn connect_primary(conninfo: &str, standby: &ClusterInfo) -> Result<(Connection,
         );
     }
     Ok((conn, info))
+}
+
+/// Says what a backup without `--fast` waits for before it starts, which can take
+/// minutes with nothing else to show: the server's next checkpoint (a standby's
+/// restartpoint), spread as the server spreads its own.
+fn say_checkpoint_wait(ctx: &Context, conn: &mut Connection, from_standby: bool) {
+    let sql = "SELECT current_setting('checkpoint_completion_target'), current_setting('checkpoint_timeout')";
+    let spread = match conn.query_rows(sql).map(|rows| rows.into_iter().next()) {
+        Ok(Some(row)) => match row.as_slice() {
+            [Some(target), Some(timeout)] => format!(", spread over up to {target} × {timeout} (checkpoint_completion_target × checkpoint_timeout)"),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    let checkpoint = match from_standby {
+        true => "the standby's next restartpoint",
+        false => "the server's next checkpoint",
+    };
+    note!(
+        ctx,
+        "waiting for {checkpoint}{spread} before the backup starts; --fast asks for an immediate one"
+    );
 }
 
 /// Stores `global/pg_control` again after every other file. Recovery of a backup taken
