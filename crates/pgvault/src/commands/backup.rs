@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
-use pg::control::{read_checked, ControlFile, DbState};
+use pg::control::{read_checked, ControlError, ControlFile, DbState};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile, CONTROL_FILE};
 use pg::summary::ChangedBlocks;
 use pg::wal::{Lsn, WalFileName};
 use repo::archive::{archive_tree, ArchiveOptions, Archived, Include, ReadRate};
 use repo::pack::BlobType;
+use repo::restore::write_content;
 use repo::saver::BlobSaver;
 use repo::snapshot::{find_path, Node, Snapshot, Summary, Tree};
 use repo::{Id, Repository};
@@ -334,6 +335,28 @@ fn parent_of(
     Ok(find_path(repo, &tree, Path::new(name))?
         .and_then(|node| node.subtree)
         .map(|id| (id, time)))
+}
+
+/// Why the `global/pg_control` a backup stored would keep a server from starting, if it
+/// would: a checksum that is wrong (a copy torn by the server rewriting the file while
+/// it was read, which pgvault did not check before it read the file whole).
+/// `top` is the backup snapshot's tree.
+pub fn stored_control_file_problem(repo: &Repository, top: &Id) -> Result<Option<String>> {
+    let pgdata = Tree::load(repo, top)?
+        .find("pgdata")
+        .and_then(|node| node.subtree)
+        .context("backup has no pgdata tree")?;
+    let Some(control) = find_path(repo, &pgdata, Path::new(CONTROL_FILE))? else {
+        return Ok(Some(format!("it has no {CONTROL_FILE}")));
+    };
+    let mut bytes = Vec::new();
+    write_content(repo, &control.content, &mut bytes)?;
+    Ok(match ControlFile::parse(&bytes) {
+        Err(ControlError::BadChecksum { .. }) => Some(format!(
+            "its {CONTROL_FILE} fails its checksum (read while the server rewrote it), and a server would not start on it"
+        )),
+        _ => None,
+    })
 }
 
 /// `backup --dry-run`: what the next backup would read, and roughly store judging by
@@ -1010,4 +1033,72 @@ fn report(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repo::crypto::Encryption;
+    use repo::keys::KdfParams;
+    use repo::storage::LocalStorage;
+    use repo::InitOptions;
+
+    /// A backup tree holding `pgdata/global/pg_control` with `bytes`.
+    fn backup_tree(saver: &BlobSaver<'_>, bytes: &[u8]) -> Id {
+        let control = Node {
+            name: "pg_control".into(),
+            kind: repo::snapshot::NodeKind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            size: bytes.len() as u64,
+            content: vec![saver.save(BlobType::Data, bytes).expect("save")],
+            subtree: None,
+            target: None,
+        };
+        let mut id = Tree::sorted(vec![control]).save(saver).expect("save");
+        for name in ["global", "pgdata"] {
+            id = (Tree::sorted(vec![Node::synthetic_dir(name, id)]).save(saver)).expect("save");
+        }
+        id
+    }
+
+    #[test]
+    fn a_stored_control_file_that_fails_its_checksum_is_a_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = InitOptions {
+            encryption: Encryption::None,
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..InitOptions::default()
+        };
+        let storage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        let repo = Repository::init(storage, &options, None).expect("init");
+        // The layout of PostgreSQL 13 to 16: version 1300, the checksum at byte 288.
+        let mut bytes = vec![0u8; 8192];
+        bytes[8..12].copy_from_slice(&1300u32.to_ne_bytes());
+        let crc = crc32c::crc32c(&bytes[..288]);
+        bytes[288..292].copy_from_slice(&crc.to_ne_bytes());
+        let mut torn = bytes.clone();
+        torn[100] ^= 1;
+        let saver = BlobSaver::new(&repo);
+        let whole = backup_tree(&saver, &bytes);
+        let broken = backup_tree(&saver, &torn);
+        saver.flush().expect("flush");
+        assert_eq!(
+            stored_control_file_problem(&repo, &whole).expect("read"),
+            None
+        );
+        let problem = stored_control_file_problem(&repo, &broken).expect("read");
+        assert!(
+            problem
+                .as_deref()
+                .is_some_and(|p| p.contains("global/pg_control fails its checksum")),
+            "{problem:?}"
+        );
+    }
 }

@@ -26,7 +26,9 @@ use repo::{Id, Repository};
 use serde_json::json;
 
 use super::archive::{fetch_file, fsync_dir, write_atomically};
-use super::backup::{backup_named, list_backups, BackupMeta, Database, Owner};
+use super::backup::{
+    backup_named, list_backups, stored_control_file_problem, BackupMeta, Database, Owner,
+};
 use super::catalog::{Reach, WalArchive};
 use super::config_files;
 use super::setup::command_prefix;
@@ -814,6 +816,12 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         find_path(&repo, &pgdata_tree, control_file)?
             .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?,
     );
+    if let Some(problem) = stored_control_file_problem(&repo, &snapshot.tree)? {
+        bail!(
+            "backup {}: {problem}: restore another one (--backup ID)",
+            id.short()
+        );
+    }
     let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces, &left_out)?;
     let config = match &args.config_to {
         Some(dir) => config_files::plan(&repo, &top, dir, args.force || args.delta.is_some())?,

@@ -24,6 +24,7 @@ use repo::{Id, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::backup::stored_control_file_problem;
 use super::catalog::{cluster_names, ClusterState};
 use crate::cli::VerifyArgs;
 use crate::context::Context;
@@ -167,6 +168,12 @@ pub fn verify_command(ctx: &Context, args: &VerifyArgs) -> Result<()> {
                 if needed {
                     problems.push(format!("WAL file {name} is damaged: {error}"));
                 }
+            }
+            match stored_control_file_problem(&repo, &backup.snapshot.tree) {
+                Ok(Some(problem)) => problems.push(problem),
+                Ok(None) => {}
+                // Unreadable objects are among the problems already.
+                Err(e) => tracing::debug!("reading {}'s control file: {e:#}", backup.id.short()),
             }
             let mut pages_checked = 0;
             if args.pages && backup.meta.data_checksums {
