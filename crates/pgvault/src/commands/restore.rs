@@ -816,11 +816,15 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         find_path(&repo, &pgdata_tree, control_file)?
             .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?,
     );
-    if let Some(problem) = stored_control_file_problem(&repo, &snapshot.tree)? {
-        bail!(
+    match stored_control_file_problem(&repo, &snapshot.tree) {
+        Ok(Some(problem)) => bail!(
             "backup {}: {problem}: restore another one (--backup ID)",
             id.short()
-        );
+        ),
+        Ok(None) => {}
+        // Data that cannot be read fails the restore where it is needed, which says
+        // what state it leaves the data directory in.
+        Err(e) => tracing::debug!("reading the backup's control file: {e:#}"),
     }
     let tablespace_nodes = tablespace_nodes(&repo, &top, &tablespaces, &left_out)?;
     let config = match &args.config_to {
