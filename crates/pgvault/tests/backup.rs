@@ -2667,15 +2667,13 @@ fn configuration_outside_the_data_directory(major: u32) {
 
     // Not asked for: not restored, and said so.
     let (_plain_dir, plain) = new_data_directory("pgvault-config-");
-    let out = setup.run(&[
+    let stderr = setup.ok_stderr(&[
         "restore",
         "--pgdata",
         &plain,
         "--target-timeline",
         "current",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "configuration: the backup also holds {}",
@@ -2702,9 +2700,7 @@ fn configuration_outside_the_data_directory(major: u32) {
         "--config-to",
         &config_to_arg,
     ];
-    let out = setup.run(&restore_args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = setup.ok_stderr(&restore_args);
     let under = |name: &str| config_to.join(etc.join(name).strip_prefix("/").expect("absolute"));
     for name in &names {
         assert_eq!(
@@ -2888,15 +2884,13 @@ fn files_linked_from_the_data_directory_are_backed_up_where_the_links_lead() {
     let kept = cluster.dir().join("managed.kept");
     fs::rename(&linked, &kept).expect("move away");
     let (_plain_dir, plain) = new_data_directory("pgvault-linked-");
-    let out = setup.run(&[
+    let stderr = setup.ok_stderr(&[
         "restore",
         "--pgdata",
         &plain,
         "--target-timeline",
         "current",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     for name in ["postgresql.conf", "notes.txt"] {
         assert!(
             stderr.contains(&format!(
@@ -2911,7 +2905,7 @@ fn files_linked_from_the_data_directory_are_backed_up_where_the_links_lead() {
     // Under another directory: the links still lead to the old places.
     let (_elsewhere_dir, elsewhere) = new_data_directory("pgvault-linked-");
     let config_to = setup.path("config").display().to_string();
-    let out = setup.run(&[
+    let stderr = setup.ok_stderr(&[
         "restore",
         "--pgdata",
         &elsewhere,
@@ -2920,8 +2914,6 @@ fn files_linked_from_the_data_directory_are_backed_up_where_the_links_lead() {
         "--config-to",
         &config_to,
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "warning: {elsewhere}/postgresql.conf is a link that does not lead to {config_to}{}, where this restore wrote the file it led to",
@@ -2932,7 +2924,7 @@ fn files_linked_from_the_data_directory_are_backed_up_where_the_links_lead() {
 
     // `/`: the files come back where the links lead, and the server starts through them.
     let (restored_dir, restored) = new_data_directory("pgvault-linked-");
-    let out = setup.run(&[
+    let stderr = setup.ok_stderr(&[
         "restore",
         "--pgdata",
         &restored,
@@ -2945,8 +2937,6 @@ fn files_linked_from_the_data_directory_are_backed_up_where_the_links_lead() {
         "--config-to",
         "/",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("is a link that"), "{stderr}");
     for name in ["postgresql.conf", "notes.txt"] {
         assert_eq!(
