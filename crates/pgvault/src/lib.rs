@@ -62,10 +62,8 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // `{:#}` joins the context chain on one line.
             let mut message = format!("{e:#}").replace('\n', " ");
-            if is_unreachable(&e) {
-                message.push_str(
-                    " (retries exhausted: check that the storage endpoint is reachable and try again)",
-                );
+            if let Some(advice) = storage_advice(&e) {
+                message.push_str(advice);
             }
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -73,13 +71,25 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn is_unreachable(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(cause.downcast_ref::<repo::RepoError>(), Some(repo::RepoError::Storage(s)) if s.is_retryable())
-            || cause
-                .downcast_ref::<repo::storage::StorageError>()
-                .is_some_and(|s| s.is_retryable())
-    })
+/// What to do about a storage failure, where the storage layer cannot say it: it knows
+/// neither the commands nor the retries made above it.
+fn storage_advice(e: &anyhow::Error) -> Option<&'static str> {
+    use repo::storage::StorageError;
+    let storage_error =
+        e.chain()
+            .find_map(|cause| match cause.downcast_ref::<repo::RepoError>() {
+                Some(repo::RepoError::Storage(s)) => Some(s),
+                _ => cause.downcast_ref::<StorageError>(),
+            })?;
+    match storage_error {
+        StorageError::Transient { .. } => Some(
+            " (retries exhausted: check that the storage endpoint is reachable and try again)",
+        ),
+        StorageError::NoSpace { .. } => Some(
+            " (make room there, or let `pgvault expire` drop what the retention no longer needs and `pgvault gc` free its space, then run the command again)",
+        ),
+        _ => None,
+    }
 }
 
 fn init_logging(cli: &Cli) {
@@ -136,4 +146,37 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::ArchiveGetWorker => commands::get::get_worker(&ctx)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repo::storage::StorageError;
+
+    #[test]
+    fn storage_failures_get_advice_wherever_they_are_in_the_chain() {
+        let full = || StorageError::NoSpace {
+            location: "/backups".into(),
+            key: "data/2d/2dcc".into(),
+        };
+        let direct = anyhow::Error::new(full()).context("backing up /pgdata");
+        let wrapped = anyhow::Error::new(repo::RepoError::Storage(full())).context("backing up");
+        for e in [direct, wrapped] {
+            assert!(
+                storage_advice(&e).is_some_and(|advice| advice.contains("`pgvault expire`")),
+                "{e:#}"
+            );
+        }
+        let transient = anyhow::Error::new(StorageError::Transient {
+            location: "s3://b".into(),
+            key: "k".into(),
+            detail: "timeout".into(),
+        });
+        assert!(storage_advice(&transient).is_some_and(|a| a.contains("retries exhausted")));
+        let missing = anyhow::Error::new(StorageError::NotFound {
+            location: "s3://b".into(),
+            key: "k".into(),
+        });
+        assert_eq!(storage_advice(&missing), None);
+    }
 }

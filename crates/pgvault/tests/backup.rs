@@ -3061,6 +3061,66 @@ fn a_tablespace_inside_the_data_directory_moves_with_it() {
     );
 }
 
+/// A filesystem mounted for one test, unmounted when it ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A repository whose disk fills during a backup: the backup fails in one line naming
+/// the place and what to do; once there is room the next backup runs and verifies.
+#[test]
+fn a_full_repository_disk_fails_the_backup_with_advice() {
+    let dir = shared_tempdir();
+    let repo = dir.path().join("repo");
+    fs::create_dir(&repo).expect("mkdir");
+    let mount = |options: &str| {
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&repo)
+            .status()
+            .expect("mount")
+    };
+    // Room for the repository's own files and WAL, not for a backup.
+    assert!(
+        mount("size=1M,mode=0777").success(),
+        "mount a tmpfs (as root)"
+    );
+    let _mounted = Mounted(repo.clone());
+    let setup = Setup::new(dir, repo.display().to_string(), String::new());
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&cluster);
+    let err = setup.fails(
+        &backup_args(&cluster, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        err.contains(&format!("no space left in {} while writing data/", repo.display()))
+            && err.contains("(make room there, or let `pgvault expire` drop what the retention no longer needs and `pgvault gc` free its space, then run the command again)"),
+        "{err}"
+    );
+    assert!(ids(&info(&setup)).is_empty(), "a failed backup is listed");
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256M"])
+        .arg(&repo)
+        .status()
+        .expect("remount");
+    assert!(status.success());
+    backup(&setup, &cluster, &[]);
+    let (ok, report) = verify_json(&setup, &["--full"]);
+    assert!(ok, "{report}");
+}
+
 /// `--pgdata` naming another cluster's data directory, or a copy of the server's own, is
 /// refused: a backup of it would be listed and fail only when restored.
 #[test]

@@ -614,16 +614,17 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
                 root: node,
                 summary: part,
                 ..
-            } = archive_tree(&saver, &root, &options).map_err(|e| {
-                let hint = match &e {
-                    repo::RepoError::Io { error, .. }
-                        if error.kind() == std::io::ErrorKind::PermissionDenied =>
-                    {
-                        "; run pgvault as the user that owns the data directory, or make the file readable to it"
-                    }
-                    _ => "",
-                };
-                anyhow::anyhow!("backing up {}: {e}{hint}", root.display())
+            } = archive_tree(&saver, &root, &options).map_err(|e| match &e {
+                repo::RepoError::Io { error, .. }
+                    if error.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    anyhow::anyhow!(
+                        "backing up {}: {e}; run pgvault as the user that owns the data directory, or make the file readable to it",
+                        root.display()
+                    )
+                }
+                // The error itself stays in the chain, for the advice given on it.
+                _ => anyhow::Error::new(e).context(format!("backing up {}", root.display())),
             })?;
             add(&mut summary, &part);
             if let Some(verifier) = verifier {
