@@ -73,7 +73,7 @@ pub fn main() -> ExitCode {
 
 /// What to do about a storage failure, where the storage layer cannot say it: it knows
 /// neither the commands nor the retries made above it.
-fn storage_advice(e: &anyhow::Error) -> Option<&'static str> {
+pub(crate) fn storage_advice(e: &anyhow::Error) -> Option<&'static str> {
     use repo::storage::StorageError;
     let storage_error =
         e.chain()

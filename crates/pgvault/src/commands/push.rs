@@ -200,7 +200,9 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
                 }
                 Err(e) => {
                     tracing::error!("{name}: {e:#}");
-                    ("error", format!("{e:#}"), None)
+                    // The foreground push prints this text, where the error is gone.
+                    let advice = crate::storage_advice(&e).unwrap_or_default();
+                    ("error", format!("{e:#}{advice}"), None)
                 }
             };
             // The status file only routes the answer; a lost .ok makes PostgreSQL push
