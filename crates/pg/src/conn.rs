@@ -46,10 +46,14 @@ pub enum ConnError {
     },
 }
 
-/// What the `pg_control_*()` functions say when the file they read fails its checksum:
-/// a read meeting the server's rewrite of it half done, or a corrupt file.
-const CONTROL_FILE_CHECKSUM_ERROR: &str =
-    "calculated CRC checksum does not match value stored in file";
+/// Whether a `pg_control_*()` function failed because the file it read fails its
+/// checksum: a read meeting the server's rewrite of it half done, or a corrupt file.
+/// They raise it as an internal error (XX000), in the server's `lc_messages`; their
+/// failures to open or read the file have codes of their own.
+fn is_control_file_checksum_error(error: &postgres::Error) -> bool {
+    error.code() == Some(&postgres::error::SqlState::INTERNAL_ERROR)
+        || error_text(error).contains("calculated CRC checksum does not match value stored in file")
+}
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -812,14 +816,11 @@ impl Connection {
             match self.client.simple_query(sql) {
                 Ok(messages) => break messages,
                 // The functions reading pg_control: read again, as a read of the file.
-                Err(e)
-                    if sql.contains("pg_control_")
-                        && error_text(&e).contains(CONTROL_FILE_CHECKSUM_ERROR) =>
-                {
+                Err(e) if sql.contains("pg_control_") && is_control_file_checksum_error(&e) => {
                     if attempt == crate::control::READ_ATTEMPTS {
                         return Err(ConnError::ControlFileChecksum {
                             target: self.target.clone(),
-                            message: CONTROL_FILE_CHECKSUM_ERROR.to_string(),
+                            message: error_text(&e),
                             attempts: attempt,
                         });
                     }
