@@ -82,7 +82,7 @@ pub(crate) fn storage_advice(e: &anyhow::Error) -> Option<&'static str> {
                 _ => cause.downcast_ref::<StorageError>(),
             })?;
     match storage_error {
-        StorageError::Transient { .. } => Some(
+        s if s.is_retryable() => Some(
             " (retries exhausted: check that the storage endpoint is reachable and try again)",
         ),
         StorageError::NoSpace { .. } => Some(

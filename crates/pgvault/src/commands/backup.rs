@@ -337,18 +337,23 @@ fn parent_of(
         .map(|id| (id, time)))
 }
 
-/// Why the `global/pg_control` a backup stored would keep a server from starting, if it
-/// would: a checksum that is wrong (a copy torn by the server rewriting the file while
-/// it was read, which pgvault did not check before it read the file whole).
-/// `top` is the backup snapshot's tree.
+/// [`control_file_problem`] of the backup whose snapshot tree is `top`, which must hold
+/// the file.
 pub fn stored_control_file_problem(repo: &Repository, top: &Id) -> Result<Option<String>> {
     let pgdata = Tree::load(repo, top)?
         .find("pgdata")
         .and_then(|node| node.subtree)
         .context("backup has no pgdata tree")?;
-    let Some(control) = find_path(repo, &pgdata, Path::new(CONTROL_FILE))? else {
-        return Ok(Some(format!("it has no {CONTROL_FILE}")));
-    };
+    match find_path(repo, &pgdata, Path::new(CONTROL_FILE))? {
+        Some(control) => control_file_problem(repo, &control),
+        None => Ok(Some(format!("it has no {CONTROL_FILE}"))),
+    }
+}
+
+/// Why the stored `global/pg_control` node `control` would keep a server from starting,
+/// if it would: a checksum that is wrong (a copy torn by the server rewriting the file
+/// while it was read, which pgvault did not check before it read the file whole).
+pub fn control_file_problem(repo: &Repository, control: &Node) -> Result<Option<String>> {
     let mut bytes = Vec::new();
     write_content(repo, &control.content, &mut bytes)?;
     Ok(match ControlFile::parse(&bytes) {

@@ -388,7 +388,7 @@ pub fn stale_places(
         let record = records
             .iter()
             .find(|r| r.setting.as_deref() == Some(setting))?;
-        Some(config_to.join(Path::new(&record.path).strip_prefix("/").ok()?))
+        under(config_to, &record.path)
     };
     let Some(main) = restored("config_file") else {
         return Vec::new();
@@ -435,10 +435,9 @@ pub fn unlinked(
         let link = pgdata.join(linked_from);
         let broken = match config_to {
             Some(dir) => {
-                let Ok(relative) = Path::new(&record.path).strip_prefix("/") else {
+                let Some(copy) = under(dir, &record.path) else {
                     continue;
                 };
-                let copy = dir.join(relative);
                 (!same_place(&link, &copy)).then_some((link, copy))
             }
             None => fs::metadata(&link)
@@ -448,6 +447,11 @@ pub fn unlinked(
         unlinked.extend(broken);
     }
     unlinked
+}
+
+/// Where `--config-to config_to` puts the file the backup took at the absolute `path`.
+fn under(config_to: &Path, path: &str) -> Option<PathBuf> {
+    Some(config_to.join(Path::new(path).strip_prefix("/").ok()?))
 }
 
 fn same_place(a: &Path, b: &Path) -> bool {

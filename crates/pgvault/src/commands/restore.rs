@@ -27,7 +27,7 @@ use serde_json::json;
 
 use super::archive::{fetch_file, fsync_dir, write_atomically};
 use super::backup::{
-    backup_named, list_backups, stored_control_file_problem, BackupMeta, Database, Owner,
+    backup_named, control_file_problem, list_backups, BackupMeta, Database, Owner,
 };
 use super::catalog::{Reach, WalArchive};
 use super::config_files;
@@ -816,7 +816,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         find_path(&repo, &pgdata_tree, control_file)?
             .with_context(|| format!("backup {} has no {}", id.short(), control_file.display()))?,
     );
-    match stored_control_file_problem(&repo, &snapshot.tree) {
+    match control_file_problem(&repo, &control) {
         Ok(Some(problem)) => bail!(
             "backup {}: {problem}: restore another one (--backup ID)",
             id.short()
