@@ -5,8 +5,8 @@
 //! target (before 14, which has neither pg_amcheck nor heap checks in amcheck:
 //! `bt_index_check` with `heapallindexed` and a checksum-verifying read of every block).
 //! On every major from 12 to 18. Plus backups taken under write load and DDL, corrupted
-//! pages, unlogged tables, tablespaces, standbys, S3, SFTP, Azure, killed backups, memory
-//! with many files, and the refusals.
+//! pages, unlogged tables, tablespaces, standbys, S3, SFTP, Azure, WAL segments of 1 and
+//! 64 MiB, killed backups, memory with many files, and the refusals.
 
 use std::fs;
 use std::path::Path;
@@ -238,10 +238,10 @@ fn with_pgbench(setup: &Setup, source: Option<Cluster>, scale: &str) -> Option<C
 }
 
 /// Backup, a workload with markers, a dropped table, then restores to each kind of target.
-fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
-    let Some(mut source) = with_pgbench(setup, archiving_cluster_of(major), "2") else {
-        return;
-    };
+/// Returns the source, stopped (servers restored from it keep its socket directory).
+fn point_in_time(setup: &Setup, source: Option<Cluster>, all_targets: bool) -> Option<Cluster> {
+    let mut source = with_pgbench(setup, source, "2")?;
+    let major = source.major();
     source.psql("CREATE UNLOGGED TABLE scratch AS SELECT generate_series(1, 1000) AS x");
     // Files last written more than a second before a backup starts can be reused by the
     // next one without reading them.
@@ -339,17 +339,18 @@ fn point_in_time(major: u32, setup: &Setup, all_targets: bool) {
         );
     }
     source.stop();
+    Some(source)
 }
 
 #[test]
 fn point_in_time_restore_to_time_lsn_xid_and_name() {
-    point_in_time(15, &Setup::local(), true);
+    point_in_time(&Setup::local(), archiving_cluster_of(15), true);
 }
 
 #[test]
 fn point_in_time_restore_on_every_other_major_version() {
     for &major in testkit::pg::MAJORS.iter().filter(|m| **m != 15) {
-        point_in_time(major, &Setup::local(), false);
+        point_in_time(&Setup::local(), archiving_cluster_of(major), false);
     }
 }
 
@@ -358,7 +359,7 @@ fn point_in_time_restore_through_s3() {
     let Some(setup) = Setup::s3() else {
         return;
     };
-    point_in_time(15, &setup, false);
+    point_in_time(&setup, archiving_cluster_of(15), false);
 }
 
 #[test]
@@ -366,7 +367,7 @@ fn point_in_time_restore_through_sftp() {
     let Some(setup) = Setup::sftp() else {
         return;
     };
-    point_in_time(14, &setup, false);
+    point_in_time(&setup, archiving_cluster_of(14), false);
 }
 
 #[test]
@@ -374,7 +375,97 @@ fn point_in_time_restore_through_azure_blob() {
     let Some(setup) = Setup::azblob() else {
         return;
     };
-    point_in_time(16, &setup, false);
+    point_in_time(&setup, archiving_cluster_of(16), false);
+}
+
+/// WAL segments of 1 MiB and 64 MiB instead of the default 16: every point-in-time
+/// target, `info` and `verify` on the archive, and a restore whose recovery replays
+/// across a place where names of the segment size and of 16 MiB part ways. The server's
+/// WAL starts just before it (`pg_resetwal -l`): at 1 MiB, segment `…000000FF` is
+/// followed by `…00000100` (at 16 MiB, by `…0000000100000000`); at 64 MiB, `…0000003F`
+/// by `…0000000100000000`.
+#[test]
+fn wal_segments_of_other_sizes_back_up_and_restore() {
+    for (segment_mb, first_segment, boundary) in [(1, 0xE0, "0/10000000"), (64, 0x3D, "1/0")] {
+        let setup = Setup::local();
+        let source = archiving_cluster_with(15, Some(segment_mb)).map(|mut cluster| {
+            cluster.stop();
+            let start = format!("0000000100000000{first_segment:08X}");
+            let pgdata = cluster.pgdata().display().to_string();
+            let out = cluster.run_as_postgres(
+                &cluster.bin().tool("pg_resetwal"),
+                &["-l", &start, "-D", &pgdata],
+            );
+            assert!(
+                out.status.success(),
+                "pg_resetwal -l {start}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            cluster.start_again().expect("start after pg_resetwal");
+            cluster
+        });
+        let Some(source) = point_in_time(&setup, source, true) else {
+            return;
+        };
+
+        let cluster = info(&setup);
+        assert_eq!(
+            cluster["wal_segment_size"],
+            serde_json::json!(u64::from(segment_mb) << 20),
+            "{cluster}"
+        );
+        assert_eq!(cluster["wal"]["gaps"], serde_json::json!([]), "{cluster}");
+        let first = cluster["wal"]["first"].as_str().expect("first segment");
+        let last = cluster["wal"]["last"].as_str().expect("last segment");
+        assert_eq!(first, format!("0000000100000000{first_segment:08X}"));
+        let hex = |part: &str| u64::from_str_radix(part, 16).expect("hex in a segment name");
+        let (log, seg) = (hex(&last[8..16]), hex(&last[16..]));
+        let crossed = if segment_mb == 1 {
+            log == 0 && seg > 0xFF
+        } else {
+            log == 1
+        };
+        assert!(
+            crossed,
+            "{segment_mb} MiB: the archive ends at {last}, before the place names part ways"
+        );
+        let backups = cluster["backups"].as_array().expect("backups");
+        for backup in backups {
+            assert_eq!(backup["wal_complete"], true, "{backup}");
+        }
+        assert!(cluster["recoverable"]["from"].is_string(), "{cluster}");
+        let (ok, report) = verify_json(&setup, &[]);
+        assert!(ok, "verify of {segment_mb} MiB segments: {report}");
+
+        // The first backup, started before the boundary, recovered to the marker after it.
+        let oldest = backups
+            .iter()
+            .find(|b| b["label"] == "first")
+            .unwrap_or_else(|| panic!("no backup labelled first in {cluster}"));
+        let start_lsn = oldest["start_lsn"].as_str().expect("start_lsn");
+        assert!(
+            lsn_value(start_lsn) < lsn_value(boundary),
+            "{segment_mb} MiB: the first backup starts at {start_lsn}, past {boundary}"
+        );
+        let id = oldest["id"].as_str().expect("id");
+        let mut restored = restore_and_start(
+            &setup,
+            source.bin(),
+            &["--backup", id, "--target-name", "before-drop"],
+        );
+        assert_eq!(restored.psql("SELECT count(*) FROM marks"), "1");
+        assert_eq!(
+            restored.psql("SELECT to_regclass('pgbench_history') IS NOT NULL"),
+            "t",
+            "recovery went past the marker"
+        );
+        let end = restored.psql("SELECT pg_current_wal_lsn()");
+        assert!(
+            lsn_value(&end) > lsn_value(boundary),
+            "{segment_mb} MiB: recovery ended at {end}, before {boundary}"
+        );
+        judge(&mut restored);
+    }
 }
 
 fn lsn_value(lsn: &str) -> u64 {

@@ -240,6 +240,12 @@ pub fn archiving_cluster() -> Option<Cluster> {
 /// A server of `major` with data checksums, ready for `setup --apply` (archive_mode on,
 /// nothing archived yet).
 pub fn archiving_cluster_of(major: u32) -> Option<Cluster> {
+    archiving_cluster_with(major, None)
+}
+
+/// [`archiving_cluster_of`] with WAL segments of `wal_segment_size_mb` MiB (`initdb
+/// --wal-segsize`) where given.
+pub fn archiving_cluster_with(major: u32, wal_segment_size_mb: Option<u32>) -> Option<Cluster> {
     let options = ClusterOptions {
         major,
         settings: vec![
@@ -247,6 +253,7 @@ pub fn archiving_cluster_of(major: u32) -> Option<Cluster> {
             ("archive_mode".into(), "on".into()),
             ("archive_command".into(), "".into()),
         ],
+        wal_segment_size_mb,
         ..ClusterOptions::default()
     };
     match Cluster::start(options) {
