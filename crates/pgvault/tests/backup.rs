@@ -6,14 +6,15 @@
 //! `bt_index_check` with `heapallindexed` and a checksum-verifying read of every block).
 //! On every major from 12 to 18. Plus backups taken under write load and DDL, corrupted
 //! pages, unlogged tables, tablespaces, standbys, S3, SFTP, Azure, WAL segments of 1 and
-//! 64 MiB, killed backups, memory with many files, and the refusals.
+//! 64 MiB, data checksums off (and enabled later), killed backups, memory with many
+//! files, and the refusals.
 
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use testkit::pg::{Cluster, PgBin};
+use testkit::pg::{Cluster, ClusterOptions, PgBin};
 
 mod common;
 use common::*;
@@ -388,7 +389,11 @@ fn point_in_time_restore_through_azure_blob() {
 fn wal_segments_of_other_sizes_back_up_and_restore() {
     for (segment_mb, first_segment, boundary) in [(1, 0xE0, "0/10000000"), (64, 0x3D, "1/0")] {
         let setup = Setup::local();
-        let source = archiving_cluster_with(15, Some(segment_mb)).map(|mut cluster| {
+        let source = archiving_cluster_from(ClusterOptions {
+            wal_segment_size_mb: Some(segment_mb),
+            ..ClusterOptions::default()
+        })
+        .map(|mut cluster| {
             cluster.stop();
             let start = format!("0000000100000000{first_segment:08X}");
             let pgdata = cluster.pgdata().display().to_string();
@@ -466,6 +471,99 @@ fn wal_segments_of_other_sizes_back_up_and_restore() {
         );
         judge(&mut restored);
     }
+}
+
+/// A cluster without data checksums, which are enabled later (`pg_checksums --enable`
+/// on the stopped server, which rewrites every relation file outside WAL): backups of
+/// it before report no corrupted pages (every page's checksum field is 0 there) and
+/// record that checksums were off; the backup after takes every rewritten file and
+/// checks its pages; each restores to its own marker with the checksum setting it had.
+#[test]
+fn data_checksums_off_and_enabled_later() {
+    let setup = Setup::local();
+    let options = ClusterOptions {
+        major: 16,
+        checksums: false,
+        ..ClusterOptions::default()
+    };
+    let Some(mut source) = with_pgbench(&setup, archiving_cluster_from(options), "1") else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    let off = backup(&setup, &source, &["--label", "off"]);
+    assert_eq!(off["corrupted_pages"], serde_json::json!([]), "{off}");
+    pgbench(&source, &["-n", "-t", "200"]);
+    let before = marker(&source, "checksums-off");
+
+    source.stop();
+    let pgdata = source.pgdata().display().to_string();
+    let out = source.run_as_postgres(
+        &source.bin().tool("pg_checksums"),
+        &["--enable", "-D", &pgdata],
+    );
+    assert!(
+        out.status.success(),
+        "pg_checksums --enable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    source.start_again().expect("start with checksums on");
+    pgbench(&source, &["-n", "-t", "200"]);
+    let on = backup(&setup, &source, &["--label", "on"]);
+    assert_eq!(on["corrupted_pages"], serde_json::json!([]), "{on}");
+    // Every relation file was rewritten: none is reused from the backup before.
+    assert!(
+        on["read_bytes"].as_u64() >= off["read_bytes"].as_u64(),
+        "{off}\n{on}"
+    );
+    pgbench(&source, &["-n", "-t", "200"]);
+    let after = marker(&source, "checksums-on");
+    switch_and_wait_archived(&source);
+
+    for (backup, checksums) in [(&off, false), (&on, true)] {
+        let id = backup["id"].as_str().expect("id");
+        let shown = setup.ok(&["backup", "show", id, "--output", "json"]);
+        let shown: serde_json::Value = serde_json::from_str(&shown).expect("backup show JSON");
+        assert_eq!(shown["data_checksums"], checksums, "{shown}");
+    }
+    let (ok, report) = verify_json(&setup, &["--pages"]);
+    assert!(ok, "{report}");
+    assert_eq!(verdict(&report, &off["id"])["pages_checked"], 0, "{report}");
+    assert!(
+        verdict(&report, &on["id"])["pages_checked"].as_u64() > Some(100),
+        "{report}"
+    );
+
+    let mut restored = restore_and_start(&setup, source.bin(), &["--target-name", &before.name]);
+    assert_eq!(state(&restored), before.state);
+    assert_eq!(restored.psql("SHOW data_checksums"), "off");
+    // pg_amcheck only: pg_checksums --check refuses a cluster without checksums.
+    let port = restored.port().to_string();
+    let out = restored.run_as_postgres(
+        &restored.bin().tool("pg_amcheck"),
+        &[
+            "--install-missing",
+            "--heapallindexed",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--all",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "pg_amcheck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    restored.stop();
+
+    let mut restored = restore_and_start(&setup, source.bin(), &["--target-name", &after.name]);
+    assert_eq!(state(&restored), after.state);
+    assert_eq!(restored.psql("SHOW data_checksums"), "on");
+    judge(&mut restored);
+    source.stop();
 }
 
 fn lsn_value(lsn: &str) -> u64 {

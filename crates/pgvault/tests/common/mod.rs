@@ -240,22 +240,19 @@ pub fn archiving_cluster() -> Option<Cluster> {
 /// A server of `major` with data checksums, ready for `setup --apply` (archive_mode on,
 /// nothing archived yet).
 pub fn archiving_cluster_of(major: u32) -> Option<Cluster> {
-    archiving_cluster_with(major, None)
+    archiving_cluster_from(ClusterOptions {
+        major,
+        ..ClusterOptions::default()
+    })
 }
 
-/// [`archiving_cluster_of`] with WAL segments of `wal_segment_size_mb` MiB (`initdb
-/// --wal-segsize`) where given.
-pub fn archiving_cluster_with(major: u32, wal_segment_size_mb: Option<u32>) -> Option<Cluster> {
-    let options = ClusterOptions {
-        major,
-        settings: vec![
-            ("wal_level".into(), "replica".into()),
-            ("archive_mode".into(), "on".into()),
-            ("archive_command".into(), "".into()),
-        ],
-        wal_segment_size_mb,
-        ..ClusterOptions::default()
-    };
+/// A server made as `options` say, with archive settings ready for `setup --apply`.
+pub fn archiving_cluster_from(mut options: ClusterOptions) -> Option<Cluster> {
+    options.settings.extend([
+        ("wal_level".into(), "replica".into()),
+        ("archive_mode".into(), "on".into()),
+        ("archive_command".into(), "".into()),
+    ]);
     match Cluster::start(options) {
         Ok(cluster) => Some(cluster),
         Err(reason) => {
