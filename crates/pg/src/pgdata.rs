@@ -31,7 +31,9 @@ const EMPTY_DIRECTORIES: &[&str] = &[
     "pg_subtrans",
 ];
 
-/// Files left out wherever they are.
+/// Files left out wherever they are, and files whose names start with them: the
+/// relation cache's init file, rebuilt at startup, and its copies being written
+/// (`pg_internal.init.<pid>`).
 const EXCLUDED_ANYWHERE: &[&str] = &["pg_internal.init"];
 
 /// Files left out at the top of the data directory. `backup_label` and
@@ -43,6 +45,9 @@ const EXCLUDED_AT_TOP: &[&str] = &[
     "current_logfiles.tmp",
     "backup_label",
     "backup_label.old",
+    // The manifest of the pg_basebackup this server was started from: wrong for this
+    // backup (13+ leave it out).
+    "backup_manifest",
     "tablespace_map",
     "tablespace_map.old",
     "recovery.signal",
@@ -70,7 +75,11 @@ pub fn decide(relative: &Path, is_dir: bool, unlogged: &dyn Fn(&Path) -> bool) -
     if is_dir {
         return Decision::Include;
     }
-    if EXCLUDED_ANYWHERE.contains(&name) || (depth == 1 && EXCLUDED_AT_TOP.contains(&name)) {
+    if EXCLUDED_ANYWHERE
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+        || (depth == 1 && EXCLUDED_AT_TOP.contains(&name))
+    {
         return Decision::Exclude;
     }
     if let Some(relation) = RelationFile::parse(relative) {
@@ -411,6 +420,11 @@ mod tests {
             decide_for("global/pg_internal.init", false),
             Decision::Exclude
         );
+        assert_eq!(
+            decide_for("base/5/pg_internal.init.4242", false),
+            Decision::Exclude
+        );
+        assert_eq!(decide_for("backup_manifest", false), Decision::Exclude);
         assert_eq!(decide_for("PG_VERSION", false), Decision::Include);
         assert_eq!(decide_for("postgresql.auto.conf", false), Decision::Include);
         assert_eq!(decide_for("base/5/t3_16384", false), Decision::Exclude);

@@ -1345,6 +1345,107 @@ fn exclusions_leave_out_what_the_operator_names() {
     );
 }
 
+/// What the server's own rules leave out of a base backup (`basebackup.c`), planted in a
+/// live data directory or made by the server, is not in the restored one, and the
+/// directories the server needs are there and empty; the restored server starts.
+#[test]
+fn the_servers_own_exclusions_are_left_out() {
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    source.psql(
+        "CREATE UNLOGGED TABLE scratch AS SELECT generate_series(1, 1000) AS x; \
+         CREATE TABLE kept AS SELECT 'kept' AS mark; \
+         SELECT pg_create_physical_replication_slot('left_out', true)",
+    );
+    let database = source.psql("SELECT oid FROM pg_database WHERE datname = 'postgres'");
+    let unlogged = source.psql("SELECT pg_relation_filepath('scratch')");
+    let pgdata = source.pgdata();
+    let planted = [
+        "backup_manifest".to_string(),
+        "backup_label.old".into(),
+        "tablespace_map.old".into(),
+        "postgresql.auto.conf.tmp".into(),
+        "current_logfiles.tmp".into(),
+        format!("base/{database}/pg_internal.init.4242"),
+        format!("base/{database}/t3_999999"),
+        format!("base/{database}/t3_999999_fsm"),
+        "base/pgsql_tmp/pgsql_tmp4242.0".into(),
+        "pg_notify/left-out".into(),
+        "pg_serial/left-out".into(),
+        "pg_snapshots/left-out".into(),
+        "pg_subtrans/left-out".into(),
+        "pg_dynshmem/left-out".into(),
+        "pg_stat_tmp/left-out".into(),
+    ];
+    for path in &planted {
+        let path = pgdata.join(path);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(&path, "not for the backup").expect("plant");
+    }
+    give_to_postgres(&pgdata);
+    assert!(pgdata.join("pg_replslot/left_out/state").is_file());
+    assert!(pgdata.join(format!("{unlogged}_init")).is_file());
+    backup(&setup, &source, &[]);
+    switch_and_wait_archived(&source);
+
+    let (dir, copy) = new_data_directory("pgvault-restored-");
+    setup.ok(&[
+        "restore",
+        "--pgdata",
+        &copy,
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+        "--archive-mode",
+        "off",
+    ]);
+    let copy = Path::new(&copy);
+    let made_by_the_server = [
+        "postmaster.pid".to_string(),
+        "postmaster.opts".into(),
+        format!("base/{database}/pg_internal.init"),
+        "global/pg_internal.init".into(),
+        unlogged.clone(),
+    ];
+    for path in planted.iter().chain(&made_by_the_server) {
+        assert!(!copy.join(path).exists(), "{path} was restored");
+    }
+    assert!(pgdata
+        .join(format!("base/{database}/pg_internal.init"))
+        .exists());
+    for empty in [
+        "pg_wal",
+        "pg_replslot",
+        "pg_notify",
+        "pg_serial",
+        "pg_snapshots",
+        "pg_subtrans",
+        "pg_dynshmem",
+        "pg_stat_tmp",
+    ] {
+        assert_eq!(
+            names_in(&copy.join(empty)),
+            Vec::<std::ffi::OsString>::new(),
+            "{empty}"
+        );
+    }
+    assert!(copy.join(format!("{unlogged}_init")).is_file());
+    assert!(!copy.join("base/pgsql_tmp").exists());
+
+    let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(restored.psql("SELECT mark FROM kept"), "kept");
+    assert_eq!(restored.psql("SELECT count(*) FROM scratch"), "0");
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).
