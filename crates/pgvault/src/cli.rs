@@ -422,6 +422,10 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Restore every tablespace --tablespace-map does not name into DIR/<its name>
+    /// (absolute)
+    #[arg(long, value_name = "DIR")]
+    pub tablespace_map_all: Option<PathBuf>,
     /// Restore only this database's data, besides template0, template1 and postgres
     /// (repeatable); the others come back as empty files that recovery replays into and
     /// that cannot be used: drop them once the server is up
@@ -512,6 +516,10 @@ pub struct StandbyCreateArgs {
     /// Restore a tablespace elsewhere: OID_OR_NAME=DIR (repeatable)
     #[arg(long, value_name = "OID_OR_NAME=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Restore every tablespace --tablespace-map does not name into DIR/<its name>
+    /// (absolute)
+    #[arg(long, value_name = "DIR")]
+    pub tablespace_map_all: Option<PathBuf>,
     /// Put pg_wal on another disk: pg_wal becomes a symlink to DIR (absolute; created if
     /// missing; must be empty, or is emptied with --delta/--force)
     #[arg(long, value_name = "DIR")]

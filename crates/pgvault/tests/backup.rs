@@ -923,8 +923,14 @@ fn tablespaces_and_standby_restores() {
         .tempdir_in("/tmp")
         .expect("tempdir");
     let mapping = format!("far={}", mapped.path().join("ts").display());
-    let mapping2 = format!("farther={}", mapped.path().join("ts2").display());
-    // A check copy: it must not archive its own timeline into the source's archive.
+    let err = restore_fails(&setup, "relative", &["--tablespace-map-all", "all"]);
+    assert!(
+        err.contains("--tablespace-map-all all: give an absolute directory"),
+        "{err}"
+    );
+    // A check copy: it must not archive its own timeline into the source's archive. One
+    // tablespace placed by name, the other under the directory for all.
+    let all = mapped.path().join("all");
     let mut restored = restore_and_start(
         &setup,
         source.bin(),
@@ -933,8 +939,8 @@ fn tablespaces_and_standby_restores() {
             "immediate",
             "--tablespace-map",
             &mapping,
-            "--tablespace-map",
-            &mapping2,
+            "--tablespace-map-all",
+            &all.display().to_string(),
             "--archive-mode",
             "off",
             "--sync-method",
@@ -943,14 +949,14 @@ fn tablespaces_and_standby_restores() {
     );
     assert_eq!(restored.psql("SHOW archive_mode"), "off");
     assert_eq!(restored.psql(remote_state), expected);
-    let link = fs::read_link(
-        restored
-            .pgdata()
-            .join("pg_tblspc")
-            .join(restored.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'far'")),
-    )
-    .expect("tablespace link");
-    assert_eq!(link, mapped.path().join("ts"));
+    let link_of = |name: &str| {
+        let oid = restored.psql(&format!(
+            "SELECT oid FROM pg_tablespace WHERE spcname = '{name}'"
+        ));
+        fs::read_link(restored.pgdata().join("pg_tblspc").join(oid)).expect("tablespace link")
+    };
+    assert_eq!(link_of("far"), mapped.path().join("ts"));
+    assert_eq!(link_of("farther"), all.join("farther"));
     judge(&mut restored);
 
     // A standby seeded from the repository that streams from the source.

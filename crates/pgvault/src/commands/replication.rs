@@ -76,6 +76,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         primary_conn: Some(conninfo),
         primary_slot: args.slot.clone(),
         tablespace_map: args.tablespace_map.clone(),
+        tablespace_map_all: args.tablespace_map_all.clone(),
         db_include: Vec::new(),
         db_exclude: Vec::new(),
         recovery_option: Vec::new(),

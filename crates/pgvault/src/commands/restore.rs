@@ -641,9 +641,9 @@ fn write_server_file(pgdata: &Path, name: &str, data: &[u8]) -> Result<()> {
     })
 }
 
-/// `--tablespace-map OID_OR_NAME=DIR` into oid → directory.
-/// A tablespace that was inside the backed-up data directory (`source`) goes to the same
-/// place inside the restored one, `pgdata` (absolute), unless mapped.
+/// `--tablespace-map OID_OR_NAME=DIR` and `--tablespace-map-all DIR` into oid →
+/// directory. A tablespace that was inside the backed-up data directory (`source`) goes
+/// to the same place inside the restored one, `pgdata` (absolute), unless mapped.
 fn tablespace_locations(
     args: &RestoreArgs,
     meta: &BackupMeta,
@@ -653,12 +653,23 @@ fn tablespace_locations(
     let moved_along = |location: &Path| -> Option<PathBuf> {
         Some(pgdata.join(location.strip_prefix(source?).ok()?))
     };
+    if let Some(all) = args
+        .tablespace_map_all
+        .as_deref()
+        .filter(|d| !d.is_absolute())
+    {
+        bail!(
+            "--tablespace-map-all {}: give an absolute directory (the server follows each tablespace's link from pg_tblspc)",
+            all.display()
+        );
+    }
     let mut out: Vec<(u32, PathBuf)> = (meta.tablespaces.iter())
         .map(|t| {
             let location = PathBuf::from(&t.location);
             (t.oid, moved_along(&location).unwrap_or(location))
         })
         .collect();
+    let mut mapped = Vec::new();
     for mapping in &args.tablespace_map {
         let (key, dir) = mapping
             .split_once('=')
@@ -686,8 +697,32 @@ fn tablespace_locations(
             .find(|(o, _)| *o == oid)
             .context("tablespace listed twice")?;
         entry.1 = PathBuf::from(dir);
+        mapped.push(oid);
+    }
+    if let Some(all) = &args.tablespace_map_all {
+        for tablespace in meta.tablespaces.iter().filter(|t| !mapped.contains(&t.oid)) {
+            if !is_directory_name(&tablespace.name) {
+                bail!(
+                    "--tablespace-map-all: tablespace {:?} (oid {}) is not named like a directory: place it with --tablespace-map {}=DIR",
+                    tablespace.name,
+                    tablespace.oid,
+                    tablespace.oid
+                );
+            }
+            if let Some(entry) = out.iter_mut().find(|(oid, _)| *oid == tablespace.oid) {
+                entry.1 = all.join(&tablespace.name);
+            }
+        }
     }
     Ok(out)
+}
+
+/// Whether `name` is one plain directory entry name: a quoted tablespace name may hold a
+/// slash or be "..".
+fn is_directory_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!((parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(part)), None) if part == name)
 }
 
 /// The first repository that opens and has a backup for the target (several are
@@ -1105,6 +1140,16 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tablespace_names_that_are_not_directory_names() {
+        for name in ["far", "ts 2", "Überall", ".hidden", "a..b"] {
+            assert!(is_directory_name(name), "{name}");
+        }
+        for name in ["", ".", "..", "a/b", "/abs", "a/", "../up"] {
+            assert!(!is_directory_name(name), "{name}");
+        }
+    }
 
     #[test]
     fn owners_are_mapped_by_name_to_this_hosts_ids() {
