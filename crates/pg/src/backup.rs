@@ -56,6 +56,19 @@ fn first_row(
     Ok(row.ok_or_else(|| answer(sql, "no row"))?.into_iter())
 }
 
+/// Switches off, for this session only, the timeouts that would end a backup: a role or
+/// database may set `statement_timeout` or `transaction_timeout` (17+), which cancel a
+/// start call waiting for a spread checkpoint, or `idle_session_timeout` (14+), which
+/// ends the session, and the backup with it, while the files are read. Settings a
+/// server does not have are not in `pg_settings`, so one statement serves every version.
+pub fn keep_session_open(conn: &mut Connection) -> Result<(), ConnError> {
+    conn.query_rows(
+        "SELECT set_config(name, '0', false) FROM pg_settings \
+         WHERE name IN ('statement_timeout', 'transaction_timeout', 'idle_session_timeout')",
+    )?;
+    Ok(())
+}
+
 /// Starts a backup. `fast` asks for an immediate checkpoint instead of a spread one.
 pub fn start(
     conn: &mut Connection,

@@ -38,6 +38,10 @@ pub enum ConnError {
     Privilege { target: String, message: String },
     #[error("unexpected answer to {sql}: {message}")]
     Answer { sql: String, message: String },
+    /// The server ended the session (a restart, `pg_terminate_backend`, a timeout, a
+    /// crash): no query on it can succeed again, and what it held ended with it.
+    #[error("PostgreSQL at {target} ended the session ({message})")]
+    SessionEnded { target: String, message: String },
     #[error("PostgreSQL at {target} cannot read its own control file in {attempts} tries (\"{message}\"): global/pg_control is corrupt on disk, and the server would not start again on it; run CHECKPOINT, which rewrites it from memory, and try again")]
     ControlFileChecksum {
         target: String,
@@ -845,6 +849,16 @@ impl Connection {
 
     fn query_error(&self, sql: &str, error: &postgres::Error) -> ConnError {
         let message = error_text(error);
+        let fatal = (error.as_db_error()).is_some_and(|db| {
+            matches!(
+                db.parsed_severity(),
+                Some(postgres::error::Severity::Fatal | postgres::error::Severity::Panic)
+            )
+        });
+        if fatal || error.is_closed() {
+            let target = self.target.clone();
+            return ConnError::SessionEnded { target, message };
+        }
         if error.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
             let target = self.target.clone();
             return ConnError::Privilege { target, message };

@@ -1452,6 +1452,78 @@ fn the_servers_own_exclusions_are_left_out() {
     );
 }
 
+/// A role whose sessions time out after a second (`statement_timeout`,
+/// `transaction_timeout`, `idle_session_timeout`) backs up anyway, though the start call
+/// waits longer for a spread checkpoint and the files take longer to read. When the
+/// server does end the backup's session, the backup fails saying so and is not listed.
+#[test]
+fn session_timeouts_do_not_end_a_backup() {
+    let setup = Setup::local();
+    let options = ClusterOptions {
+        major: 17,
+        settings: vec![
+            ("checkpoint_timeout".into(), "30s".into()),
+            ("checkpoint_completion_target".into(), "0.2".into()),
+        ],
+        ..ClusterOptions::default()
+    };
+    let Some(source) = with_pgbench(&setup, archiving_cluster_from(options), "2") else {
+        return;
+    };
+    source.psql("CREATE ROLE operator SUPERUSER LOGIN");
+    for setting in [
+        "statement_timeout",
+        "transaction_timeout",
+        "idle_session_timeout",
+    ] {
+        source.psql(&format!("ALTER ROLE operator SET {setting} = '1s'"));
+    }
+    let conn = source.conninfo().replace("user=postgres", "user=operator");
+    let pgdata = source.pgdata().display().to_string();
+    let args = [
+        "backup",
+        "--pg-conn",
+        &conn,
+        "--pgdata",
+        &pgdata,
+        "--checksum-all",
+        "--max-rate",
+        "8MB",
+    ];
+    // Dirty buffers for the spread checkpoint to write.
+    pgbench(&source, &["-n", "-t", "300"]);
+    let started = std::time::Instant::now();
+    let id = setup.ok(&args);
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "the backup took {:?}, not long enough to meet the timeouts",
+        started.elapsed()
+    );
+    assert_eq!(ids(&info(&setup)), [id.trim().to_string()]);
+
+    let (out, ended) = std::thread::scope(|scope| {
+        let backup = scope.spawn(|| setup.run(&[&args[..], &["--fast"]].concat()));
+        // Idle that long only while the files are read: the backup has started.
+        let ended = testkit::wait_until(Duration::from_secs(60), || {
+            source.psql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = 'operator' AND state = 'idle' \
+                 AND state_change < now() - interval '1.5 s'",
+            ) == "1"
+        });
+        (backup.join().expect("backup thread"), ended)
+    });
+    assert!(ended, "no backup session to end");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("ended the session (FATAL: terminating connection")
+            && err.contains("nothing was recorded; run the backup again"),
+        "{err}"
+    );
+    assert_eq!(ids(&info(&setup)).len(), 1, "the failed backup is listed");
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).

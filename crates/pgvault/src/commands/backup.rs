@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
-use pg::conn::{ArchiverStatus, ClusterInfo, ConnectOptions, Connection};
+use pg::conn::{ArchiverStatus, ClusterInfo, ConnError, ConnectOptions, Connection};
 use pg::control::{read_checked, ControlError, ControlFile, DbState};
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::{decide, has_init_fork, Decision, Exclusion, RelationFile, CONTROL_FILE};
@@ -459,6 +459,7 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let read_rate = max_rate.map(|(_, rate)| Arc::new(ReadRate::new(rate)));
     let started_at = Instant::now();
     let (mut conn, info) = connect(ctx)?;
+    pg::backup::keep_session_open(&mut conn)?;
     let repo = ctx.open()?;
     let identity = load_identity(&repo, &ctx.cluster)?;
     if identity.system_identifier != info.system_identifier.to_string() {
@@ -668,7 +669,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     }
     let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
     let top = stored?;
-    let stop = stop?;
+    let stop = stop.map_err(|e| match e {
+        ConnError::SessionEnded { .. } => anyhow::anyhow!(
+            "{e}, and the backup with it before it could be stopped: PostgreSQL abandons a backup whose session ends; nothing was recorded; run the backup again"
+        ),
+        e => e.into(),
+    })?;
     // The server's clock, as the commit times that --target-time is compared with.
     let stop_time = DateTime::<Utc>::from(stop.latest_commit_bound);
     let mut wal_hint = "";
@@ -851,6 +857,8 @@ fn connect_primary(conninfo: &str, standby: &ClusterInfo) -> Result<(Connection,
     let options = ConnectOptions::resolve(Some(conninfo))
         .context("--primary-conn is not a valid connection string")?;
     let mut conn = Connection::connect(&options).context("connecting to --primary-conn")?;
+    // It switches WAL and is asked about archiving once the files are read.
+    pg::backup::keep_session_open(&mut conn)?;
     let info = ClusterInfo::read(&mut conn)?;
     if info.in_recovery {
         bail!("--primary-conn: that server is in recovery too; point it at the primary");
