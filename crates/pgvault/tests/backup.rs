@@ -1524,6 +1524,59 @@ fn session_timeouts_do_not_end_a_backup() {
     assert_eq!(ids(&info(&setup)).len(), 1, "the failed backup is listed");
 }
 
+/// A restore run as root gives the files to the server's user and tries the restored
+/// server's `restore_command` as that user: with a passphrase file only root can read,
+/// recovery would stop at its first WAL file, and the restore warns naming it; with a
+/// readable one it says nothing, leaves nothing behind, and the server recovers.
+#[test]
+fn a_restore_as_root_tries_the_restore_command_as_the_servers_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    source.psql("CREATE TABLE marks AS SELECT 'restored' AS mark");
+    backup(&setup, &source, &[]);
+    switch_and_wait_archived(&source);
+    let restore = |pgdata: &str| {
+        setup.ok_stderr(&[
+            "restore",
+            "--pgdata",
+            pgdata,
+            "--target",
+            "immediate",
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ])
+    };
+
+    let passphrase = setup.path("passphrase");
+    std::os::unix::fs::chown(&passphrase, Some(0), Some(0)).expect("chown");
+    fs::set_permissions(&passphrase, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (_unreadable, pgdata) = new_data_directory("pgvault-restored-");
+    let warned = restore(&pgdata);
+    assert!(
+        warned.contains("the restored server's restore_command fails when run as postgres")
+            && warned.contains(&format!("{}: Permission denied", passphrase.display())),
+        "{warned}"
+    );
+
+    setup.give_to_postgres();
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
+    let quiet = restore(&pgdata);
+    assert!(!quiet.contains("restore_command"), "{quiet}");
+    assert_eq!(
+        names_in(&Path::new(&pgdata).join("pg_wal")),
+        Vec::<std::ffi::OsString>::new()
+    );
+    let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(restored.psql("SELECT mark FROM marks"), "restored");
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).

@@ -717,6 +717,51 @@ fn tablespace_locations(
     Ok(out)
 }
 
+/// Runs the `restore_command` the restored server will run (fetching `segment` into
+/// `pg_wal`, then removing it) as the data directory's owner, when the restore ran as
+/// root and gave the files to another user: a config, passphrase file or repository
+/// only root can read stops recovery at its first WAL file, with the reason in the
+/// server's log only. `runuser` gives the owner its own groups, as the server has them.
+/// The reason when it fails; `None` when it works or cannot be tried.
+fn restore_command_problem(pgdata: &Path, restore_command: &str, segment: &str) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let owner = fs::metadata(pgdata).ok()?.uid();
+    if owner == 0 {
+        return None;
+    }
+    let user = nix::unistd::User::from_uid(owner.into()).ok().flatten()?;
+    let probe = "pg_wal/pgvault-restore-command-check";
+    let command = restore_command.replace("%f", segment).replace("%p", probe);
+    let ran = std::process::Command::new("runuser")
+        .args(["-u", &user.name, "--", "/bin/sh", "-c", &command])
+        .current_dir(pgdata)
+        .stdin(std::process::Stdio::null())
+        .output();
+    let _ = fs::remove_file(pgdata.join(probe));
+    let out = match ran {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::debug!("cannot run runuser to try the restore_command: {e}");
+            return None;
+        }
+    };
+    if out.status.success() {
+        return None;
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reason = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no message");
+    Some(format!(
+        "the restored server's restore_command fails when run as {name}, as the server will run it ({reason}): recovery would stop at its first WAL file; let {name} read what that names before starting the server",
+        name = user.name
+    ))
+}
+
 /// Whether `name` is one plain directory entry name: a quoted tablespace name may hold a
 /// slash or be "..".
 fn is_directory_name(name: &str) -> bool {
@@ -1006,7 +1051,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     write_server_file(&pgdata, "backup_label", meta.backup_label.as_bytes())?;
     let restore_command = format!("{} archive-get %f \"%p\"", command_prefix(ctx)?);
     let options = RecoveryOptions {
-        restore_command,
+        restore_command: restore_command.clone(),
         target: target.clone(),
         exclusive: args.target_exclusive,
         timeline: args.target_timeline.clone(),
@@ -1036,6 +1081,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         .with_context(incomplete)?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    let own_restore_command = extra_settings
+        .iter()
+        .any(|(name, _)| name == "restore_command");
+    if !own_restore_command {
+        if let Some(problem) = restore_command_problem(&pgdata, &restore_command, &meta.start_wal) {
+            note!(ctx, "warning: {problem}");
+        }
     }
 
     let seconds = started.elapsed().as_secs_f64();
