@@ -118,6 +118,13 @@ fn judge(cluster: &mut Cluster) {
         judge_before_14(cluster);
         return;
     }
+    amcheck(cluster);
+    cluster.stop();
+    check_checksums(cluster);
+}
+
+/// `pg_amcheck --heapallindexed` of every database on the running server (14+).
+fn amcheck(cluster: &Cluster) {
     let port = cluster.port().to_string();
     let out = cluster.run_as_postgres(
         &cluster.bin().tool("pg_amcheck"),
@@ -139,8 +146,6 @@ fn judge(cluster: &mut Cluster) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    cluster.stop();
-    check_checksums(cluster);
 }
 
 /// `pg_checksums --check` of the stopped cluster.
@@ -537,26 +542,7 @@ fn data_checksums_off_and_enabled_later() {
     assert_eq!(state(&restored), before.state);
     assert_eq!(restored.psql("SHOW data_checksums"), "off");
     // pg_amcheck only: pg_checksums --check refuses a cluster without checksums.
-    let port = restored.port().to_string();
-    let out = restored.run_as_postgres(
-        &restored.bin().tool("pg_amcheck"),
-        &[
-            "--install-missing",
-            "--heapallindexed",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "--all",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "pg_amcheck: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    amcheck(&restored);
     restored.stop();
 
     let mut restored = restore_and_start(&setup, source.bin(), &["--target-name", &after.name]);
