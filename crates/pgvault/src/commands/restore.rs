@@ -663,13 +663,7 @@ fn tablespace_locations(
             all.display()
         );
     }
-    let mut out: Vec<(u32, PathBuf)> = (meta.tablespaces.iter())
-        .map(|t| {
-            let location = PathBuf::from(&t.location);
-            (t.oid, moved_along(&location).unwrap_or(location))
-        })
-        .collect();
-    let mut mapped = Vec::new();
+    let mut mapped: Vec<(u32, PathBuf)> = Vec::new();
     for mapping in &args.tablespace_map {
         let (key, dir) = mapping
             .split_once('=')
@@ -692,29 +686,29 @@ fn tablespace_locations(
                         .join(", ")
                 )
             })?;
-        let entry = out
-            .iter_mut()
-            .find(|(o, _)| *o == oid)
-            .context("tablespace listed twice")?;
-        entry.1 = PathBuf::from(dir);
-        mapped.push(oid);
+        mapped.push((oid, PathBuf::from(dir)));
     }
-    if let Some(all) = &args.tablespace_map_all {
-        for tablespace in meta.tablespaces.iter().filter(|t| !mapped.contains(&t.oid)) {
-            if !is_directory_name(&tablespace.name) {
-                bail!(
-                    "--tablespace-map-all: tablespace {:?} (oid {}) is not named like a directory: place it with --tablespace-map {}=DIR",
-                    tablespace.name,
-                    tablespace.oid,
-                    tablespace.oid
-                );
+    (meta.tablespaces.iter())
+        .map(|t| {
+            // The last mapping of a tablespace wins.
+            if let Some((_, dir)) = mapped.iter().rev().find(|(oid, _)| *oid == t.oid) {
+                return Ok((t.oid, dir.clone()));
             }
-            if let Some(entry) = out.iter_mut().find(|(oid, _)| *oid == tablespace.oid) {
-                entry.1 = all.join(&tablespace.name);
+            if let Some(all) = &args.tablespace_map_all {
+                if !is_directory_name(&t.name) {
+                    bail!(
+                        "--tablespace-map-all: tablespace {:?} (oid {}) is not named like a directory: place it with --tablespace-map {}=DIR",
+                        t.name,
+                        t.oid,
+                        t.oid
+                    );
+                }
+                return Ok((t.oid, all.join(&t.name)));
             }
-        }
-    }
-    Ok(out)
+            let location = PathBuf::from(&t.location);
+            Ok((t.oid, moved_along(&location).unwrap_or(location)))
+        })
+        .collect()
 }
 
 /// Runs the `restore_command` the restored server will run (fetching `segment` into
