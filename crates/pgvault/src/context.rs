@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 use repo::compression::Compression;
 use repo::lock::{LockKind, RepoLock};
-use repo::storage::{DynStorage, Location, S3Config};
+use repo::storage::{DynStorage, Location, S3Config, StorageError};
 use repo::{RepoError, Repository};
 
 use crate::cli::{GlobalArgs, OutputFormat};
@@ -356,6 +356,28 @@ impl Context {
             None,
             &self.command_line,
         )?)
+    }
+
+    /// A shared lock for a command that only reads, so that no gc (`gc`, `expire`) removes
+    /// or repacks what it reads meanwhile. A repository this user may only read (read-only
+    /// credentials or mount, as a recovery host often has) takes no lock: the command reads
+    /// without one, with a warning.
+    pub fn read_lock(&self, repo: &Repository) -> Result<Option<RepoLock>> {
+        match RepoLock::acquire(
+            repo.storage().clone(),
+            LockKind::Shared,
+            None,
+            &self.command_line,
+        ) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(e @ RepoError::Storage(StorageError::PermissionDenied { .. })) => {
+                tracing::warn!(
+                    "reading without a lock ({e}): a gc or expire run meanwhile could remove what this reads"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A shared lock that no other process may hold for `scope` at the same time.

@@ -1563,6 +1563,124 @@ fn a_restore_as_root_tries_the_restore_command_as_the_servers_user() {
     assert_eq!(restored.psql("SELECT mark FROM marks"), "restored");
 }
 
+/// A gc waits for a running restore: it would otherwise delete or repack packs that the
+/// restore is about to read, and the restore would fail half-way. A repository that the
+/// restoring user may only read (as on a recovery host) is restored from without a lock,
+/// with a warning.
+#[test]
+fn a_running_restore_holds_off_gc_and_a_read_only_repository_still_restores() {
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    source.psql("CREATE TABLE marks AS SELECT 'kept' AS mark");
+    // Stored only by the first backup, in packs with pages the second one shares.
+    source.psql(
+        "CREATE TABLE gone AS SELECT md5(random()::text) || md5(random()::text) AS t \
+         FROM generate_series(1, 200000)",
+    );
+    backup(&setup, &source, &[]);
+    source.psql("DROP TABLE gone");
+    backup(&setup, &source, &[]);
+    switch_and_wait_archived(&source);
+    setup.ok(&["expire", "--keep-last", "1", "--no-gc"]);
+    let plan: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["gc", "--dry-run", "--output", "json"])).expect("JSON");
+    let doomed = |key: &str| plan[key].as_array().map_or(0, Vec::len);
+    assert!(
+        doomed("delete_packs") + doomed("repack_packs") > 0,
+        "{plan}"
+    );
+
+    let locks = setup.path("repo").join("locks");
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
+    let mut restore = setup
+        .cmd(&[
+            "restore",
+            "--pgdata",
+            &pgdata,
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the restore");
+    // Held still from the moment it has its lock, before it chooses the backup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while fs::read_dir(&locks).map_or(0, Iterator::count) == 0 {
+        assert!(
+            restore.try_wait().expect("wait").is_none(),
+            "the restore ended without taking a lock"
+        );
+        assert!(std::time::Instant::now() < deadline, "no lock in 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &restore.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {name}");
+    };
+    signal("-STOP");
+    let refused = setup.fails(&["gc"]);
+    signal("-CONT");
+    assert!(
+        refused.contains("is locked by a shared lock of `")
+            && refused.contains(&format!("restore --pgdata {pgdata} ")),
+        "{refused}"
+    );
+    let finished = restore.wait_with_output().expect("restore");
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(restored.psql("SELECT mark FROM marks"), "kept");
+    drop(restored);
+    setup.ok(&["gc"]);
+
+    // The repository is root's and only readable by postgres, who restores from it.
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
+    let repo = setup.path("repo");
+    for (tool, args, path) in [
+        ("chown", ["-R", "root:root"], &repo),
+        ("chmod", ["-R", "go-w,go+rX"], &repo),
+        ("chown", ["-R", "postgres"], &dir.path().to_path_buf()),
+    ] {
+        let status = std::process::Command::new(tool)
+            .args(args)
+            .arg(path)
+            .status()
+            .expect(tool);
+        assert!(status.success(), "{tool} {args:?}");
+    }
+    let out = setup.run_as_postgres(&[
+        "restore",
+        "--pgdata",
+        &pgdata,
+        "--target-action",
+        "promote",
+        "--archive-mode",
+        "off",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reading without a lock") && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(restored.psql("SELECT mark FROM marks"), "kept");
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).

@@ -77,7 +77,7 @@ fn sync_contents(
     cluster: &str,
 ) -> Result<Synced> {
     // Readers of the source and writers of the target, like a backup: gc and expire wait.
-    let _source_lock = ctx.lock(source, LockKind::Shared)?;
+    let _source_lock = ctx.read_lock(source)?;
     let target_lock = ctx.lock(target, LockKind::Shared)?;
     let mut synced = Synced::default();
     let wal = copy_files(source, target, &format!("wal/{cluster}/"), ctx.jobs)?;

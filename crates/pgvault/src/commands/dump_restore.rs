@@ -85,6 +85,7 @@ fn table_args(table: &str) -> Vec<String> {
 
 pub fn restore(ctx: &Context, args: &DumpRestoreArgs) -> Result<()> {
     let repo = ctx.open()?;
+    let _lock = ctx.read_lock(&repo)?;
     let (id, snapshot, meta) = find_dump(&repo, &ctx.cluster, &args.dump)?;
     if meta.format == DUMPALL_FORMAT {
         return restore_dumpall(ctx, &repo, &id, &snapshot, args);

@@ -17,6 +17,7 @@ use pg::recovery::{
 };
 use pg::wal::{Lsn, WalFileName};
 use pg::walrecords::{newest_backup_before_restore_point, BackupRange};
+use repo::lock::RepoLock;
 use repo::restore::{
     apply_root_metadata, restore_file_last, restore_tree, restore_tree_delta, shortage_of_room,
     tree_bytes, DeltaCheck, DeltaStats, OwnerMap, Progress, RestoreOptions,
@@ -764,18 +765,24 @@ fn is_directory_name(name: &str) -> bool {
         (Some(std::path::Component::Normal(part)), None) if part == name)
 }
 
+/// A repository with its read lock (see [`Context::read_lock`]), held from before the
+/// backup is chosen until the restore has read it.
+type LockedRepository = (Repository, Option<RepoLock>);
+
 /// The first repository that opens and has a backup for the target (several are
 /// configured when one may be lost).
 fn open_with_backup(
     ctx: &Context,
     args: &RestoreArgs,
     target: &Target,
-) -> Result<(Repository, (Id, Snapshot, BackupMeta))> {
+) -> Result<(LockedRepository, (Id, Snapshot, BackupMeta))> {
     let mut first_error = None;
     for name in ctx.repo_names() {
-        let found = ctx
-            .open_named(&name)
-            .and_then(|repo| choose_backup(&repo, ctx, args, target).map(|c| (repo, c)));
+        let found = ctx.open_named(&name).and_then(|repo| {
+            let lock = ctx.read_lock(&repo)?;
+            let chosen = choose_backup(&repo, ctx, args, target)?;
+            Ok(((repo, lock), chosen))
+        });
         match found {
             Ok(found) => {
                 if let Some(e) = &first_error {
@@ -833,7 +840,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--recovery-option {text:?}: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let (repo, (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
+    let ((repo, _lock), (id, snapshot, meta)) = open_with_backup(ctx, args, &target)?;
     let left_out = left_out_databases(args, &id, &meta)?;
     let owners = owner_map(meta.owner.as_ref())?;
     let source_pgdata = snapshot.paths.first().map(Path::new);

@@ -186,7 +186,7 @@ fn show(ctx: &Context, spec: &str) -> Result<()> {
 
 fn restore(ctx: &Context, args: &SnapshotRestoreArgs) -> Result<()> {
     let repo = ctx.open()?;
-    let _lock = ctx.lock(&repo, LockKind::Shared)?;
+    let _lock = ctx.read_lock(&repo)?;
     let id = Snapshot::resolve(&repo, &args.id)?;
     let snapshot = Snapshot::load(&repo, &id)?;
     if args.stdout {

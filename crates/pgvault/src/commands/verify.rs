@@ -17,7 +17,6 @@ use chrono::Utc;
 use pg::page::{check_page, PageCheck, PAGE_SIZE};
 use pg::pgdata::RelationFile;
 use pg::wal::Lsn;
-use repo::lock::LockKind;
 use repo::snapshot::{NodeKind, Snapshot, Tree};
 use repo::verify::{verify, VerifyOptions};
 use repo::{Id, Repository};
@@ -70,7 +69,7 @@ struct BackupVerdict {
 
 pub fn verify_command(ctx: &Context, args: &VerifyArgs) -> Result<()> {
     let repo = ctx.open()?;
-    let _lock = ctx.lock(&repo, LockKind::Shared)?;
+    let _lock = ctx.read_lock(&repo)?;
     let selected = args
         .snapshots
         .iter()

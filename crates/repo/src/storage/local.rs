@@ -70,11 +70,13 @@ impl LocalStorage {
         let key = key.to_string();
         match err.kind() {
             io::ErrorKind::NotFound => StorageError::NotFound { location, key },
-            io::ErrorKind::PermissionDenied => StorageError::PermissionDenied {
-                location,
-                key,
-                detail: err.to_string(),
-            },
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                StorageError::PermissionDenied {
+                    location,
+                    key,
+                    detail: err.to_string(),
+                }
+            }
             io::ErrorKind::StorageFull => StorageError::NoSpace { location, key },
             io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
                 StorageError::Transient {
