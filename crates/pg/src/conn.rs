@@ -934,19 +934,45 @@ impl ArchiverStatus {
         })
     }
 
-    /// What an error about WAL that did not arrive should say about the archiver.
-    pub fn explain(&self) -> String {
+    /// What an error about WAL segment `awaited` (a file name) that did not arrive should
+    /// say about the archiver.
+    pub fn explain(&self, awaited: &str) -> String {
         match (&self.last_failed_wal, &self.last_failed_time) {
             (Some(wal), Some(time)) if self.failing => format!(
                 "the archiver is failing: it last failed on {wal} at {time} ({} failures so far); the PostgreSQL server log has archive_command's error",
                 self.failed_count
             ),
-            _ => format!(
-                "the archiver is not failing (last archived: {}): is it behind or stopped? see pg_stat_archiver and the server log",
-                self.last_archived_wal.as_deref().unwrap_or("none")
-            ),
+            _ => match self.last_archived_wal.as_deref() {
+                Some(last) if archived_past(last, awaited) => format!(
+                    "pg_stat_archiver reports {last} archived, so archive_command returned success for {awaited}, but it is not in this repository: archive_command sends WAL somewhere else (another repository, config file or --cluster) or, if asynchronous, has not uploaded it yet; `pgvault setup --apply` sets an archive_command that pushes to this repository"
+                ),
+                last => format!(
+                    "the archiver is not failing (last archived: {}): is it behind or stopped? see pg_stat_archiver and the server log",
+                    last.unwrap_or("none")
+                ),
+            },
         }
     }
+}
+
+/// Whether archived file `last` (a segment, or a `.partial` or `.backup` file named after
+/// one) is segment `awaited` or one after it on the same timeline. History files name no
+/// segment.
+fn archived_past(last: &str, awaited: &str) -> bool {
+    // Fixed-width upper-case hex: (log, seg) order is the names' order.
+    match (segment_part(last), segment_part(awaited)) {
+        (Some((last_timeline, last)), Some((timeline, awaited))) => {
+            last_timeline == timeline && last >= awaited
+        }
+        _ => false,
+    }
+}
+
+/// The timeline and (log, seg) hex of the segment a WAL file name starts with.
+fn segment_part(name: &str) -> Option<(&str, &str)> {
+    let head = name.get(..24)?;
+    let parsed = crate::wal::WalFileName::parse(head).ok()?;
+    parsed.is_segment().then(|| head.split_at(8))
 }
 
 /// What pgvault needs to know about a running server.
@@ -1046,6 +1072,38 @@ mod tests {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.clone())
         }
+    }
+
+    #[test]
+    fn an_archiver_past_the_awaited_segment_says_it_archives_elsewhere() {
+        let awaited = "000000010000000200000034";
+        for (last, past) in [
+            ("000000010000000200000034", true),
+            ("000000010000000200000034.00000028.backup", true),
+            ("000000010000000300000000", true),
+            ("000000010000000200000033", false),
+            ("000000010000000100000035", false),
+            ("000000020000000200000035", false),
+            ("00000002.history", false),
+        ] {
+            let status = ArchiverStatus {
+                last_archived_wal: Some(last.into()),
+                ..ArchiverStatus::default()
+            };
+            let text = status.explain(awaited);
+            assert_eq!(text.contains("somewhere else"), past, "{last}: {text}");
+            assert_eq!(text.contains("is not failing"), !past, "{last}: {text}");
+        }
+        let failing = ArchiverStatus {
+            last_archived_wal: Some("000000010000000200000035".into()),
+            last_failed_wal: Some("000000010000000200000036".into()),
+            last_failed_time: Some("2026-12-03 10:51:14+00".into()),
+            failed_count: 3,
+            failing: true,
+        };
+        assert!(failing
+            .explain(awaited)
+            .starts_with("the archiver is failing"));
     }
 
     #[test]

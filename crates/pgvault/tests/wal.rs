@@ -592,6 +592,42 @@ fn setup_and_check_name_what_is_wrong() {
     );
 }
 
+/// An archive_command that succeeds but pushes to another repository (a copied
+/// archive_command, another config file) is named as such by `check` and `backup`, which
+/// would otherwise say only that the archiver is not failing.
+#[test]
+fn an_archive_command_that_pushes_elsewhere_is_named() {
+    let (here, elsewhere) = (Setup::local(), Setup::local());
+    let Some(cluster) = archiving_cluster() else {
+        return;
+    };
+    elsewhere.setup_cluster(&cluster);
+    here.ok(&["setup", "--pg-conn", &cluster.conninfo()]);
+    let err = here.fails(&["check", "--pg-conn", &cluster.conninfo(), "--timeout", "3s"]);
+    assert!(
+        err.contains("did not arrive within 3s")
+            && err.contains("archive_command sends WAL somewhere else"),
+        "{err}"
+    );
+    let pgdata = cluster.pgdata().display().to_string();
+    let err = here.fails(&[
+        "backup",
+        "--fast",
+        "--pg-conn",
+        &cluster.conninfo(),
+        "--pgdata",
+        &pgdata,
+        "--wal-timeout",
+        "3s",
+    ]);
+    assert!(
+        err.contains("did not reach the repository within 3s")
+            && err.contains("was not recorded")
+            && err.contains("archive_command sends WAL somewhere else"),
+        "{err}"
+    );
+}
+
 /// Each pgvault process ends the SSH connection it opened: archive_command runs one
 /// process per segment, and a connection left behind each time would pile up ssh
 /// processes here and sessions on the backup server.

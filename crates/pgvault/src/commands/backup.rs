@@ -963,7 +963,12 @@ fn wait_for_wal(
             return Ok(());
         }
         if started.elapsed() > timeout {
-            let archiver = archiver().map(|status| format!("; {}", status.explain()));
+            let archiver =
+                archiver().map(|status| format!("; {}", status.explain(&segment.to_string())));
+            // It may have arrived while the archiver was asked.
+            if repo.has_file(&name)? {
+                return Ok(());
+            }
             bail!(
                 "the backup's last WAL segment {segment} did not reach the repository within {}: the backup is not usable without it and was not recorded{}; check archiving with `pgvault check`{hint}",
                 humantime::format_duration(timeout),
@@ -976,7 +981,7 @@ fn wait_for_wal(
                 Some(status) if status.failing => tracing::warn!(
                     "waiting for {segment} to be archived (up to {}): {}",
                     humantime::format_duration(timeout),
-                    status.explain()
+                    status.explain(&segment.to_string())
                 ),
                 _ => tracing::info!(
                     "still waiting for {segment} to be archived (up to {})",

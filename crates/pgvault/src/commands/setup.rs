@@ -232,6 +232,6 @@ pub fn check(ctx: &Context, args: &CheckArgs) -> Result<()> {
     bail!(
         "segment {segment} did not arrive within {}: {}",
         humantime::format_duration(timeout),
-        archiver.explain()
+        archiver.explain(&segment)
     )
 }
