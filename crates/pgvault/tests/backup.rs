@@ -2436,6 +2436,28 @@ fn restores_choose_backups_their_wal_can_reach() {
         "{err}"
     );
     assert!(!setup.path("past-gap").exists(), "a refused restore wrote");
+    // To the end of the archive: a warning, and the server indeed opens at the gap.
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
+    let out = setup.run(&["restore", "--pgdata", &pgdata, "--archive-mode", "off"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("recovery to the end of the archived WAL will end early")
+            && stderr.contains(&format!(
+                "replay stops after {}: {} is missing",
+                segments[0], segments[1]
+            )),
+        "{stderr}"
+    );
+    let restored = Cluster::adopt(source.bin().clone(), dir).expect("start");
+    restored.wait_promoted(Duration::from_secs(120));
+    assert_eq!(
+        restored.psql(
+            "SELECT string_agg(name, ',' ORDER BY name) FROM marks WHERE name LIKE 'after %'"
+        ),
+        "after 0"
+    );
+    drop(restored);
     fs::write(&middle, kept).expect("put the segment back");
 
     // Past the end of the archive: a warning, and the restore goes on.

@@ -163,7 +163,7 @@ fn choose_backup(
                 missing_wal(&unrestorable)
             );
         }
-        check_target_reach(&archive, &reach, target)?;
+        check_target_reach(&archive, &reach, target, args.standby)?;
         return Ok((id, snapshot, meta));
     }
     if let [(id, missing)] = unrestorable.as_slice() {
@@ -256,8 +256,14 @@ fn candidate_backups(
 /// gap an LSN target is out of reach (an error); past the end of the archive, or a time
 /// target past a gap (the times are the archive's clock, not the server's), it is reached
 /// only if the WAL arrives before recovery gets there (a warning): otherwise PostgreSQL
-/// 13+ refuses to start, and 12 ends recovery at the end of the archive.
-fn check_target_reach(archive: &WalArchive, reach: &Reach, target: &Target) -> Result<()> {
+/// 13+ refuses to start, and 12 ends recovery at the end of the archive. Recovery to the
+/// end of the archive ends at a gap without a word from the server (a warning).
+fn check_target_reach(
+    archive: &WalArchive,
+    reach: &Reach,
+    target: &Target,
+    standby: bool,
+) -> Result<()> {
     let Some(last) = &reach.last_segment else {
         return Ok(());
     };
@@ -284,6 +290,10 @@ fn check_target_reach(archive: &WalArchive, reach: &Reach, target: &Target) -> R
             }
             tracing::warn!("--target-lsn {text} is past {end}, where {stops}: {unless}");
         }
+        // A standby waits at the gap for the primary to stream what is missing.
+        Target::End if after_gap && !standby => tracing::warn!(
+            "recovery to the end of the archived WAL will end early: {stops}; the WAL archived after that gap is not replayed, and the server ends recovery and opens there (archive the missing WAL first if a server still has it)"
+        ),
         Target::Time(text) => {
             let time = parse_target_time(text)?;
             if let Some(until) = reach.until.filter(|until| *until < time) {
