@@ -1681,6 +1681,52 @@ fn a_running_restore_holds_off_gc_and_a_read_only_repository_still_restores() {
     assert_eq!(restored.psql("SELECT mark FROM marks"), "kept");
 }
 
+/// A backup run as root (a cron job) in a repository that belongs to postgres, who
+/// archives WAL and expires, gives what it creates to postgres: a root-owned directory
+/// would make postgres's later writes into it fail, and root-owned objects its expire.
+#[test]
+fn a_backup_run_as_root_leaves_the_repository_to_its_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    let postgres = fs::metadata(setup.path("repo")).expect("repo").uid();
+    assert_ne!(postgres, 0);
+    source.psql("CREATE TABLE marks AS SELECT 'kept' AS mark");
+    backup(&setup, &source, &[]);
+    fn owned_by_root(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).expect("stat");
+            if meta.uid() == 0 {
+                out.push(path.clone());
+            }
+            if meta.is_dir() {
+                owned_by_root(&path, out);
+            }
+        }
+    }
+    let mut rooted = Vec::new();
+    owned_by_root(&setup.path("repo"), &mut rooted);
+    assert!(rooted.is_empty(), "left to root: {rooted:?}");
+
+    // postgres takes the next backup and expires root's.
+    let args = backup_args(&source, &[]);
+    let out = setup.run_as_postgres(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = setup.run_as_postgres(&["expire", "--keep-last", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("WARN"), "{stderr}");
+    let restored = check_copy(&setup, source.bin(), "latest");
+    assert_eq!(restored.psql("SELECT mark FROM marks"), "kept");
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).

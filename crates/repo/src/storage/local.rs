@@ -17,6 +17,7 @@ use crate::direct::NewFile;
 use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -93,16 +94,46 @@ impl LocalStorage {
         }
     }
 
+    /// Run as root in a repository whose top directory belongs to another user (the one
+    /// who archives WAL, typically postgres), the user and group to give what this process
+    /// creates: a root-owned directory would make that user's later writes into it fail,
+    /// and root-owned objects its expire.
+    fn owner_to_give(&self) -> Option<(u32, u32)> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let top = fs::metadata(&self.root).ok()?;
+        (top.uid() != 0).then(|| (top.uid(), top.gid()))
+    }
+
     fn write_new(&self, key: &str, path: &Path, data: &[u8]) -> StorageResult<PutOutcome> {
         let dir = path.parent().unwrap_or(&self.root);
+        let owner = self.owner_to_give();
+        // Best effort: where root may not chown (NFS with root_squash), what it creates
+        // already belongs to the squashed user.
+        let give = |path: &Path| {
+            if let Some((uid, gid)) = owner {
+                if let Err(e) = std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+                    tracing::debug!("cannot give {} to {uid}:{gid}: {e}", path.display());
+                }
+            }
+        };
         let mut created_dirs = false;
         if !dir.is_dir() {
+            let missing: Vec<PathBuf> = (dir.ancestors())
+                .take_while(|a| !a.exists())
+                .map(Path::to_path_buf)
+                .collect();
             fs::create_dir_all(dir).map_err(|e| self.map_err(key, e))?;
+            for created in missing.iter().rev() {
+                give(created);
+            }
             created_dirs = true;
         }
         let tmp = dir.join(format!("{TEMP_PREFIX}{}", random_suffix()));
         let result = (|| -> io::Result<PutOutcome> {
             let mut file = NewFile::create(&tmp, data.len() as u64)?;
+            give(&tmp);
             file.write_all(data)?;
             file.finish()?.sync_all()?;
             let outcome = if self.uses_claims() {
