@@ -1727,6 +1727,68 @@ fn a_backup_run_as_root_leaves_the_repository_to_its_owner() {
     assert_eq!(restored.psql("SELECT mark FROM marks"), "kept");
 }
 
+/// A restored copy promoted while archiving into its source's repository adds a timeline
+/// that a later restore to the latest timeline follows, leaving the source's own WAL from
+/// after the copy behind, without a word from PostgreSQL. The restore warns and names the
+/// `--target-timeline` that follows the source.
+#[test]
+fn a_restore_warns_when_the_latest_timeline_leaves_archived_wal_behind() {
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    source.psql("CREATE TABLE marks AS SELECT 'backed up' AS mark");
+    backup(&setup, &source, &[]);
+    switch_and_wait_archived(&source);
+    // Archiving as its source does, promoted at the backup's end onto timeline 2.
+    let copy = restore_with_action(&setup, source.bin(), "promote", &["--target", "immediate"]);
+    copy.wait_promoted(Duration::from_secs(120));
+    let history = setup.path("repo/files/wal/main/00000002/00000002.history");
+    // Its own work, in a segment it archives.
+    copy.psql("CREATE TABLE copy_only AS SELECT 1 AS one");
+    let segment = copy.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    let archived = setup.path(&format!("repo/files/wal/main/00000002/{segment}"));
+    assert!(
+        testkit::wait_until(Duration::from_secs(60), || history.exists()
+            && archived.exists()),
+        "the copy did not archive its timeline's history and {segment}"
+    );
+    drop(copy);
+    source.psql("INSERT INTO marks VALUES ('after the copy')");
+    switch_and_wait_archived(&source);
+
+    let restore = |extra: &[&str]| {
+        let (dir, pgdata) = new_data_directory("pgvault-restored-");
+        let mut args = vec![
+            "restore",
+            "--pgdata",
+            &pgdata,
+            "--archive-mode",
+            "off",
+            "--target-action",
+            "promote",
+        ];
+        args.extend_from_slice(extra);
+        let stderr = setup.ok_stderr(&args);
+        let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+        restored.wait_promoted(Duration::from_secs(120));
+        let marks = restored.psql("SELECT string_agg(mark, ',' ORDER BY mark) FROM marks");
+        (stderr, marks)
+    };
+    let (warned, marks) = restore(&[]);
+    assert!(
+        warned.contains(
+            "recovery follows timeline 2, the latest in the archive, which left timeline 1"
+        ) && warned.contains("pass --target-timeline 1"),
+        "{warned}"
+    );
+    assert_eq!(marks, "backed up");
+    let (quiet, marks) = restore(&["--target-timeline", "1"]);
+    assert!(!quiet.contains("recovery follows timeline"), "{quiet}");
+    assert_eq!(marks, "after the copy,backed up");
+}
+
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
 /// its transaction horizon through `txid_current_snapshot()` (`pg_current_snapshot()` is
 /// 13+).

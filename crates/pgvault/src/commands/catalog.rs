@@ -45,6 +45,16 @@ pub struct Gap {
     pub to: String,
 }
 
+/// A timeline with WAL past the point where a later timeline left it: see
+/// [`WalArchive::left_behind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftBehind {
+    pub timeline: u32,
+    pub left_at: Lsn,
+    pub last_segment: WalFileName,
+    pub archived: Option<DateTime<Utc>>,
+}
+
 /// How far a backup recovers by replaying the archive.
 #[derive(Debug, Clone, Default)]
 pub struct Reach {
@@ -242,6 +252,48 @@ impl WalArchive {
         reach
     }
 
+    /// The timeline recovery from `timeline` follows to the latest: PostgreSQL takes the
+    /// highest one whose history file it finds counting up from there.
+    pub fn latest_timeline(&self, timeline: u32) -> u32 {
+        let mut latest = timeline;
+        while self.histories.contains_key(&(latest + 1)) {
+            latest += 1;
+        }
+        latest
+    }
+
+    /// Histories that recovery from a backup on `timeline` that ended at `stop` leaves
+    /// behind when it follows `follow`: each timeline on the way that `follow` left after
+    /// `stop` and that has WAL archived past the segment where it was left (the work of
+    /// another server: a restored copy promoted while archiving here, or the old primary
+    /// after a failover), when the timeline that left it has segments of its own from
+    /// there. With where it was left and its last archived segment.
+    pub fn left_behind(&self, timeline: u32, stop: Lsn, follow: u32) -> Vec<LeftBehind> {
+        let Some(switches) = self.histories.get(&follow) else {
+            return Vec::new();
+        };
+        let Some(pos) = switches.iter().position(|s| s.parent == timeline) else {
+            return Vec::new();
+        };
+        let path = switches.iter().map(|s| s.parent).skip(1).chain([follow]);
+        (switches.iter().zip(path).skip(pos))
+            .filter(|(switch, _)| switch.switch_point >= stop)
+            .filter_map(|(switch, child)| {
+                let switch_seg = switch.switch_point.segno(self.segment_size);
+                // Without files of its own from there on, recovery reads on in the
+                // parent's files, and so does replay that WAL.
+                self.segments.get(&child)?.range(switch_seg..).next()?;
+                let (&last, &archived) = self.segments.get(&switch.parent)?.last_key_value()?;
+                (last > switch_seg).then(|| LeftBehind {
+                    timeline: switch.parent,
+                    left_at: switch.switch_point,
+                    last_segment: self.name(switch.parent, last),
+                    archived,
+                })
+            })
+            .collect()
+    }
+
     /// The last segment of an unbroken run on `timeline` starting at `from` (which is
     /// present), not beyond `limit`.
     fn run_from(&self, timeline: u32, from: u64, limit: Option<u64>) -> u64 {
@@ -394,6 +446,39 @@ mod tests {
                 to: "000000010000000000000005".into()
             }]
         );
+    }
+
+    #[test]
+    fn wal_left_behind_by_the_latest_timeline_is_named() {
+        let switch = |parent: u32, segno: u64| TimelineSwitch {
+            parent,
+            switch_point: lsn(segno),
+            reason: String::new(),
+        };
+        // Timeline 2 left 1 in segment 7, timeline 3 left 2 in segment 9.
+        let mut a = archive(&[(1, 2..=10), (2, 7..=9), (3, 9..=9)]);
+        a.histories.insert(2, vec![switch(1, 7)]);
+        a.histories.insert(3, vec![switch(1, 7), switch(2, 9)]);
+        assert_eq!(a.latest_timeline(1), 3);
+        let left = a.left_behind(1, lsn(3), 3);
+        assert_eq!(
+            left.iter()
+                .map(|l| (l.timeline, l.last_segment.to_string()))
+                .collect::<Vec<_>>(),
+            vec![(1, "00000001000000000000000A".to_string())]
+        );
+        assert_eq!(left[0].left_at, lsn(7));
+        // Nothing past the branch: nothing left behind; nor for a backup after it.
+        let mut b = archive(&[(1, 2..=7), (2, 7..=9)]);
+        b.histories.insert(2, vec![switch(1, 7)]);
+        assert_eq!(b.left_behind(1, lsn(3), 2), Vec::new());
+        assert_eq!(a.left_behind(1, lsn(8), 3), Vec::new());
+        // A child without segments of its own: recovery reads on in its parent's.
+        let mut c = archive(&[(1, 2..=10)]);
+        c.histories.insert(2, vec![switch(1, 7)]);
+        assert_eq!(c.left_behind(1, lsn(3), 2), Vec::new());
+        assert_eq!(c.latest_timeline(1), 2);
+        assert_eq!(c.left_behind(1, lsn(3), 1), Vec::new());
     }
 
     #[test]

@@ -164,6 +164,7 @@ fn choose_backup(
             );
         }
         check_target_reach(&archive, &reach, target, args.standby)?;
+        warn_of_histories_left_behind(&archive, &meta, target, args)?;
         return Ok((id, snapshot, meta));
     }
     if let [(id, missing)] = unrestorable.as_slice() {
@@ -180,6 +181,40 @@ fn choose_backup(
         repo.location(),
         missing_wal(&unrestorable)
     )
+}
+
+/// Recovery to the latest timeline silently leaves behind WAL that an ancestor timeline
+/// has past the point where the latest one branched off: when a promoted copy archived
+/// into this repository, that is the source's own WAL after the copy was made.
+fn warn_of_histories_left_behind(
+    archive: &WalArchive,
+    meta: &BackupMeta,
+    target: &Target,
+    args: &RestoreArgs,
+) -> Result<()> {
+    let to_latest = args
+        .target_timeline
+        .as_deref()
+        .is_none_or(|t| t == "latest");
+    if !to_latest || matches!(target, Target::Immediate) {
+        return Ok(());
+    }
+    let follow = archive.latest_timeline(meta.timeline);
+    for left in archive.left_behind(meta.timeline, meta.stop_lsn()?, follow) {
+        let archived = (left.archived)
+            .map(|t| format!(", archived {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+            .unwrap_or_default();
+        tracing::warn!(
+            "recovery follows timeline {follow}, the latest in the archive, which left timeline {} at {}; timeline {} has WAL archived past that point (up to {}{archived}) that this restore does not replay: another server's history, a restored copy promoted while archiving here or the old primary after a failover; to follow timeline {} instead, pass --target-timeline {}",
+            left.timeline,
+            left.left_at,
+            left.timeline,
+            left.last_segment,
+            left.timeline,
+            left.timeline
+        );
+    }
+    Ok(())
 }
 
 /// "id (missing a, b); id (missing c)" for backups whose WAL is missing.
