@@ -1609,9 +1609,17 @@ fn a_running_restore_holds_off_gc_and_a_read_only_repository_still_restores() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start the restore");
-    // Held still from the moment it has its lock, before it chooses the backup.
+    // Held still from the moment it has its lock, before it chooses the backup (a lock
+    // is written under a temporary dot-name first).
+    let published = || {
+        fs::read_dir(&locks).map_or(0, |entries| {
+            (entries.flatten())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while fs::read_dir(&locks).map_or(0, Iterator::count) == 0 {
+    while published() == 0 {
         assert!(
             restore.try_wait().expect("wait").is_none(),
             "the restore ended without taking a lock"

@@ -204,14 +204,9 @@ fn warn_of_histories_left_behind(
         let archived = (left.archived)
             .map(|t| format!(", archived {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
             .unwrap_or_default();
+        let (earlier, left_at, last) = (left.timeline, left.left_at, &left.last_segment);
         tracing::warn!(
-            "recovery follows timeline {follow}, the latest in the archive, which left timeline {} at {}; timeline {} has WAL archived past that point (up to {}{archived}) that this restore does not replay: another server's history, a restored copy promoted while archiving here or the old primary after a failover; to follow timeline {} instead, pass --target-timeline {}",
-            left.timeline,
-            left.left_at,
-            left.timeline,
-            left.last_segment,
-            left.timeline,
-            left.timeline
+            "recovery follows timeline {follow}, the latest in the archive, which left timeline {earlier} at {left_at}; timeline {earlier} has WAL archived past that point (up to {last}{archived}) that this restore does not replay: another server's history, a restored copy promoted while archiving here or the old primary after a failover; to follow timeline {earlier} instead, pass --target-timeline {earlier}"
         );
     }
     Ok(())
