@@ -1563,8 +1563,8 @@ fn a_restore_as_root_tries_the_restore_command_as_the_servers_user() {
     assert_eq!(restored.psql("SELECT mark FROM marks"), "restored");
 }
 
-/// A gc waits for a running restore: it would otherwise delete or repack packs that the
-/// restore is about to read, and the restore would fail half-way. A repository that the
+/// A gc is refused while a restore runs: it would otherwise delete or repack packs that
+/// the restore is about to read, and the restore would fail half-way. A repository that the
 /// restoring user may only read (as on a recovery host) is restored from without a lock,
 /// with a warning.
 #[test]
