@@ -350,12 +350,8 @@ impl Context {
     }
 
     pub fn lock(&self, repo: &Repository, kind: LockKind) -> Result<RepoLock> {
-        Ok(RepoLock::acquire(
-            repo.storage().clone(),
-            kind,
-            None,
-            &self.command_line,
-        )?)
+        let acquired = RepoLock::acquire(repo.storage().clone(), kind, None, &self.command_line);
+        lock_or_explain(acquired)
     }
 
     /// A shared lock for a command that only reads, so that no gc (`gc`, `expire`) removes
@@ -382,12 +378,28 @@ impl Context {
 
     /// A shared lock that no other process may hold for `scope` at the same time.
     pub fn lock_scope(&self, repo: &Repository, scope: &str) -> Result<RepoLock> {
-        Ok(RepoLock::acquire(
+        let acquired = RepoLock::acquire(
             repo.storage().clone(),
             LockKind::Shared,
             Some(scope),
             &self.command_line,
-        )?)
+        );
+        lock_or_explain(acquired)
+    }
+}
+
+/// A command that writes needs the lock; without write access the storage's own words
+/// ("permission denied", "read-only file system") do not say what to do about it.
+fn lock_or_explain(acquired: Result<RepoLock, RepoError>) -> Result<RepoLock> {
+    match acquired {
+        Ok(lock) => Ok(lock),
+        Err(e @ RepoError::Storage(StorageError::PermissionDenied { .. })) => {
+            Err(anyhow::Error::new(e).context(
+                "this command writes to the repository but may not create its lock: run it as \
+                 the repository's owner, or with credentials or a mount that allow writing",
+            ))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

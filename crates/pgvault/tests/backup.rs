@@ -640,7 +640,7 @@ fn a_backup_whose_wal_is_not_archived_names_the_archivers_failure() {
         .expect("spawn backup");
     let locks = setup.path("repo/locks");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while fs::read_dir(&locks).map_or(0, |dir| dir.count()) == 0 {
+    while testkit::published_objects(&locks) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the backup never locked"
@@ -1611,15 +1611,8 @@ fn a_running_restore_holds_off_gc_and_a_read_only_repository_still_restores() {
         .expect("start the restore");
     // Held still from the moment it has its lock, before it chooses the backup (a lock
     // is written under a temporary dot-name first).
-    let published = || {
-        fs::read_dir(&locks).map_or(0, |entries| {
-            (entries.flatten())
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count()
-        })
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while published() == 0 {
+    while testkit::published_objects(&locks) == 0 {
         assert!(
             restore.try_wait().expect("wait").is_none(),
             "the restore ended without taking a lock"
@@ -1687,6 +1680,15 @@ fn a_running_restore_holds_off_gc_and_a_read_only_repository_still_restores() {
     let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
     restored.wait_promoted(Duration::from_secs(120));
     assert_eq!(restored.psql("SELECT mark FROM marks"), "kept");
+    // A command that must write says what to do about it.
+    let out = setup.run_as_postgres(&["gc"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("may not create its lock: run it as the repository's owner")
+            && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 /// A backup run as root (a cron job) in a repository that belongs to postgres, who
@@ -1795,6 +1797,101 @@ fn a_restore_warns_when_the_latest_timeline_leaves_archived_wal_behind() {
     let (quiet, marks) = restore(&["--target-timeline", "1"]);
     assert!(!quiet.contains("recovery follows timeline"), "{quiet}");
     assert_eq!(marks, "after the copy,backed up");
+}
+
+/// Two copies promoted from the same backup, both archiving here, are sibling timelines
+/// 2 and 3. Recovery to the latest timeline (3) from a backup taken on 2 would stop
+/// PostgreSQL at startup ("requested timeline 3 is not a child of this server's
+/// history"): the restore takes the newest backup timeline 3 descends from instead, and
+/// refuses the backup on 2 unless told to stay on its timeline.
+#[test]
+fn a_restore_starts_from_a_backup_the_followed_timeline_descends_from() {
+    let setup = Setup::local();
+    let Some(source) = archiving_cluster() else {
+        return;
+    };
+    setup.setup_cluster(&source);
+    source.psql("CREATE TABLE marks AS SELECT 'backed up' AS mark");
+    let on_one = backup(&setup, &source, &[])["id"]
+        .as_str()
+        .expect("backup id")
+        .to_string();
+    switch_and_wait_archived(&source);
+    let wal = setup.path("repo/files/wal/main");
+    // A copy promoted onto timeline 2, archiving here, backed up.
+    let copy = restore_with_action(&setup, source.bin(), "promote", &["--target", "immediate"]);
+    copy.wait_promoted(Duration::from_secs(120));
+    copy.psql("CREATE TABLE copy_only AS SELECT 1 AS one");
+    let on_two = backup(&setup, &copy, &[])["id"]
+        .as_str()
+        .expect("backup id")
+        .to_string();
+    switch_and_wait_archived(&copy);
+    drop(copy);
+    source.psql("INSERT INTO marks VALUES ('after the copies')");
+    switch_and_wait_archived(&source);
+    // A second copy of the first backup, at the end of timeline 1, becomes timeline 3.
+    let sibling = restore_with_action(&setup, source.bin(), "promote", &["--backup", &on_one]);
+    sibling.wait_promoted(Duration::from_secs(120));
+    let segment = sibling.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(segment.starts_with("00000003"), "{segment}");
+    assert!(
+        testkit::wait_until(Duration::from_secs(60), || wal
+            .join("00000003/00000003.history")
+            .exists()
+            && wal.join(format!("00000003/{segment}")).exists()),
+        "timeline 3 did not archive its history and {segment}"
+    );
+    drop(sibling);
+
+    let restore = |extra: &[&str]| {
+        let (dir, pgdata) = new_data_directory("pgvault-restored-");
+        let mut args = vec![
+            "restore",
+            "--pgdata",
+            &pgdata,
+            "--archive-mode",
+            "off",
+            "--target-action",
+            "promote",
+        ];
+        args.extend_from_slice(extra);
+        let stderr = setup.ok_stderr(&args);
+        let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+        restored.wait_promoted(Duration::from_secs(120));
+        (stderr, restored)
+    };
+    let (warned, restored) = restore(&[]);
+    assert!(
+        warned.contains(&format!("restoring the older backup {}", &on_one[..8]))
+            && warned.contains(&format!("{} (timeline 2)", &on_two[..8])),
+        "{warned}"
+    );
+    assert_eq!(
+        restored.psql("SELECT string_agg(mark, ',' ORDER BY mark) FROM marks"),
+        "after the copies,backed up"
+    );
+    drop(restored);
+    let refused = restore_fails(&setup, "refused", &["--backup", &on_two]);
+    assert!(
+        refused.contains("on timeline 2 cannot recover along timeline 3 (the latest")
+            && refused.contains("pass --target-timeline current"),
+        "{refused}"
+    );
+    let (_, restored) = restore(&["--backup", &on_two, "--target-timeline", "current"]);
+    assert_eq!(restored.psql("SELECT count(*) FROM copy_only"), "1");
+    let refused = restore_fails(&setup, "refused", &["--target-timeline", "7"]);
+    assert!(
+        refused.contains(
+            "--target-timeline 7: the repository has no history of timeline 7 (00000007.history)"
+        ),
+        "{refused}"
+    );
+    let refused = restore_fails(&setup, "refused", &["--target-timeline", "third"]);
+    assert!(
+        refused.contains("--target-timeline \"third\" is not latest, current or a timeline number"),
+        "{refused}"
+    );
 }
 
 /// Before 15 a standby's backup goes through `pg_start_backup`/`pg_stop_backup`, and on 12
@@ -2889,7 +2986,7 @@ fn a_killed_backup_is_resumed_by_the_next() {
         let dirs = fs::read_dir(setup.path("repo").join("data"));
         dirs.map_or(0, |dirs| {
             (dirs.flatten())
-                .map(|dir| fs::read_dir(dir.path()).map_or(0, |packs| packs.count()))
+                .map(|dir| testkit::published_objects(&dir.path()))
                 .sum::<usize>()
         })
     };

@@ -97,6 +97,8 @@ fn fails(out: Output, what: &[&str]) -> String {
     lines[0].to_string()
 }
 
+/// The published objects under `dir`: an object is written under a temporary dot-name
+/// first, which a test waiting for the object must not take for it.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -105,10 +107,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
             continue;
         };
         for entry in entries {
-            let path = entry.expect("dir entry").path();
+            let entry = entry.expect("dir entry");
+            let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-            } else {
+            } else if !entry.file_name().to_string_lossy().starts_with('.') {
                 out.push(path);
             }
         }

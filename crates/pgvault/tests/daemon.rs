@@ -630,7 +630,7 @@ shutdown-timeout = \"2s\"
     });
     // The backup holds its repository lock while it waits for WAL.
     let locks_dir = Path::new(&setup.repo_url).join("locks");
-    let lock_count = || fs::read_dir(&locks_dir).map(|d| d.count()).unwrap_or(0);
+    let lock_count = || testkit::published_objects(&locks_dir);
     let deadline = Instant::now() + Duration::from_secs(60);
     while lock_count() == 0 {
         assert!(Instant::now() < deadline, "the backup never took its lock");

@@ -52,6 +52,17 @@ pub fn wait_until(timeout: std::time::Duration, mut ready: impl FnMut() -> bool)
     }
 }
 
+/// How many objects `dir` of a local repository holds (0 when it does not exist). An
+/// object is written under a temporary dot-name and then renamed: a test waiting for one
+/// (a lock, a pack) must not take the temporary name for it.
+pub fn published_objects(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        (entries.flatten())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    })
+}
+
 /// The server in `cell`, started by `start` on first use and shared by the test binary.
 /// `None` (after printing why) when it cannot run outside CI; under `CI=true` a missing
 /// component fails the test, it never skips it.

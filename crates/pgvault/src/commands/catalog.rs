@@ -182,8 +182,9 @@ impl WalArchive {
             .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)))
     }
 
-    /// What a backup needs and how far it reaches.
-    pub fn reach(&self, timeline: u32, start: Lsn, stop: Lsn) -> Reach {
+    /// What a backup needs and how far it reaches: along `follow` (the timeline recovery
+    /// follows, see [`WalArchive::descends`]), or along whichever timeline reaches furthest.
+    pub fn reach(&self, timeline: u32, start: Lsn, stop: Lsn, follow: Option<u32>) -> Reach {
         let first = start.segno(self.segment_size);
         let last = stop.segno(self.segment_size);
         let mut reach = Reach::default();
@@ -208,9 +209,13 @@ impl WalArchive {
                 best = Some((segno, tli));
             }
         };
-        let own = self.run_from(timeline, last, None);
-        consider(own, timeline);
+        if follow.is_none_or(|f| f == timeline) {
+            consider(self.run_from(timeline, last, None), timeline);
+        }
         for (&child, switches) in &self.histories {
+            if follow.is_some_and(|f| f != child) {
+                continue;
+            }
             let Some(pos) = switches.iter().position(|s| s.parent == timeline) else {
                 continue;
             };
@@ -260,6 +265,17 @@ impl WalArchive {
             latest += 1;
         }
         latest
+    }
+
+    /// Whether recovery of a backup on `timeline` that ended at `stop` can follow
+    /// `follow`: PostgreSQL refuses to start ("requested timeline … is not a child of this
+    /// server's history") unless `follow` is that timeline or, by its history file,
+    /// branched from it after the backup ended.
+    pub fn descends(&self, timeline: u32, stop: Lsn, follow: u32) -> bool {
+        follow == timeline
+            || self.histories.get(&follow).is_some_and(|switches| {
+                (switches.iter()).any(|s| s.parent == timeline && s.switch_point >= stop)
+            })
     }
 
     /// Histories that recovery from a backup on `timeline` that ended at `stop` leaves
@@ -341,7 +357,7 @@ impl ClusterState {
         let pins = pinned(repo, cluster)?;
         let mut backups = Vec::new();
         for (id, snapshot, meta) in list_backups(repo, cluster)? {
-            let reach = wal.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?);
+            let reach = wal.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?, None);
             backups.push(BackupState {
                 pinned: pins.contains(&id.to_hex()),
                 id,
@@ -430,13 +446,13 @@ mod tests {
     #[test]
     fn a_backup_needs_its_whole_range() {
         let a = archive(&[(1, 2..=4), (1, 6..=9)]);
-        let r = a.reach(1, lsn(3), lsn(4));
+        let r = a.reach(1, lsn(3), lsn(4), None);
         assert!(r.restorable());
         assert_eq!(
             r.last_segment.map(|n| n.to_string()).as_deref(),
             Some("000000010000000000000004")
         );
-        let r = a.reach(1, lsn(4), lsn(6));
+        let r = a.reach(1, lsn(4), lsn(6), None);
         assert_eq!(r.missing, vec!["000000010000000000000005".to_string()]);
         assert_eq!(
             a.gaps(),
@@ -482,6 +498,31 @@ mod tests {
     }
 
     #[test]
+    fn recovery_follows_only_a_timeline_that_branched_after_the_backup() {
+        let switch = |parent: u32, segno: u64| TimelineSwitch {
+            parent,
+            switch_point: lsn(segno),
+            reason: String::new(),
+        };
+        // Timelines 2 and 3 both left 1: 2 in segment 5, 3 in segment 7.
+        let mut a = archive(&[(1, 2..=10), (2, 5..=12), (3, 7..=8)]);
+        a.histories.insert(2, vec![switch(1, 5)]);
+        a.histories.insert(3, vec![switch(1, 7)]);
+        assert!(a.descends(1, lsn(3), 3) && a.descends(1, lsn(3), 2) && a.descends(2, lsn(6), 2));
+        // Not a sibling, nor a timeline that left before the backup ended, nor one unknown.
+        assert!(!a.descends(2, lsn(6), 3));
+        assert!(!a.descends(1, lsn(6), 2));
+        assert!(!a.descends(1, lsn(3), 4));
+        let last = |follow: Option<u32>| {
+            let reach = a.reach(1, lsn(2), lsn(3), follow);
+            reach.last_segment.map(|n| n.to_string())
+        };
+        assert_eq!(last(None).as_deref(), Some("00000002000000000000000C"));
+        assert_eq!(last(Some(3)).as_deref(), Some("000000030000000000000008"));
+        assert_eq!(last(Some(1)).as_deref(), Some("00000001000000000000000A"));
+    }
+
+    #[test]
     fn reach_follows_a_later_timeline() {
         // Timeline 2 branched from 1 in segment 7.
         let mut a = archive(&[(1, 2..=7), (2, 7..=12)]);
@@ -493,17 +534,17 @@ mod tests {
                 reason: String::new(),
             }],
         );
-        let r = a.reach(1, lsn(2), lsn(3));
+        let r = a.reach(1, lsn(2), lsn(3), None);
         assert_eq!(
             r.last_segment.map(|n| n.to_string()).as_deref(),
             Some("00000002000000000000000C")
         );
         // A backup after the switch point on timeline 1 cannot follow timeline 2.
-        let r = a.reach(1, lsn(7), Lsn(7 * SEG + 1000));
+        let r = a.reach(1, lsn(7), Lsn(7 * SEG + 1000), None);
         assert_eq!(r.last_segment.map(|n| n.timeline()), Some(1));
         // A backup on timeline 2 needs its history file.
         a.histories.clear();
-        let r = a.reach(2, lsn(8), lsn(9));
+        let r = a.reach(2, lsn(8), lsn(9), None);
         assert_eq!(r.missing, vec!["00000002.history".to_string()]);
     }
 
@@ -518,7 +559,7 @@ mod tests {
                 reason: String::new(),
             }],
         );
-        let r = a.reach(1, lsn(2), lsn(3));
+        let r = a.reach(1, lsn(2), lsn(3), None);
         assert_eq!(
             r.last_segment.map(|n| n.to_string()).as_deref(),
             Some("000000010000000000000004")

@@ -124,6 +124,7 @@ fn choose_backup(
     args: &RestoreArgs,
     target: &Target,
 ) -> Result<(Id, Snapshot, BackupMeta)> {
+    let timeline_choice = TimelineChoice::of(args)?;
     let backups = list_backups(repo, &ctx.cluster)?;
     if backups.is_empty() {
         bail!(
@@ -134,6 +135,14 @@ fn choose_backup(
     }
     // One listing of the archive serves the restore-point search and the WAL checks.
     let archive = WalArchive::load(repo, &ctx.cluster, backups[0].2.wal_segment_size)?;
+    if let TimelineChoice::Number(number) = timeline_choice {
+        if number > 1 && !archive.histories.contains_key(&number) {
+            bail!(
+                "--target-timeline {number}: the repository has no history of timeline {number} ({}); `pgvault info` lists the timelines it holds",
+                WalFileName::history(number)
+            );
+        }
+    }
     let candidates = candidate_backups(repo, ctx, args, target, &archive, backups)?;
     if candidates.is_empty() {
         let hint = match target {
@@ -150,8 +159,16 @@ fn choose_backup(
     // The newest candidate whose WAL the repository holds: a backup missing some cannot
     // reach consistency, and recovery would fail only once the server runs.
     let mut unrestorable = Vec::new();
+    // Backups the followed timeline did not branch from after they ended.
+    let mut off_history = Vec::new();
     for (id, snapshot, meta) in candidates.into_iter().rev() {
-        let reach = archive.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?);
+        let follow = timeline_choice.followed(&archive, meta.timeline);
+        let stop = meta.stop_lsn()?;
+        if !archive.descends(meta.timeline, stop, follow) {
+            off_history.push((id, meta.timeline, follow));
+            continue;
+        }
+        let reach = archive.reach(meta.timeline, meta.start_lsn()?, stop, Some(follow));
         if !reach.restorable() {
             unrestorable.push((id, reach.missing));
             continue;
@@ -163,9 +180,35 @@ fn choose_backup(
                 missing_wal(&unrestorable)
             );
         }
+        if !off_history.is_empty() {
+            tracing::warn!(
+                "restoring the older backup {}: recovery follows timeline {follow}, which does not descend from the newer {}; to restore one of those, name it with --backup and pass --target-timeline current",
+                id.short(),
+                on_timelines(&off_history)
+            );
+        }
         check_target_reach(&archive, &reach, target, args.standby)?;
-        warn_of_histories_left_behind(&archive, &meta, target, args)?;
+        warn_of_histories_left_behind(&archive, &meta, target, follow, timeline_choice)?;
         return Ok((id, snapshot, meta));
+    }
+    if unrestorable.is_empty() {
+        if let [(id, timeline, follow)] = off_history.as_slice() {
+            let latest = match timeline_choice {
+                TimelineChoice::Latest => " (the latest in the repository)",
+                _ => "",
+            };
+            bail!(
+                "backup {} on timeline {timeline} cannot recover along timeline {follow}{latest}: timeline {follow} did not branch from timeline {timeline} after the backup ended, and PostgreSQL would refuse to start (requested timeline {follow} is not a child of this server's history); pass --target-timeline current to stay on timeline {timeline}, or choose another backup",
+                id.short()
+            );
+        }
+        if !off_history.is_empty() {
+            bail!(
+                "no backup of cluster {:?} for this target lies in the history of the timeline recovery follows: {}; pass --target-timeline current to stay on a backup's own timeline, or another --target-timeline",
+                ctx.cluster,
+                on_timelines(&off_history)
+            );
+        }
     }
     if let [(id, missing)] = unrestorable.as_slice() {
         bail!(
@@ -190,16 +233,13 @@ fn warn_of_histories_left_behind(
     archive: &WalArchive,
     meta: &BackupMeta,
     target: &Target,
-    args: &RestoreArgs,
+    follow: u32,
+    timeline_choice: TimelineChoice,
 ) -> Result<()> {
-    let to_latest = args
-        .target_timeline
-        .as_deref()
-        .is_none_or(|t| t == "latest");
+    let to_latest = matches!(timeline_choice, TimelineChoice::Latest);
     if !to_latest || matches!(target, Target::Immediate) {
         return Ok(());
     }
-    let follow = archive.latest_timeline(meta.timeline);
     for left in archive.left_behind(meta.timeline, meta.stop_lsn()?, follow) {
         let archived = (left.archived)
             .map(|t| format!(", archived {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
@@ -210,6 +250,47 @@ fn warn_of_histories_left_behind(
         );
     }
     Ok(())
+}
+
+/// `--target-timeline`, read as PostgreSQL reads `recovery_target_timeline`.
+#[derive(Clone, Copy)]
+enum TimelineChoice {
+    Latest,
+    Current,
+    Number(u32),
+}
+
+impl TimelineChoice {
+    fn of(args: &RestoreArgs) -> Result<TimelineChoice> {
+        Ok(match args.target_timeline.as_deref() {
+            None | Some("latest") => TimelineChoice::Latest,
+            Some("current") => TimelineChoice::Current,
+            Some(text) => match text.parse() {
+                Ok(number) if number > 0 => TimelineChoice::Number(number),
+                _ => {
+                    bail!("--target-timeline {text:?} is not latest, current or a timeline number")
+                }
+            },
+        })
+    }
+
+    /// The timeline recovery of a backup on `timeline` follows.
+    fn followed(self, archive: &WalArchive, timeline: u32) -> u32 {
+        match self {
+            TimelineChoice::Latest => archive.latest_timeline(timeline),
+            TimelineChoice::Current => timeline,
+            TimelineChoice::Number(number) => number,
+        }
+    }
+}
+
+/// "id (timeline 2), id (timeline 2)" for backups off the history recovery follows.
+fn on_timelines(backups: &[(Id, u32, u32)]) -> String {
+    let described: Vec<String> = backups
+        .iter()
+        .map(|(id, timeline, _)| format!("{} (timeline {timeline})", id.short()))
+        .collect();
+    described.join(", ")
 }
 
 /// "id (missing a, b); id (missing c)" for backups whose WAL is missing.
