@@ -1767,6 +1767,15 @@ fn a_restore_warns_when_the_latest_timeline_leaves_archived_wal_behind() {
     drop(copy);
     source.psql("INSERT INTO marks VALUES ('after the copy')");
     switch_and_wait_archived(&source);
+    let info: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["info", "--output", "json"])).expect("info JSON");
+    let off = &info["clusters"][0]["wal"]["off_latest"];
+    assert!(
+        off.as_array().is_some_and(|off| off.len() == 1
+            && off[0]["timeline"] == 1
+            && off[0]["left_at"].is_string()),
+        "{off}"
+    );
 
     let restore = |extra: &[&str]| {
         let (dir, pgdata) = new_data_directory("pgvault-restored-");
@@ -1843,6 +1852,22 @@ fn a_restore_starts_from_a_backup_the_followed_timeline_descends_from() {
         "timeline 3 did not archive its history and {segment}"
     );
     drop(sibling);
+    // `info` names the WAL that recovery to the latest timeline leaves out.
+    let info: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["info", "--output", "json"])).expect("info JSON");
+    let wal = &info["clusters"][0]["wal"];
+    assert_eq!(wal["latest_timeline"], 3, "{wal}");
+    let off = wal["off_latest"].as_array().expect("off_latest");
+    assert!(
+        off.iter()
+            .any(|o| o["timeline"] == 2 && o["left_at"].is_null()),
+        "{wal}"
+    );
+    let text = setup.ok(&["info"]);
+    assert!(
+        text.contains("not replayed by a restore to the latest timeline (3): timeline 3 did not branch from it; --target-timeline 2 follows it"),
+        "{text}"
+    );
 
     let restore = |extra: &[&str]| {
         let (dir, pgdata) = new_data_directory("pgvault-restored-");

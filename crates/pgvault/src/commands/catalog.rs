@@ -55,6 +55,18 @@ pub struct LeftBehind {
     pub archived: Option<DateTime<Utc>>,
 }
 
+/// Archived WAL of one timeline that recovery to the latest timeline does not replay:
+/// see [`WalArchive::off_latest`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OffLatest {
+    pub timeline: u32,
+    /// Where the latest timeline's history left this one; `None` when it is not in that
+    /// history at all (a sibling: another server promoted from the same past).
+    pub left_at: Option<String>,
+    pub first: String,
+    pub last: String,
+}
+
 /// How far a backup recovers by replaying the archive.
 #[derive(Debug, Clone, Default)]
 pub struct Reach {
@@ -265,6 +277,49 @@ impl WalArchive {
             latest += 1;
         }
         latest
+    }
+
+    /// The archived WAL that recovery to the latest timeline (PostgreSQL's default) does
+    /// not replay: every segment of a timeline outside the latest one's history, and of
+    /// an ancestor the segments past where the history left it (when the timeline that
+    /// left it has segments of its own from there, as in [`WalArchive::left_behind`]).
+    pub fn off_latest(&self) -> Vec<OffLatest> {
+        let latest = self.latest_timeline(1);
+        let history = self.histories.get(&latest).map_or(&[][..], Vec::as_slice);
+        let path: Vec<u32> = (history.iter().map(|s| s.parent).skip(1))
+            .chain([latest])
+            .collect();
+        let mut off = Vec::new();
+        for (&timeline, present) in &self.segments {
+            if timeline == latest {
+                continue;
+            }
+            let on_path = history.iter().position(|s| s.parent == timeline);
+            let from = match on_path {
+                None => 0,
+                Some(i) => {
+                    let switch_seg = history[i].switch_point.segno(self.segment_size);
+                    let child_has_own = (self.segments.get(&path[i]))
+                        .is_some_and(|child| child.range(switch_seg..).next().is_some());
+                    if !child_has_own {
+                        continue;
+                    }
+                    switch_seg + 1
+                }
+            };
+            let mut past = present.range(from..).map(|(&segno, _)| segno);
+            let Some(first) = past.next() else {
+                continue;
+            };
+            let last = past.next_back().unwrap_or(first);
+            off.push(OffLatest {
+                timeline,
+                left_at: on_path.map(|i| history[i].switch_point.to_string()),
+                first: self.name(timeline, first).to_string(),
+                last: self.name(timeline, last).to_string(),
+            });
+        }
+        off
     }
 
     /// Whether recovery of a backup on `timeline` that ended at `stop` can follow
@@ -495,6 +550,47 @@ mod tests {
         assert_eq!(c.left_behind(1, lsn(3), 2), Vec::new());
         assert_eq!(c.latest_timeline(1), 2);
         assert_eq!(c.left_behind(1, lsn(3), 1), Vec::new());
+    }
+
+    #[test]
+    fn wal_off_the_latest_timelines_history_is_named() {
+        let switch = |parent: u32, segno: u64| TimelineSwitch {
+            parent,
+            switch_point: lsn(segno),
+            reason: String::new(),
+        };
+        // 2 left 1 in segment 5; 3 left 1 in segment 7 and has its own segments from
+        // there; 4 left 3 in segment 9 and has none yet (recovery reads on in 3's).
+        let mut a = archive(&[(1, 2..=10), (2, 5..=12), (3, 7..=11)]);
+        a.histories.insert(2, vec![switch(1, 5)]);
+        a.histories.insert(3, vec![switch(1, 7)]);
+        a.histories.insert(4, vec![switch(1, 7), switch(3, 9)]);
+        let off = a.off_latest();
+        let named = |timeline: u32, left: Option<u64>, first: &str, last: &str| OffLatest {
+            timeline,
+            left_at: left.map(|segno| lsn(segno).to_string()),
+            first: first.to_string(),
+            last: last.to_string(),
+        };
+        assert_eq!(
+            off,
+            vec![
+                named(
+                    1,
+                    Some(7),
+                    "000000010000000000000008",
+                    "00000001000000000000000A"
+                ),
+                named(
+                    2,
+                    None,
+                    "000000020000000000000005",
+                    "00000002000000000000000C"
+                ),
+            ]
+        );
+        // One timeline only: nothing is off.
+        assert_eq!(archive(&[(1, 2..=10)]).off_latest(), Vec::new());
     }
 
     #[test]

@@ -116,6 +116,8 @@ fn cluster_json(ctx: &Context, state: &ClusterState, dumps: Vec<Value>, jobs: Ve
                 "segments": state.wal.segments.get(tli).map_or(0, |s| s.len()),
             })).collect::<Vec<_>>(),
             "gaps": state.wal.gaps(),
+            "latest_timeline": state.wal.latest_timeline(1),
+            "off_latest": state.wal.off_latest(),
             "files": state.wal.files.len(),
             "stored_bytes": state.wal.files.iter().map(|f| f.size).sum::<u64>(),
             "last_push": last_push.as_ref().map(|(t, _)| rfc3339(*t)),
@@ -509,6 +511,17 @@ fn print_cluster(state: &ClusterState, view: &Value) {
         println!(
             "wal GAP on timeline {}: {} … {} missing",
             gap.timeline, gap.from, gap.to
+        );
+    }
+    let latest = state.wal.latest_timeline(1);
+    for off in state.wal.off_latest() {
+        let (timeline, first, last) = (off.timeline, &off.first, &off.last);
+        let why = match &off.left_at {
+            Some(lsn) => format!("timeline {latest} left it at {lsn}"),
+            None => format!("timeline {latest} did not branch from it"),
+        };
+        println!(
+            "wal timeline {timeline}: {first} … {last} not replayed by a restore to the latest timeline ({latest}): {why}; --target-timeline {timeline} follows it"
         );
     }
     if let Some(t) = wal["last_push"].as_str() {
