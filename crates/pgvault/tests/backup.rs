@@ -1778,20 +1778,7 @@ fn a_restore_warns_when_the_latest_timeline_leaves_archived_wal_behind() {
     );
 
     let restore = |extra: &[&str]| {
-        let (dir, pgdata) = new_data_directory("pgvault-restored-");
-        let mut args = vec![
-            "restore",
-            "--pgdata",
-            &pgdata,
-            "--archive-mode",
-            "off",
-            "--target-action",
-            "promote",
-        ];
-        args.extend_from_slice(extra);
-        let stderr = setup.ok_stderr(&args);
-        let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
-        restored.wait_promoted(Duration::from_secs(120));
+        let (stderr, restored) = restore_promoted(&setup, &source, extra);
         let marks = restored.psql("SELECT string_agg(mark, ',' ORDER BY mark) FROM marks");
         (stderr, marks)
     };
@@ -1806,6 +1793,26 @@ fn a_restore_warns_when_the_latest_timeline_leaves_archived_wal_behind() {
     let (quiet, marks) = restore(&["--target-timeline", "1"]);
     assert!(!quiet.contains("recovery follows timeline"), "{quiet}");
     assert_eq!(marks, "after the copy,backed up");
+}
+
+/// Restores with `extra` into a new directory, not archiving, and starts the copy until
+/// it is promoted; returns the restore's stderr and the copy.
+fn restore_promoted(setup: &Setup, source: &Cluster, extra: &[&str]) -> (String, Cluster) {
+    let (dir, pgdata) = new_data_directory("pgvault-restored-");
+    let mut args = vec![
+        "restore",
+        "--pgdata",
+        &pgdata,
+        "--archive-mode",
+        "off",
+        "--target-action",
+        "promote",
+    ];
+    args.extend_from_slice(extra);
+    let stderr = setup.ok_stderr(&args);
+    let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+    restored.wait_promoted(Duration::from_secs(120));
+    (stderr, restored)
 }
 
 /// Two copies promoted from the same backup, both archiving here, are sibling timelines
@@ -1869,23 +1876,7 @@ fn a_restore_starts_from_a_backup_the_followed_timeline_descends_from() {
         "{text}"
     );
 
-    let restore = |extra: &[&str]| {
-        let (dir, pgdata) = new_data_directory("pgvault-restored-");
-        let mut args = vec![
-            "restore",
-            "--pgdata",
-            &pgdata,
-            "--archive-mode",
-            "off",
-            "--target-action",
-            "promote",
-        ];
-        args.extend_from_slice(extra);
-        let stderr = setup.ok_stderr(&args);
-        let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
-        restored.wait_promoted(Duration::from_secs(120));
-        (stderr, restored)
-    };
+    let restore = |extra: &[&str]| restore_promoted(&setup, &source, extra);
     let (warned, restored) = restore(&[]);
     assert!(
         warned.contains(&format!("restoring the older backup {}", &on_one[..8]))
