@@ -462,6 +462,10 @@ pub struct RestoreArgs {
     /// Remove what is in --pgdata (a stopped cluster) before restoring
     #[arg(long, conflicts_with = "delta")]
     pub force: bool,
+    /// How long `expire` keeps the restored backup, and the WAL from its start, for the
+    /// restored server's recovery to fetch, e.g. 3d; 0 holds nothing
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub hold: String,
     /// How restored files are made durable: "fsync" each file and directory, or one
     /// "syncfs" of each filesystem restored into (much faster for many small files; it also
     /// writes out other dirty data on that filesystem, and Linux before 5.8 does not

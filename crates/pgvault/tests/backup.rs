@@ -1674,7 +1674,10 @@ fn a_running_restore_holds_off_gc_and_a_read_only_repository_still_restores() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("reading without a lock") && stderr.contains("Permission denied"),
+        stderr.contains("reading without a lock")
+            && stderr.contains("Permission denied")
+            && stderr.contains("cannot hold backup")
+            && stderr.contains("`pgvault backup pin "),
         "{stderr}"
     );
     let restored = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
@@ -2625,6 +2628,116 @@ fn expire_keeps_the_recovery_window_restorable() {
     .to_rfc3339();
     let err = restore_fails(&setup, "too-early", &["--target-time", &earlier]);
     assert!(err.contains("ends before the target"), "{err}");
+}
+
+/// A restore holds the backup it restored against expire (`--hold`, 24h by default): the
+/// restored server fetches the WAL from that backup's start while it recovers, so an
+/// expire meanwhile keeps the backup and that WAL, and the copy, started only after the
+/// expire, still recovers to the end of the archive. `backup unpin` ends a hold early;
+/// a hold past its time holds nothing and the next expire deletes it.
+#[test]
+fn a_restore_holds_its_backup_against_expire_while_the_copy_recovers() {
+    let setup = Setup::local();
+    let Some(source) = with_pgbench(&setup, archiving_cluster(), "1") else {
+        return;
+    };
+    let old_backup = backup(&setup, &source, &[]);
+    let old = old_backup["id"].as_str().expect("backup id").to_string();
+    let old_start = segment_of(old_backup["start_lsn"].as_str().expect("start_lsn"));
+    pgbench(&source, &["-n", "-t", "200"]);
+    switch_and_wait_archived(&source);
+    let newer = backup(&setup, &source, &[])["id"]
+        .as_str()
+        .expect("backup id")
+        .to_string();
+    source.psql("INSERT INTO marks VALUES ('after both')");
+    switch_and_wait_archived(&source);
+    let at_end = state(&source);
+
+    let (dir, pgdata) = new_data_directory("pgvault-held-");
+    let restore_json = |pgdata: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "restore",
+            "--pgdata",
+            pgdata,
+            "--archive-mode",
+            "off",
+            "--target-action",
+            "promote",
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&setup.ok(&args)).expect("restore JSON")
+    };
+    let restored = restore_json(&pgdata, &["--backup", &old]);
+    assert!(restored["held_until"].is_string(), "{restored}");
+    let expire = || -> serde_json::Value {
+        serde_json::from_str(&setup.ok(&["expire", "--keep-last", "1", "--output", "json"]))
+            .expect("expire JSON")
+    };
+    let report = expire();
+    assert_eq!(report["expired"], serde_json::json!([]), "{report}");
+    // Only the WAL from before it.
+    assert!(
+        report["wal_expired"]["last"]
+            .as_str()
+            .is_none_or(|last| *last < *old_start),
+        "{report}"
+    );
+    let kept = report["kept"].as_array().expect("kept");
+    assert!(
+        kept.iter().any(|k| k["id"] == old.as_str()
+            && k["reasons"][0]
+                .as_str()
+                .is_some_and(|r| r.starts_with("held until")
+                    && r.contains(&format!(":{pgdata} (its WAL is what")))),
+        "{report}"
+    );
+    let listed = info(&setup);
+    let held: Vec<&serde_json::Value> = (listed["backups"].as_array().expect("backups").iter())
+        .filter(|b| b["held_until"].is_string())
+        .collect();
+    assert!(held.len() == 1 && held[0]["id"] == old.as_str(), "{listed}");
+    let copy = Cluster::adopt(source.bin().clone(), dir).expect("start the restored copy");
+    copy.wait_promoted(Duration::from_secs(120));
+    assert_eq!(state(&copy), at_end);
+    drop(copy);
+
+    let unpinned = setup.ok(&["backup", "unpin", &old]);
+    assert!(
+        unpinned.contains("unpinned, and 1 restore hold on it released"),
+        "{unpinned}"
+    );
+    let report = expire();
+    assert!(
+        report["expired"]
+            .as_array()
+            .is_some_and(|e| e.len() == 1 && e[0]["id"] == old.as_str()),
+        "{report}"
+    );
+    assert!(
+        report["wal_expired"]["files"].as_u64() > Some(0),
+        "{report}"
+    );
+
+    let holds = setup.path("repo/files/holds/main");
+    let (_brief_dir, brief) = new_data_directory("pgvault-held-");
+    let restored = restore_json(&brief, &["--backup", &newer, "--hold", "1s"]);
+    assert!(restored["held_until"].is_string(), "{restored}");
+    let (_none_dir, none) = new_data_directory("pgvault-held-");
+    let restored = restore_json(&none, &["--hold", "0"]);
+    assert!(restored["held_until"].is_null(), "{restored}");
+    assert_eq!(testkit::published_objects(&holds), 1);
+    let refused = restore_fails(&setup, "refused", &["--hold", "soon"]);
+    assert!(
+        refused.contains("--hold: cannot read duration \"soon\""),
+        "{refused}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let report = expire();
+    assert_eq!(report["holds_ended"], 1, "{report}");
+    assert_eq!(testkit::published_objects(&holds), 0);
 }
 
 /// A backup whose WAL has gone from the repository is passed over for the newest one

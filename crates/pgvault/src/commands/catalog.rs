@@ -383,6 +383,8 @@ pub struct BackupState {
     pub snapshot: Snapshot,
     pub meta: BackupMeta,
     pub pinned: bool,
+    /// The latest end of a restore's hold on it still in force (see [`Hold`]).
+    pub held_until: Option<DateTime<Utc>>,
     pub reach: Reach,
 }
 
@@ -410,11 +412,19 @@ impl ClusterState {
         };
         let wal = WalArchive::load(repo, cluster, identity.wal_segment_size)?;
         let pins = pinned(repo, cluster)?;
+        let holds = holds(repo, cluster)?;
+        let now = Utc::now();
         let mut backups = Vec::new();
         for (id, snapshot, meta) in list_backups(repo, cluster)? {
             let reach = wal.reach(meta.timeline, meta.start_lsn()?, meta.stop_lsn()?, None);
+            let hex = id.to_hex();
+            let held_until = (holds.iter())
+                .filter(|h| h.backup == hex && h.until > now)
+                .map(|h| h.until)
+                .max();
             backups.push(BackupState {
-                pinned: pins.contains(&id.to_hex()),
+                pinned: pins.contains(&hex),
+                held_until,
                 id,
                 snapshot,
                 meta,
@@ -475,9 +485,87 @@ pub fn pinned(repo: &Repository, cluster: &str) -> Result<BTreeSet<String>> {
         .collect())
 }
 
+/// A restore's hold on the backup it restored: the restored server fetches the WAL from
+/// that backup's start through `archive-get` for as long as it recovers, so `expire`
+/// keeps the backup, and with it that WAL, until the hold ends. The end is in the name,
+/// so that the holds are known from one LIST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// Its repository name.
+    pub name: String,
+    /// Hex id of the held backup.
+    pub backup: String,
+    pub until: DateTime<Utc>,
+}
+
+/// What a hold says of the restore that wrote it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HoldRecord {
+    pub host: String,
+    pub restored_into: String,
+    pub created: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+}
+
+/// A new hold's name: two restores of one backup hold it each on their own.
+pub fn hold_name(cluster: &str, backup: &Id, until: DateTime<Utc>) -> String {
+    let nonce = Id::random().to_hex();
+    format!(
+        "holds/{cluster}/{}.{}.{}",
+        backup.to_hex(),
+        until.timestamp(),
+        &nonce[..16]
+    )
+}
+
+/// Every hold on backups of `cluster`, ended or not; names that are not holds are skipped.
+pub fn holds(repo: &Repository, cluster: &str) -> Result<Vec<Hold>> {
+    let prefix = format!("holds/{cluster}/");
+    Ok((repo.list_files(&prefix)?.into_iter())
+        .filter_map(|m| parse_hold(&prefix, &m.key))
+        .collect())
+}
+
+fn parse_hold(prefix: &str, name: &str) -> Option<Hold> {
+    let mut parts = name.strip_prefix(prefix)?.split('.');
+    let backup = parts.next()?.parse::<Id>().ok()?.to_hex();
+    let until = DateTime::from_timestamp(parts.next()?.parse().ok()?, 0)?;
+    Some(Hold {
+        name: name.to_string(),
+        backup,
+        until,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_holds_name_says_what_it_holds_and_until_when() {
+        let backup = Id::random();
+        let until = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let name = hold_name("main", &backup, until);
+        let hold = parse_hold("holds/main/", &name).expect("a hold");
+        assert_eq!((hold.backup, hold.until), (backup.to_hex(), until));
+        assert_ne!(
+            name,
+            hold_name("main", &backup, until),
+            "one name per restore"
+        );
+        for other in [
+            "holds/main/x.1.y",
+            "holds/main/",
+            "pins/main/ab",
+            "holds/other/a.1.b",
+        ] {
+            assert_eq!(parse_hold("holds/main/", other), None, "{other}");
+        }
+        let truncated = name.rsplit_once('.').expect("dots").0;
+        assert!(parse_hold("holds/main/", truncated).is_some());
+        let no_time = format!("holds/main/{}.soon.abc", backup.to_hex());
+        assert_eq!(parse_hold("holds/main/", &no_time), None);
+    }
 
     const SEG: u64 = 16 * 1024 * 1024;
 

@@ -16,7 +16,7 @@ use repo::repository::ObjectKind;
 use repo::{Id, RepoError, Repository};
 use serde_json::json;
 
-use super::catalog::{pin_name, BackupState, ClusterState};
+use super::catalog::{holds, pin_name, BackupState, ClusterState, Hold, HoldRecord};
 use crate::cli::ExpireArgs;
 use crate::context::Context;
 use crate::output::{bytes, print_json};
@@ -88,7 +88,18 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         })
         .collect();
     let now = Utc::now();
-    let reasons = plan(&candidates, &policy, now);
+    let mut reasons = plan(&candidates, &policy, now);
+    let all_holds = holds(&repo, &ctx.cluster)?;
+    for (backup, reasons) in state.backups.iter().zip(&mut reasons) {
+        if let Some(until) = backup.held_until {
+            reasons.push(describe_hold(&repo, &all_holds, backup, until));
+        }
+    }
+    // Ended holds, and holds on backups no longer there, hold nothing.
+    let present: Vec<String> = state.backups.iter().map(|b| b.id.to_hex()).collect();
+    let ended_holds: Vec<&Hold> = (all_holds.iter())
+        .filter(|h| h.until <= now || !present.contains(&h.backup))
+        .collect();
     let (kept, expired): (Vec<(&BackupState, &Vec<String>)>, Vec<_>) = state
         .backups
         .iter()
@@ -149,6 +160,7 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         "kept": kept.iter().map(|(b, r)| json!({"id": b.id, "stop_time": b.meta.stop_time, "reasons": r})).collect::<Vec<_>>(),
         "expired": expired.iter().map(|(b, _)| json!({"id": b.id, "stop_time": b.meta.stop_time,
             "reason": "no retention rule keeps it"})).collect::<Vec<_>>(),
+        "holds_ended": ended_holds.len(),
         "dumps_kept": dumps.len() - expired_dumps.len(),
         "dumps_expired": expired_dumps.iter().map(|(id, t)| json!({"id": id, "time": t})).collect::<Vec<_>>(),
         "wal_expired": {
@@ -223,6 +235,7 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
             .delete(&format!("{}/{}", ObjectKind::Snapshot.dir(), id))?;
     }
     let deleted_wal = repo_delete_all(&repo, wal_doomed.iter().map(|f| f.key.as_str()), ctx.jobs)?;
+    repo_delete_all(&repo, ended_holds.iter().map(|h| h.name.as_str()), ctx.jobs)?;
     drop(lock);
 
     let gc = if args.no_gc || (expired.is_empty() && expired_dumps.is_empty()) {
@@ -255,6 +268,28 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         println!("gc: freed about {}", bytes(freed));
     }
     Ok(())
+}
+
+/// Why a hold keeps `backup`: whose restore, until when (the latest of its holds).
+fn describe_hold(
+    repo: &Repository,
+    holds: &[Hold],
+    backup: &BackupState,
+    until: chrono::DateTime<Utc>,
+) -> String {
+    let until_text = until.format("%Y-%m-%d %H:%M:%S UTC");
+    let hex = backup.id.to_hex();
+    let record = (holds.iter())
+        .find(|h| h.backup == hex && h.until == until)
+        .and_then(|h| repo.find_file(&h.name).ok().flatten())
+        .and_then(|file| serde_json::from_slice::<HoldRecord>(&file.data).ok());
+    match record {
+        Some(r) => format!(
+            "held until {until_text} for the restore into {}:{} (its WAL is what that server's recovery fetches)",
+            r.host, r.restored_into
+        ),
+        None => format!("held until {until_text} for a restore"),
+    }
 }
 
 /// Deletes named files in parallel; returns how many.
@@ -298,22 +333,29 @@ pub fn pin(ctx: &Context, spec: &str, pin: bool) -> Result<()> {
         )
     })?;
     let name = pin_name(&ctx.cluster, &id);
+    // Unpinning says "expire may take it": restores' holds on it end too.
+    let mut released = Vec::new();
     if pin {
         repo.store_file(&name, Utc::now().to_rfc3339().as_bytes())?;
     } else {
         repo.delete_file(&name)?;
+        let hex = id.to_hex();
+        released = (holds(&repo, &ctx.cluster)?.into_iter())
+            .filter(|h| h.backup == hex)
+            .collect();
+        repo_delete_all(&repo, released.iter().map(|h| h.name.as_str()), ctx.jobs)?;
     }
     if ctx.json() {
-        return print_json(&json!({"id": id, "pinned": pin}));
+        return print_json(&json!({"id": id, "pinned": pin, "holds_released": released.len()}));
     }
-    println!(
-        "backup {} {}",
-        id.short(),
-        if pin {
-            "pinned: expire keeps it until `pgvault backup unpin`"
-        } else {
-            "unpinned"
-        }
-    );
+    let state = match (pin, released.len()) {
+        (true, _) => "pinned: expire keeps it until `pgvault backup unpin`".to_string(),
+        (false, 0) => "unpinned".to_string(),
+        (false, n) => format!(
+            "unpinned, and {n} restore hold{} on it released: expire may remove it",
+            if n == 1 { "" } else { "s" }
+        ),
+    };
+    println!("backup {} {state}", id.short());
     Ok(())
 }

@@ -33,6 +33,7 @@ fn backup_json(b: &BackupState) -> Value {
         "dedup_ratio": summary.bytes as f64 / summary.save.bytes_stored.max(1) as f64,
         "corrupted_pages": b.meta.corrupted_pages.len(),
         "pinned": b.pinned,
+        "held_until": b.held_until.map(rfc3339),
         "wal_complete": b.reach.restorable(),
         "wal_missing": b.reach.missing,
         "reaches": b.reach.last_segment.as_ref().map(|n| n.to_string()),
@@ -259,6 +260,16 @@ pub fn show_backup(ctx: &Context, spec: &str) -> Result<()> {
         ),
         ("pinned", if b.pinned { "yes" } else { "no" }.to_string()),
         (
+            "held",
+            match b.held_until {
+                Some(until) => format!(
+                    "until {} for a restored server's recovery (`backup unpin` ends it)",
+                    until.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                None => "no".to_string(),
+            },
+        ),
+        (
             "data checksums",
             match meta.data_checksums {
                 false => "off".to_string(),
@@ -422,9 +433,14 @@ fn print_cluster(state: &ClusterState, view: &Value) {
             let s = &b.snapshot.summary;
             table.row(vec![
                 format!(
-                    "{}{}",
+                    "{}{}{}",
                     b.id.short(),
-                    if b.pinned { " (pinned)" } else { "" }
+                    if b.pinned { " (pinned)" } else { "" },
+                    if b.held_until.is_some() {
+                        " (held)"
+                    } else {
+                        ""
+                    }
                 ),
                 b.snapshot.label.clone().unwrap_or_default(),
                 b.meta.stop_time.format("%Y-%m-%d %H:%M:%S").to_string(),

@@ -85,6 +85,7 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
         archive_mode: "preserve".to_string(),
         delta: None,
         force: args.force,
+        hold: "24h".to_string(),
         sync_method: SyncMethod::Fsync,
     };
     super::restore::restore(ctx, &restore)?;

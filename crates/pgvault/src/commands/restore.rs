@@ -30,12 +30,13 @@ use super::archive::{fetch_file, fsync_dir, write_atomically};
 use super::backup::{
     backup_named, control_file_problem, list_backups, BackupMeta, Database, Owner,
 };
-use super::catalog::{Reach, WalArchive};
+use super::catalog::{hold_name, HoldRecord, Reach, WalArchive};
 use super::config_files;
 use super::setup::command_prefix;
 use crate::cli::{DeltaMode, RestoreArgs};
 use crate::context::Context;
 use crate::output::{bytes, note, print_json, progress_bar};
+use crate::retention::parse_duration;
 
 /// PostgreSQL's timestamp input, as far as recovery_target_time needs it: an ISO date
 /// and time with a zone — an offset (`+01`, `+01:00`, `Z`), `UTC`/`GMT`, or a time zone
@@ -250,6 +251,53 @@ fn warn_of_histories_left_behind(
         );
     }
     Ok(())
+}
+
+/// `--hold`: how long expire keeps the restored backup; `None` for 0.
+fn parse_hold(text: &str) -> Result<Option<chrono::Duration>> {
+    if text.trim() == "0" {
+        return Ok(None);
+    }
+    let duration = parse_duration(text).map_err(|e| anyhow::anyhow!("--hold: {e}, or 0"))?;
+    Ok(Some(duration))
+}
+
+/// Writes a hold on backup `id` for `hold` from now (see [`super::catalog::Hold`]), so
+/// that an expire while this restore runs or the restored server recovers does not take
+/// the WAL it fetches. A repository this user may not write (a recovery host's read-only
+/// credentials) gets a warning instead.
+fn hold_backup(
+    ctx: &Context,
+    repo: &Repository,
+    id: &Id,
+    pgdata: &Path,
+    hold: chrono::Duration,
+) -> Option<DateTime<Utc>> {
+    let created = Utc::now();
+    let until = created + hold;
+    let record = HoldRecord {
+        host: repo::hostname(),
+        restored_into: pgdata.display().to_string(),
+        created,
+        until,
+    };
+    let stored = serde_json::to_vec(&record)
+        .map_err(anyhow::Error::from)
+        .and_then(|data| {
+            let name = hold_name(&ctx.cluster, id, until);
+            Ok(repo.store_file(&name, &data)?)
+        });
+    match stored {
+        Ok(_) => Some(until),
+        Err(e) => {
+            tracing::warn!(
+                "cannot hold backup {} against expire while the restored server recovers ({e:#}): an expire meanwhile may remove the WAL its recovery fetches; `pgvault backup pin {}` keeps it",
+                id.short(),
+                id.short()
+            );
+            None
+        }
+    }
 }
 
 /// `--target-timeline`, read as PostgreSQL reads `recovery_target_timeline`.
@@ -955,6 +1003,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     }
     let target = target_of(args)?;
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
+    let hold = parse_hold(&args.hold)?;
     let extra_settings = (args.recovery_option.iter())
         .map(|text| {
             parse_extra_setting(text)
@@ -1041,7 +1090,10 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         let pgdata_root = (pgdata.as_path(), &pgdata_tree, pgdata_holes.as_slice());
         check_room(&repo, &snapshot, pgdata_root, &tablespace_nodes)?;
     }
-    // Nothing is changed before every check has passed.
+    // Nothing is changed before every check has passed. The hold comes first: an expire
+    // run while this restore writes (it takes a shared lock, as the restore does) may
+    // delete WAL too. A restore that fails leaves it for the one run again.
+    let held_until = hold.and_then(|hold| hold_backup(ctx, &repo, &id, &pgdata, hold));
     if overwrite {
         make_unstartable(&pgdata)?;
         if args.force {
@@ -1232,6 +1284,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             "holes": holes,
             "waldir": waldir,
             "config_files": config.iter().map(|p| p.target()).collect::<Vec<_>>(),
+            "held_until": held_until.map(|t| t.to_rfc3339()),
             "duration_ms": (seconds * 1000.0) as u64,
         }));
     }
@@ -1299,6 +1352,14 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             left_out_names.join(", "),
             if left_out.len() == 1 { "it" } else { "each" },
             if left_out.len() == 1 { "it" } else { "them" },
+        );
+    }
+    if let Some(until) = held_until {
+        note!(ctx,
+            "expire keeps backup {} and its WAL until {} for this server's recovery (--hold); `pgvault backup unpin {}` ends that sooner",
+            id.short(),
+            until.format("%Y-%m-%d %H:%M:%S UTC"),
+            id.short()
         );
     }
     note!(ctx,
