@@ -225,6 +225,17 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // A restore that chose one of these backups since the plan was made holds it now.
+    let doomed: Vec<String> = expired.iter().map(|(b, _)| b.id.to_hex()).collect();
+    let checked = Utc::now();
+    if let Some(hold) = (holds(&repo, &ctx.cluster)?.into_iter())
+        .find(|h| h.until > checked && doomed.contains(&h.backup))
+    {
+        bail!(
+            "backup {} began to be restored while expire planned (a restore's hold appeared): nothing was removed; run expire again",
+            &hold.backup[..12]
+        );
+    }
     for id in expired
         .iter()
         .map(|(b, _)| b.id)
