@@ -395,6 +395,8 @@ pub struct ClusterState {
     /// Oldest first.
     pub backups: Vec<BackupState>,
     pub wal: WalArchive,
+    /// Every hold on its backups, ended or not.
+    pub holds: Vec<Hold>,
 }
 
 /// Instants a restore can reach: from the oldest restorable backup's end to the last
@@ -435,6 +437,7 @@ impl ClusterState {
             identity,
             backups,
             wal,
+            holds,
         }))
     }
 
@@ -522,11 +525,11 @@ pub fn hold_name(cluster: &str, backup: &Id, until: DateTime<Utc>) -> String {
 pub fn holds(repo: &Repository, cluster: &str) -> Result<Vec<Hold>> {
     let prefix = format!("holds/{cluster}/");
     Ok((repo.list_files(&prefix)?.into_iter())
-        .filter_map(|m| parse_hold(&prefix, &m.key))
+        .filter_map(|m| hold_named(&prefix, &m.key))
         .collect())
 }
 
-fn parse_hold(prefix: &str, name: &str) -> Option<Hold> {
+fn hold_named(prefix: &str, name: &str) -> Option<Hold> {
     let mut parts = name.strip_prefix(prefix)?.split('.');
     let backup = parts.next()?.parse::<Id>().ok()?.to_hex();
     let until = DateTime::from_timestamp(parts.next()?.parse().ok()?, 0)?;
@@ -546,7 +549,7 @@ mod tests {
         let backup = Id::random();
         let until = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
         let name = hold_name("main", &backup, until);
-        let hold = parse_hold("holds/main/", &name).expect("a hold");
+        let hold = hold_named("holds/main/", &name).expect("a hold");
         assert_eq!((hold.backup, hold.until), (backup.to_hex(), until));
         assert_ne!(
             name,
@@ -559,12 +562,12 @@ mod tests {
             "pins/main/ab",
             "holds/other/a.1.b",
         ] {
-            assert_eq!(parse_hold("holds/main/", other), None, "{other}");
+            assert_eq!(hold_named("holds/main/", other), None, "{other}");
         }
         let truncated = name.rsplit_once('.').expect("dots").0;
-        assert!(parse_hold("holds/main/", truncated).is_some());
+        assert!(hold_named("holds/main/", truncated).is_some());
         let no_time = format!("holds/main/{}.soon.abc", backup.to_hex());
-        assert_eq!(parse_hold("holds/main/", &no_time), None);
+        assert_eq!(hold_named("holds/main/", &no_time), None);
     }
 
     const SEG: u64 = 16 * 1024 * 1024;

@@ -89,15 +89,14 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
         .collect();
     let now = Utc::now();
     let mut reasons = plan(&candidates, &policy, now);
-    let all_holds = holds(&repo, &ctx.cluster)?;
     for (backup, reasons) in state.backups.iter().zip(&mut reasons) {
         if let Some(until) = backup.held_until {
-            reasons.push(describe_hold(&repo, &all_holds, backup, until));
+            reasons.push(describe_hold(&repo, &state.holds, backup, until));
         }
     }
     // Ended holds, and holds on backups no longer there, hold nothing.
     let present: Vec<String> = state.backups.iter().map(|b| b.id.to_hex()).collect();
-    let ended_holds: Vec<&Hold> = (all_holds.iter())
+    let ended_holds: Vec<&Hold> = (state.holds.iter())
         .filter(|h| h.until <= now || !present.contains(&h.backup))
         .collect();
     let (kept, expired): (Vec<(&BackupState, &Vec<String>)>, Vec<_>) = state

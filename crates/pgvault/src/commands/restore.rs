@@ -254,7 +254,7 @@ fn warn_of_histories_left_behind(
 }
 
 /// `--hold`: how long expire keeps the restored backup; `None` for 0.
-fn parse_hold(text: &str) -> Result<Option<chrono::Duration>> {
+fn hold_duration(text: &str) -> Result<Option<chrono::Duration>> {
     if text.trim() == "0" {
         return Ok(None);
     }
@@ -1003,7 +1003,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     }
     let target = target_of(args)?;
     let action = TargetAction::parse(&args.target_action).map_err(|e| anyhow::anyhow!(e))?;
-    let hold = parse_hold(&args.hold)?;
+    let hold = hold_duration(&args.hold)?;
     let extra_settings = (args.recovery_option.iter())
         .map(|text| {
             parse_extra_setting(text)
