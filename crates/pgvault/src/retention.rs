@@ -115,37 +115,19 @@ fn bucket_label(rule: &str) -> &'static str {
     }
 }
 
-/// Parses durations like `14d`, `36h`, `2w`, `90m`, `1d12h`.
+/// Parses a positive duration like `14d`, `36h`, `2w`, `90m` or `1d12h` (humantime's
+/// units, as every other duration option; a day is 24 hours).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
             "cannot read duration {text:?}: use a number with a unit, e.g. 14d, 36h, 2w or 1d12h"
         )
     };
-    let mut total = Duration::zero();
-    let mut number = String::new();
-    let mut any = false;
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let value: i64 = number.parse().map_err(|_| bad())?;
-        number.clear();
-        total += match c {
-            's' => Duration::seconds(value),
-            'm' => Duration::minutes(value),
-            'h' => Duration::hours(value),
-            'd' => Duration::days(value),
-            'w' => Duration::weeks(value),
-            _ => return Err(bad()),
-        };
-        any = true;
+    let parsed = humantime::parse_duration(text.trim()).map_err(|_| bad())?;
+    match Duration::from_std(parsed) {
+        Ok(duration) if duration > Duration::zero() => Ok(duration),
+        _ => Err(bad()),
     }
-    if !number.is_empty() || !any || total <= Duration::zero() {
-        return Err(bad());
-    }
-    Ok(total)
 }
 
 pub fn describe_duration(d: Duration) -> String {
@@ -327,6 +309,8 @@ mod tests {
         assert!(parse_duration("d").is_err());
         assert!(parse_duration("3x").is_err());
         assert!(parse_duration("0d").is_err());
+        assert_eq!(parse_duration("90m"), Ok(Duration::minutes(90)));
+        assert_eq!(parse_duration(" 1h 30m "), Ok(Duration::minutes(90)));
         assert_eq!(describe_duration(Duration::days(14)), "14d");
     }
 }

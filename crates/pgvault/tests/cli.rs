@@ -39,6 +39,7 @@ impl Scratch {
         cmd.env("PGVAULT_REPO", self.repo())
             .env("PGVAULT_PASSPHRASE_FILE", self.path("passphrase"))
             .env("PGVAULT_JOBS", "2")
+            .env("PGVAULT_KEY_CACHE", self.path("key-cache"))
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -545,6 +546,9 @@ fn keys_can_be_added_changed_and_removed_without_touching_data() {
     make_tree(&data);
     let id = s.snapshot_dir(&data);
     let packs = s.packs();
+    // Unattended runs (archive-push per segment) unlock once, then use the cached key.
+    let cached = files_under(&s.path("key-cache"));
+    assert_eq!(cached.len(), 1, "one cached key: {cached:?}");
 
     fs::write(s.path("second"), "second passphrase\n").expect("write");
     s.ok(&[

@@ -135,7 +135,9 @@ impl Setup {
                 cmd.env_remove(key);
             }
         }
-        cmd.arg("--config")
+        // Unlocked keys are cached with the test's files, not in the home directory.
+        cmd.env("PGVAULT_KEY_CACHE", self.path("key-cache"))
+            .arg("--config")
             .arg(self.path("pgvault.toml"))
             .args(args)
             .stdin(Stdio::null());
