@@ -62,6 +62,7 @@ pause_page_reporting() {
     python3 -c "b = b'\x01' * ($gib << 30)"
 }
 bench_cleanup() {
+    if [ -n "${MOTO_PID:-}" ]; then kill "$MOTO_PID" 2>/dev/null || true; fi
     if [ -n "$saved_reporting_order" ]; then
         echo "$saved_reporting_order" > "$PAGE_REPORTING" || true
     fi
@@ -101,6 +102,23 @@ wait_archived() {
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_moto BUCKET: a moto S3 server on a free loopback port (MOTO_PORT; stopped at
+# exit) holding BUCKET, with AWS_ENDPOINT_URL and credentials exported for it.
+start_moto() {
+    ensure_moto
+    MOTO_PORT=$(free_port)
+    python3 -c 'import sys; from moto.server import main; main(["-H", "127.0.0.1", "-p", sys.argv[1]])' "$MOTO_PORT" \
+        > "$WORK/moto.log" 2>&1 &
+    MOTO_PID=$!
+    export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
+    for _ in $(seq 100); do
+        curl -s -o /dev/null -X PUT "$AWS_ENDPOINT_URL/$1" && return 0
+        sleep 0.2
+    done
+    echo "the moto S3 server did not start; see $WORK/moto.log" >&2
+    return 1
+}
 
 # new_server DIR PORT [postgresql.conf lines...]: initdb with checksums and start.
 new_server() {

@@ -16,13 +16,10 @@ RATES=${RATES:-"none 1gbit 400mbit"}
 JOBS=${JOBS:-2}
 REPEAT=${REPEAT:-3}
 bytes=$(numfmt --from=iec "$SIZE")
-ensure_moto
 
 limited=
-moto_pid=
 finish() {
     if [ -n "$limited" ]; then tc qdisc del dev lo root 2>/dev/null || true; fi
-    if [ -n "$moto_pid" ]; then kill "$moto_pid" 2>/dev/null || true; fi
     bench_cleanup
 }
 trap finish EXIT
@@ -40,15 +37,7 @@ mkdir -p "$WORK/data"
 rm -rf "$WORK/pgdata"
 cat "$WORK/data/texts" > /dev/null   # cached for every run alike
 
-s3_port=$(free_port)
-python3 -c 'import sys; from moto.server import main; main(["-H", "127.0.0.1", "-p", sys.argv[1]])' "$s3_port" \
-    > "$WORK/moto.log" 2>&1 &
-moto_pid=$!
-export AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
-for _ in $(seq 100); do
-    curl -s -o /dev/null -X PUT "$AWS_ENDPOINT_URL/bench" && break
-    sleep 0.2
-done
+start_moto bench
 export PGVAULT_PASSPHRASE=bench-passphrase PGVAULT_KEY_CACHE=off
 
 store() { # NAME REPO

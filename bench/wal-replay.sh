@@ -9,17 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-ensure_moto
 SEGMENTS=${SEGMENTS:-64}
 PREFETCH=${PREFETCH:-16}
-
-MOTO_PORT=$(free_port)
-python3 -c 'import sys; from moto.server import main; main(["-H", "127.0.0.1", "-p", sys.argv[1]])' "$MOTO_PORT" \
-    > "$WORK/moto.log" 2>&1 &
-MOTO_PID=$!
-trap 'kill $MOTO_PID 2>/dev/null || true; bench_cleanup' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT/" && break; sleep 0.1; done
-curl -s -X PUT -o /dev/null "http://127.0.0.1:$MOTO_PORT/pgvault-bench"
+start_moto pgvault-bench
 
 echo "bench passphrase" | as_pg tee "$WORK/passphrase" >/dev/null
 echo "test" | as_pg tee "$WORK/s3-secret" >/dev/null

@@ -25,6 +25,8 @@ enum PassphraseSource {
 pub struct Context {
     /// `--repo` as given (flag or `PGVAULT_REPO`), passed on to child processes.
     repo_flag: Option<String>,
+    /// `--repo` names a `[repos.NAME]` table (passed on as it is), not a URL or path.
+    repo_flag_is_name: bool,
     pub jobs: usize,
     pub output: OutputFormat,
     /// `--quiet`: errors only, no progress bars.
@@ -59,11 +61,11 @@ impl Context {
     pub fn new(global: &GlobalArgs) -> Result<Context> {
         let config = ConfigFile::load(global.config.as_deref())?;
         let mut sections = config.repo_sections()?;
-        // `--repo NAME` picks one configured repository; `--repo URL` replaces the first
-        // one's URL. Either way the command works with that one repository alone.
-        let chosen = global
-            .repo
-            .as_ref()
+        // `--repo NAME` picks one `[repos.NAME]` repository; `--repo URL` (or a path,
+        // relative ones included, whatever their name) replaces the first one's URL.
+        // Either way the command works with that one repository alone.
+        let chosen = (global.repo.as_ref())
+            .filter(|_| !config.repos.is_empty())
             .and_then(|r| sections.iter().position(|(name, _)| name == r));
         let (repo_name, mut section) = sections.remove(chosen.unwrap_or(0));
         if global.repo.is_some() {
@@ -112,6 +114,7 @@ impl Context {
         };
         Ok(Context {
             repo_flag: global.repo.clone(),
+            repo_flag_is_name: chosen.is_some(),
             jobs,
             output: global.output,
             quiet: global.quiet,
@@ -291,7 +294,8 @@ impl Context {
     }
 
     fn open_storage(&self, storage: DynStorage, passphrase: Option<String>) -> Result<Repository> {
-        let cache = key_cache_dir();
+        let cache = cache_dir("PGVAULT_KEY_CACHE", "keys");
+        let remote = storage.is_remote();
         let opened = Repository::open_with_key_cache(
             storage.clone(),
             passphrase.as_deref(),
@@ -312,6 +316,9 @@ impl Context {
         };
         if let Some(compression) = self.compression {
             repo.set_compression(compression);
+        }
+        if remote {
+            repo.set_object_cache(cache_dir("PGVAULT_OBJECT_CACHE", "objects").as_deref());
         }
         Ok(repo)
     }
@@ -334,7 +341,7 @@ impl Context {
         if let Some(repo) = &self.repo_flag {
             args.push("--repo".into());
             args.push(match Location::parse(repo) {
-                Ok(Location::Local(path)) => path.into(),
+                Ok(Location::Local(path)) if !self.repo_flag_is_name => path.into(),
                 _ => repo.into(),
             });
         }
@@ -403,11 +410,12 @@ fn lock_or_explain(acquired: Result<RepoLock, RepoError>) -> Result<RepoLock> {
     }
 }
 
-/// Where unlocked keys are cached for non-interactive runs (`PGVAULT_KEY_CACHE=off`
-/// disables it): `$PGVAULT_KEY_CACHE`, else `$XDG_CACHE_HOME/pgvault/keys`, else
-/// `~/.cache/pgvault/keys`.
-fn key_cache_dir() -> Option<PathBuf> {
-    match std::env::var("PGVAULT_KEY_CACHE") {
+/// Where a local cache lives: `$VARIABLE` (`off` disables it), else
+/// `$XDG_CACHE_HOME/pgvault/NAME`, else `~/.cache/pgvault/NAME`. Two of them: unlocked
+/// keys for non-interactive runs (`PGVAULT_KEY_CACHE`, `keys`), and copies of a remote
+/// repository's snapshot and index objects (`PGVAULT_OBJECT_CACHE`, `objects`).
+fn cache_dir(variable: &str, name: &str) -> Option<PathBuf> {
+    match std::env::var(variable) {
         Ok(v) if v == "off" || v == "0" || v == "false" => return None,
         Ok(v) if !v.is_empty() => return Some(PathBuf::from(v)),
         _ => {}
@@ -420,7 +428,7 @@ fn key_cache_dir() -> Option<PathBuf> {
                 .filter(|v| !v.is_empty())
                 .map(|h| PathBuf::from(h).join(".cache"))
         })?;
-    Some(base.join("pgvault").join("keys"))
+    Some(base.join("pgvault").join(name))
 }
 
 /// A new passphrase: from `file`, else typed twice on a terminal, else one line of stdin.

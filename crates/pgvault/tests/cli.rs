@@ -40,6 +40,7 @@ impl Scratch {
             .env("PGVAULT_PASSPHRASE_FILE", self.path("passphrase"))
             .env("PGVAULT_JOBS", "2")
             .env("PGVAULT_KEY_CACHE", self.path("key-cache"))
+            .env("PGVAULT_OBJECT_CACHE", self.path("object-cache"))
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -192,6 +193,8 @@ fn tree_round_trip_and_incremental_reuse() {
     let list = s.json(&["snapshot", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(2));
     s.ok(&["verify"]);
+    // A local repository is read where it is: no copies of it.
+    assert!(!s.path("object-cache").exists());
 }
 
 #[test]
@@ -674,6 +677,25 @@ fn config_file_env_and_flags_follow_one_precedence() {
     assert!(err.contains("cannot read config file"), "{err}");
 }
 
+/// A relative `--repo` path is a path whatever its name, also without a config file (whose
+/// implicit repository is named `repo`).
+#[test]
+fn a_relative_repository_path_named_like_a_repository_is_a_path() {
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("work")).expect("mkdir");
+    let out = s
+        .cmd(&["--repo", "repo", "init"])
+        .current_dir(s.path("work"))
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.path("work/repo/config").exists());
+}
+
 #[test]
 fn bad_arguments_get_one_line_errors() {
     let s = Scratch::new();
@@ -861,6 +883,22 @@ fn s3_repository_round_trip() {
             .env("AWS_REGION", "us-east-1");
         cmd.output().expect("run")
     });
+    // Snapshot and index objects were kept locally; the forgotten snapshot's copy went
+    // with it (gc listed the snapshots after the forget).
+    let copies: Vec<String> = files_under(&s.path("object-cache"))
+        .iter()
+        .map(|p| {
+            p.strip_prefix(s.path("object-cache"))
+                .expect("under")
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert!(copies.iter().any(|c| c.contains("/index/")), "{copies:?}");
+    assert!(
+        !copies.iter().any(|c| c.contains("/snapshots/")),
+        "{copies:?}"
+    );
 }
 
 /// An Azure Blob repository (Azurite), its connection string from a file named in the

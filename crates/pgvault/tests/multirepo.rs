@@ -187,4 +187,29 @@ archive-timeout = \"20s\"
         restored.psql("SELECT string_agg(note, ',' ORDER BY note) FROM marks"),
         expected
     );
+
+    // `--repo NAME` reaches the restored server's restore_command as that name, which
+    // the config resolves (taken for a path, it would name a directory under PGDATA).
+    let (_named_dir, named) = new_data_directory("pgvault-named-restore-");
+    let warnings = setup.ok_stderr(&[
+        "--repo",
+        "repo2",
+        "restore",
+        "--pgdata",
+        &named,
+        "--archive-mode",
+        "off",
+        "--hold",
+        "0",
+    ]);
+    let auto = fs::read_to_string(std::path::Path::new(&named).join("postgresql.auto.conf"))
+        .expect("postgresql.auto.conf");
+    let restore_command = (auto.lines())
+        .find(|l| l.starts_with("restore_command"))
+        .unwrap_or_default();
+    assert!(
+        restore_command.contains("--repo repo2 "),
+        "{restore_command}"
+    );
+    assert!(!warnings.contains("restore_command fails"), "{warnings}");
 }

@@ -9,6 +9,7 @@
 //! concurrent processes apart.
 
 pub mod archive;
+mod cache;
 pub mod chunker;
 pub mod compression;
 pub mod copy;

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use crate::cache::ObjectCache;
 use crate::chunker::ChunkerParams;
 use crate::compression::{decompress, decompress_into, Compression};
 use crate::crypto::{Crypto, Encryption, MasterKey};
@@ -113,6 +114,8 @@ pub struct Repository {
     file_threads: usize,
     index: RwLock<Index>,
     index_loaded: RwLock<bool>,
+    /// Local copies of snapshot and index objects (see `cache`), for remote storage.
+    object_cache: Option<ObjectCache>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -312,7 +315,19 @@ impl Repository {
             file_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             index: RwLock::new(Index::default()),
             index_loaded: RwLock::new(false),
+            object_cache: None,
         }
+    }
+
+    /// Keeps local copies of snapshot and index objects under `root` (one directory per
+    /// repository), so that commands fetch only those they have not seen; `None` reads
+    /// everything from storage, as `verify` must to prove what storage holds.
+    pub fn set_object_cache(&mut self, root: Option<&std::path::Path>) {
+        self.object_cache = root.map(|root| ObjectCache::new(root, &self.config.id));
+    }
+
+    pub fn has_object_cache(&self) -> bool {
+        self.object_cache.is_some()
     }
 
     pub fn storage(&self) -> &DynStorage {
@@ -424,20 +439,34 @@ impl Repository {
     fn save_raw(&self, dir: &str, plaintext: &[u8]) -> Result<Id> {
         let sealed = self.crypto.seal(&Compression::Zstd(3).compress(plaintext));
         let id = Id::of_bytes(&sealed);
+        let sealed = bytes::Bytes::from(sealed);
         self.storage
-            .put_if_absent(&format!("{dir}/{id}"), sealed.into())?;
+            .put_if_absent(&format!("{dir}/{id}"), sealed.clone())?;
+        if let Some(cache) = &self.object_cache {
+            cache.put(dir, &id, &sealed);
+        }
         Ok(id)
     }
 
     fn load_raw(&self, dir: &str, id: &Id) -> Result<Vec<u8>> {
         let key = format!("{dir}/{id}");
-        let sealed = self.storage.get(&key)?;
-        if Id::of_bytes(&sealed) != *id {
-            return Err(self.corrupt(
-                key,
-                "content does not match its name (truncated or modified)",
-            ));
-        }
+        let cached = (self.object_cache.as_ref()).and_then(|cache| cache.get(dir, id));
+        let sealed = match cached {
+            Some(sealed) => sealed,
+            None => {
+                let sealed = self.storage.get(&key)?;
+                if Id::of_bytes(&sealed) != *id {
+                    return Err(self.corrupt(
+                        key,
+                        "content does not match its name (truncated or modified)",
+                    ));
+                }
+                if let Some(cache) = &self.object_cache {
+                    cache.put(dir, id, &sealed);
+                }
+                sealed
+            }
+        };
         let compressed = self
             .crypto
             .open(&sealed)
@@ -451,13 +480,19 @@ impl Repository {
     }
 
     pub fn list_objects(&self, kind: ObjectKind) -> Result<Vec<Id>> {
-        let prefix = format!("{}/", kind.dir());
-        Ok(self
-            .storage
-            .list(&prefix)?
-            .into_iter()
+        self.list_named(kind.dir())
+    }
+
+    /// The ids of the objects under `dir/`; local copies of others are dropped.
+    fn list_named(&self, dir: &str) -> Result<Vec<Id>> {
+        let prefix = format!("{dir}/");
+        let ids: Vec<Id> = (self.storage.list(&prefix)?.into_iter())
             .filter_map(|m| m.key.strip_prefix(&prefix).and_then(|s| s.parse().ok()))
-            .collect())
+            .collect();
+        if let Some(cache) = &self.object_cache {
+            cache.retain(dir, &ids);
+        }
+        Ok(ids)
     }
 
     /// Resolves a full id or a unique prefix of at least 4 hex digits (or "latest" is
@@ -502,12 +537,7 @@ impl Repository {
     }
 
     pub fn list_index_files(&self) -> Result<Vec<Id>> {
-        Ok(self
-            .storage
-            .list("index/")?
-            .into_iter()
-            .filter_map(|m| m.key.strip_prefix("index/").and_then(|s| s.parse().ok()))
-            .collect())
+        self.list_named("index")
     }
 
     /// Reads every index object into memory (once per process).

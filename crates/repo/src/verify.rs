@@ -69,6 +69,11 @@ impl VerifyReport {
 }
 
 pub fn verify(repo: &Repository, options: &VerifyOptions) -> Result<VerifyReport> {
+    if repo.has_object_cache() {
+        return Err(crate::RepoError::Invalid(
+            "verify proves what storage holds: open the repository without the object cache".into(),
+        ));
+    }
     let mut report = VerifyReport::default();
     if let Err(e) = repo.load_index() {
         report.problems.push(Problem {

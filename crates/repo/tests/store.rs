@@ -536,11 +536,93 @@ fn copy_between_repositories_re_encrypts() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
+#[test]
+fn snapshots_and_indexes_are_read_from_local_copies_of_what_storage_lists() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counting = CountingStorage::new(&dir.path().join("repo"));
+    let storage: DynStorage = counting.clone();
+    let writer = Repository::init(
+        storage.clone(),
+        &options(Encryption::Xchacha20Poly1305, Compression::Zstd(3)),
+        Some(PASSPHRASE),
+    )
+    .expect("init");
+    for seed in 0..3 {
+        store(&writer, &payload(seed, 256 << 10));
+    }
+    let cache = dir.path().join("cache");
+    let open = |cached: bool| {
+        let mut repo = Repository::open(storage.clone(), Some(PASSPHRASE)).expect("open");
+        repo.set_object_cache(cached.then_some(cache.as_path()));
+        repo
+    };
+    let gets = || counting.gets.load(Relaxed);
+    // Snapshots and index objects fetched, as a command that chooses a backup does.
+    let read_all = |repo: &Repository| {
+        let before = gets();
+        let snapshots = Snapshot::load_all(repo).expect("snapshots");
+        repo.load_index().expect("index");
+        (snapshots.len(), gets() - before)
+    };
+    let index_files = writer.list_index_files().expect("list").len();
+    assert!(index_files >= 3, "{index_files}");
+
+    // The first process with the cache fetches each object once, the next none.
+    assert_eq!(read_all(&open(true)), (3, 3 + index_files));
+    assert_eq!(read_all(&open(true)), (3, 0));
+    assert_eq!(read_all(&open(false)), (3, 3 + index_files));
+
+    // A damaged copy is fetched again, never used.
+    let copies = cache.join(writer.config().id.to_hex());
+    let index_copy = first_file_in(&copies.join("index"));
+    std::fs::write(&index_copy, b"damaged").expect("damage copy");
+    assert_eq!(read_all(&open(true)), (3, 1));
+    assert_eq!(read_all(&open(true)), (3, 0));
+
+    // A snapshot gone from storage (forgotten elsewhere) is not served from its copy,
+    // even by its id, and its copy goes with the next listing.
+    let (forgotten, _) = Snapshot::load_all(&writer).expect("snapshots")[0].clone();
+    storage
+        .delete(&format!("snapshots/{forgotten}"))
+        .expect("forget");
+    let reader = open(true);
+    assert!(Snapshot::load(&reader, &forgotten).is_err());
+    assert_eq!(read_all(&reader), (2, 0));
+    assert!(!copies.join("snapshots").join(forgotten.to_hex()).exists());
+
+    // verify reads storage itself.
+    let err = verify(&reader, &VerifyOptions::default()).expect_err("cached verify");
+    assert!(
+        err.to_string().contains("without the object cache"),
+        "{err}"
+    );
+}
+
+fn first_file_in(dir: &Path) -> std::path::PathBuf {
+    let mut names: Vec<_> = (std::fs::read_dir(dir).expect("read dir"))
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    names.remove(0)
+}
+
 /// Local storage that counts ranged reads, to see how many requests a restore makes.
 #[derive(Debug)]
 struct CountingStorage {
     inner: LocalStorage,
     ranged_reads: std::sync::atomic::AtomicUsize,
+    gets: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingStorage {
+    fn new(root: &Path) -> Arc<CountingStorage> {
+        Arc::new(CountingStorage {
+            inner: LocalStorage::new(root),
+            ranged_reads: Default::default(),
+            gets: Default::default(),
+        })
+    }
 }
 
 impl repo::storage::Storage for CountingStorage {
@@ -555,6 +637,7 @@ impl repo::storage::Storage for CountingStorage {
         self.inner.put_if_absent(key, data)
     }
     fn get(&self, key: &str) -> repo::storage::StorageResult<Vec<u8>> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.get(key)
     }
     fn get_range(&self, key: &str, offset: u64, len: u64) -> repo::storage::StorageResult<Vec<u8>> {
@@ -616,10 +699,7 @@ fn restored_file(repo: &Repository, tree: &Id, name: &str) -> Vec<u8> {
 #[test]
 fn changed_chunks_are_stored_as_deltas() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let counting = Arc::new(CountingStorage {
-        inner: LocalStorage::new(dir.path().join("repo")),
-        ranged_reads: Default::default(),
-    });
+    let counting = CountingStorage::new(&dir.path().join("repo"));
     let storage: DynStorage = counting.clone();
     let repo = Repository::init(
         storage.clone(),

@@ -68,7 +68,9 @@ struct BackupVerdict {
 }
 
 pub fn verify_command(ctx: &Context, args: &VerifyArgs) -> Result<()> {
-    let repo = ctx.open()?;
+    let mut repo = ctx.open()?;
+    // Proves what storage holds, not what this host copied from it.
+    repo.set_object_cache(None);
     let _lock = ctx.read_lock(&repo)?;
     let selected = args
         .snapshots

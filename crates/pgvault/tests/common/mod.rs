@@ -135,8 +135,9 @@ impl Setup {
                 cmd.env_remove(key);
             }
         }
-        // Unlocked keys are cached with the test's files, not in the home directory.
+        // Local caches live with the test's files, not in the home directory.
         cmd.env("PGVAULT_KEY_CACHE", self.path("key-cache"))
+            .env("PGVAULT_OBJECT_CACHE", self.path("object-cache"))
             .arg("--config")
             .arg(self.path("pgvault.toml"))
             .args(args)

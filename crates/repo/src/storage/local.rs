@@ -264,6 +264,10 @@ impl Storage for LocalStorage {
         self.root.display().to_string()
     }
 
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     fn put_if_absent(&self, key: &str, data: Bytes) -> StorageResult<PutOutcome> {
         let path = self.path(key)?;
         if path.exists() {

@@ -56,6 +56,9 @@ macro_rules! delegate_storage {
             fn read_ahead(&self, key: &str, offset: u64, len: u64) {
                 self.0.read_ahead(key, offset, len)
             }
+            fn is_remote(&self) -> bool {
+                self.0.is_remote()
+            }
         }
     };
 }
@@ -170,6 +173,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// which can fetch them in the background starts now. Only a hint: it reports
     /// nothing and may do nothing (the default).
     fn read_ahead(&self, _key: &str, _offset: u64, _len: u64) {}
+
+    /// Whether every request is a round trip over a network (an object store, an SFTP
+    /// server), so that keeping a local copy of what is read again saves time.
+    fn is_remote(&self) -> bool {
+        true
+    }
 }
 
 pub type DynStorage = Arc<dyn Storage>;

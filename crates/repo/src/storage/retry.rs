@@ -82,6 +82,9 @@ impl<S: Storage> Storage for RetryingStorage<S> {
     fn read_ahead(&self, key: &str, offset: u64, len: u64) {
         self.inner.read_ahead(key, offset, len)
     }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
 }
 
 #[cfg(test)]
