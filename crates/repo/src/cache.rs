@@ -13,9 +13,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::id::Id;
+
+/// A temporary copy this old was left by a writer that was killed.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug)]
 pub(crate) struct ObjectCache {
@@ -73,16 +77,27 @@ impl ObjectCache {
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)?;
-            let tmp = dir.join(format!(".{}.tmp-{}", id.to_hex(), std::process::id()));
+            // A name of its own per write: threads and processes may copy the same object.
+            static WRITES: AtomicU64 = AtomicU64::new(0);
+            let tmp = dir.join(format!(
+                ".{}.tmp-{}-{}",
+                id.to_hex(),
+                std::process::id(),
+                WRITES.fetch_add(1, Ordering::Relaxed)
+            ));
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            file.write_all(bytes)?;
-            drop(file);
-            std::fs::rename(&tmp, &path)
+            let published = file.write_all(bytes).and_then(|()| {
+                drop(file);
+                std::fs::rename(&tmp, &path)
+            });
+            if published.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            published
         })();
         if let Err(e) = result {
             tracing::debug!("cannot cache {}: {e}", path.display());
@@ -103,8 +118,15 @@ impl ObjectCache {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            // Temporary names of writers still running are theirs to rename.
-            if !name.starts_with('.') && !listed.contains(name.as_ref()) {
+            let gone = if name.starts_with('.') {
+                // A temporary name: a running writer's to rename, or a killed one's.
+                (entry.metadata().and_then(|m| m.modified()).ok())
+                    .and_then(|modified| modified.elapsed().ok())
+                    .is_some_and(|age| age > ABANDONED_AFTER)
+            } else {
+                !listed.contains(name.as_ref())
+            };
+            if gone {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -135,10 +157,19 @@ mod tests {
         assert_eq!(cache.get("index", &id_b), None);
         assert!(!cache.path("index", &id_b).exists());
 
-        // A listing without the name removes the copy.
+        // A listing without the name removes the copy, and a killed writer's leftover.
+        let leftover = cache.dir.join("index").join(".leftover.tmp-1-0");
+        std::fs::write(&leftover, b"part").expect("write");
+        let old = std::time::SystemTime::now() - 2 * ABANDONED_AFTER;
+        (std::fs::File::options().write(true).open(&leftover))
+            .and_then(|f| f.set_modified(old))
+            .expect("age the leftover");
+        let running = cache.dir.join("index").join(".running.tmp-1-1");
+        std::fs::write(&running, b"part").expect("write");
         cache.put("index", &id_b, &b);
         cache.retain("index", &[id_b]);
         assert_eq!(cache.get("index", &id_a), None);
         assert_eq!(cache.get("index", &id_b), Some(b));
+        assert!(!leftover.exists() && running.exists());
     }
 }
