@@ -167,7 +167,7 @@ fn end_to_end(setup: &Setup, asynchronous: bool) {
         );
     }
     // Recovery asked for segment after segment: the prefetcher was engaged.
-    assert!(setup.path("spool/main/archive-in/want").exists());
+    assert!(prefetch_dirs(setup).iter().any(|d| d.join("want").exists()));
     replica.stop();
     primary.stop();
 }
@@ -192,6 +192,71 @@ fn archive_and_recover_through_s3() {
 }
 
 /// A finished segment copied out of a running cluster, with its name.
+/// The prefetch directories of `setup`'s spool for cluster main (one per repository).
+fn prefetch_dirs(setup: &Setup) -> Vec<PathBuf> {
+    (fs::read_dir(setup.path("spool/main/archive-in")).into_iter())
+        .flatten()
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+#[test]
+fn prefetched_segments_of_another_repository_are_never_served() {
+    // Two databases, both cluster "main", each archiving into a repository of its own:
+    // their archives hold segments of the same names (each started at segment 1).
+    let first = Setup::local();
+    let second = Setup::local();
+    let (Some(a), Some(b)) = (archiving_cluster(), archiving_cluster()) else {
+        return;
+    };
+    first.setup_cluster(&a);
+    second.setup_cluster(&b);
+    let a_last = make_wal(&a, 3);
+    let b_last = make_wal(&b, 3);
+    wait_archived(&a, &a_last);
+    wait_archived(&b, &b_last);
+    let last = a_last.min(b_last);
+    let number = u32::from_str_radix(&last[16..], 16).expect("segment number");
+    let before = format!("{}{:08X}", &last[..16], number - 1);
+
+    // Restores of both on one host share the spool of the cluster name.
+    let config = fs::read_to_string(second.path("pgvault.toml")).expect("config");
+    let spool = |s: &Setup| s.path("spool").display().to_string();
+    fs::write(
+        second.path("pgvault.toml"),
+        config.replace(&spool(&second), &spool(&first)),
+    )
+    .expect("config");
+    // Recovery from the first repository asks for `before`; its worker prefetches `last`.
+    first.ok(&[
+        "archive-get",
+        &before,
+        &first.path("before").display().to_string(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(walk(&first.path("spool/main/archive-in")).iter()).any(|p| p.ends_with(&last)) {
+        assert!(Instant::now() < deadline, "{last} was not prefetched");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Recovery from the second repository asks for `last`: it gets its own database's.
+    let fetched = second.path("fetched");
+    second.ok(&["archive-get", &last, &fetched.display().to_string()]);
+    let data = fs::read(&fetched).expect("fetched segment");
+    let system_id = u64::from_le_bytes(data[24..32].try_into().expect("long page header"));
+    let expected = b.psql("SELECT system_identifier FROM pg_control_system()");
+    assert_eq!(
+        system_id.to_string(),
+        expected,
+        "served {last} of another database"
+    );
+    assert_eq!(
+        prefetch_dirs(&first).len(),
+        2,
+        "one directory per repository"
+    );
+}
+
 fn sample_segment(cluster: &Cluster) -> (String, Vec<u8>) {
     let name = make_wal(cluster, 1);
     let data = fs::read(cluster.pgdata().join("pg_wal").join(&name)).expect("segment");
