@@ -201,17 +201,71 @@ fn prefetch_dirs(setup: &Setup) -> Vec<PathBuf> {
         .collect()
 }
 
-#[test]
-fn prefetched_segments_of_another_repository_are_never_served() {
-    // Two databases, both cluster "main", each archiving into a repository of its own:
-    // their archives hold segments of the same names (each started at segment 1).
+/// Two databases, both cluster "main", each with a repository of its own, whose configs
+/// name one spool path (as two with the default path do): their WAL has the same names.
+fn two_of_one_name(asynchronous: bool) -> Option<(Setup, Cluster, Setup, Cluster)> {
     let first = Setup::local();
     let second = Setup::local();
-    let (Some(a), Some(b)) = (archiving_cluster(), archiving_cluster()) else {
-        return;
-    };
+    let (a, b) = (archiving_cluster()?, archiving_cluster()?);
+    first.write_config(asynchronous);
+    second.write_config(asynchronous);
+    let config = fs::read_to_string(second.path("pgvault.toml")).expect("config");
+    let spool = |s: &Setup| s.path("spool").display().to_string();
+    fs::write(
+        second.path("pgvault.toml"),
+        config.replace(&spool(&second), &spool(&first)),
+    )
+    .expect("config");
     first.setup_cluster(&a);
     second.setup_cluster(&b);
+    Some((first, a, second, b))
+}
+
+/// `segment` fetched from `setup`'s repository carries `cluster`'s system identifier.
+fn assert_archived_by(setup: &Setup, segment: &str, cluster: &Cluster) {
+    let fetched = setup.path("fetched");
+    let _ = fs::remove_file(&fetched);
+    setup.ok(&["archive-get", segment, &fetched.display().to_string()]);
+    let data = fs::read(&fetched).expect("fetched segment");
+    let system_id = u64::from_le_bytes(data[24..32].try_into().expect("long page header"));
+    let expected = cluster.psql("SELECT system_identifier FROM pg_control_system()");
+    assert_eq!(
+        system_id.to_string(),
+        expected,
+        "{segment} of another database"
+    );
+}
+
+#[test]
+fn two_servers_of_one_name_push_asynchronously_through_one_spool() {
+    let Some((first, a, second, b)) = two_of_one_name(true) else {
+        return;
+    };
+    // The first server's worker is busy when the second one's pushes start.
+    let a_first = make_wal(&a, 1);
+    wait_archived(&a, &a_first);
+    let (a_last, b_last) = std::thread::scope(|s| {
+        let busy = s.spawn(|| make_wal(&a, 4));
+        let b_last = make_wal(&b, 2);
+        (busy.join().expect("first workload"), b_last)
+    });
+    wait_archived(&a, &a_last);
+    wait_archived(&b, &b_last);
+    // Each push was answered by a worker of its own server: none timed out.
+    for cluster in [&a, &b] {
+        let failed = cluster.psql("SELECT failed_count FROM pg_stat_archiver");
+        assert_eq!(failed, "0", "{}", cluster.log_tail());
+    }
+    let common = a_last.min(b_last);
+    assert_archived_by(&first, &common, &a);
+    assert_archived_by(&second, &common, &b);
+}
+
+#[test]
+fn prefetched_segments_of_another_repository_are_never_served() {
+    let Some((first, a, second, b)) = two_of_one_name(false) else {
+        return;
+    };
     let a_last = make_wal(&a, 3);
     let b_last = make_wal(&b, 3);
     wait_archived(&a, &a_last);
@@ -220,14 +274,6 @@ fn prefetched_segments_of_another_repository_are_never_served() {
     let number = u32::from_str_radix(&last[16..], 16).expect("segment number");
     let before = format!("{}{:08X}", &last[..16], number - 1);
 
-    // Restores of both on one host share the spool of the cluster name.
-    let config = fs::read_to_string(second.path("pgvault.toml")).expect("config");
-    let spool = |s: &Setup| s.path("spool").display().to_string();
-    fs::write(
-        second.path("pgvault.toml"),
-        config.replace(&spool(&second), &spool(&first)),
-    )
-    .expect("config");
     // Recovery from the first repository asks for `before`; its worker prefetches `last`.
     first.ok(&[
         "archive-get",
@@ -240,16 +286,7 @@ fn prefetched_segments_of_another_repository_are_never_served() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Recovery from the second repository asks for `last`: it gets its own database's.
-    let fetched = second.path("fetched");
-    second.ok(&["archive-get", &last, &fetched.display().to_string()]);
-    let data = fs::read(&fetched).expect("fetched segment");
-    let system_id = u64::from_le_bytes(data[24..32].try_into().expect("long page header"));
-    let expected = b.psql("SELECT system_identifier FROM pg_control_system()");
-    assert_eq!(
-        system_id.to_string(),
-        expected,
-        "served {last} of another database"
-    );
+    assert_archived_by(&second, &last, &b);
     assert_eq!(
         prefetch_dirs(&first).len(),
         2,
@@ -540,8 +577,10 @@ fn async_push_keeps_failing_or_drops_beyond_the_queue_max() {
         repository_writable(&setup, false);
         let blocked = make_wal(&cluster, 4);
         let reached = nudge_until_archived(&cluster, &blocked, Duration::from_secs(40));
-        let log =
-            fs::read_to_string(setup.path("spool/main/archive-out/worker.log")).unwrap_or_default();
+        let log = (walk(&setup.path("spool/main/archive-out")).iter())
+            .find(|p| p.ends_with("worker.log"))
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default();
         match queue_max {
             None => {
                 assert!(

@@ -195,9 +195,17 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 /// The per-cluster spool directory with the async push queue and prefetched WAL.
+///
+/// Its path comes from the cluster name alone, and two servers on one host may share a
+/// name (each with its own config and repository, as `main` by default): the queue and
+/// the prefetched files are therefore kept apart per repository, cluster and server
+/// (`archive-out/<tag>`, `archive-in/<tag>`), so that neither worker ever answers for,
+/// or serves, the other's segments of the same names.
 #[derive(Debug, Clone)]
 pub struct Spool {
     root: PathBuf,
+    /// The repository's location and the cluster name, the part of every tag.
+    source: String,
 }
 
 impl Spool {
@@ -209,17 +217,29 @@ impl Spool {
             .unwrap_or_else(|| PathBuf::from("/var/spool/pgvault"));
         Spool {
             root: base.join(&ctx.cluster),
+            source: format!("{:?}\n{}", ctx.location().ok(), ctx.cluster),
         }
     }
 
-    /// Status files of the async push (`<name>.ok`, `<name>.error`).
-    pub fn outgoing(&self) -> Result<PathBuf> {
-        self.dir("archive-out")
+    /// Status files of the async push of the server whose WAL is in `pg_wal`
+    /// (`<name>.ok`, `<name>.error`).
+    pub fn outgoing(&self, pg_wal: &Path) -> Result<PathBuf> {
+        self.tagged("archive-out", &pg_wal.display().to_string())
     }
 
-    /// Prefetched segments waiting for archive-get.
+    /// Segments prefetched from this repository, waiting for archive-get.
     pub fn incoming(&self) -> Result<PathBuf> {
+        self.tagged("archive-in", "")
+    }
+
+    /// Where every repository's prefetched segments are, each in its directory.
+    pub fn all_incoming(&self) -> Result<PathBuf> {
         self.dir("archive-in")
+    }
+
+    fn tagged(&self, name: &str, server: &str) -> Result<PathBuf> {
+        let tag = repo::Id::of_bytes(format!("{}\n{server}", self.source).as_bytes()).to_hex();
+        self.dir(&format!("{name}/{}", &tag[..16]))
     }
 
     /// Markers of WAL files the secondary repository `repo` still lacks.

@@ -5,7 +5,7 @@
 //! parallel into the spool, so the following requests are answered from local disk.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use pg::wal::WalFileName;
@@ -44,7 +44,7 @@ pub fn archive_get(ctx: &Context, args: &ArchiveGetArgs) -> Result<Fetched> {
     // by another user), say so and fetch directly instead of failing recovery.
     let mut prefetching = prefetch > 0 && wal.is_segment();
     if prefetching {
-        match take_prefetched(ctx, &spool, &wal, &args.destination) {
+        match take_prefetched(&spool, &wal, &args.destination) {
             Ok(Some(found)) => {
                 start_prefetch(ctx, &spool, &wal);
                 return Ok(found);
@@ -102,23 +102,10 @@ fn start_prefetch(ctx: &Context, spool: &Spool, wal: &WalFileName) {
 /// for abandoned (its worker exits after 10 s idle).
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// This repository's and cluster's part of the prefetch spool, `archive-in/<tag>` (the
-/// tag a hash of the repository's location and the cluster name). The spool belongs to
-/// a cluster name, and restores on one host of clusters of the same name from other
-/// repositories (other databases, whose segments have the same names) share it:
-/// recovery must never be served a segment fetched from another repository.
-fn incoming(ctx: &Context, spool: &Spool) -> Result<PathBuf> {
-    let source = format!("{:?}\n{}", ctx.location()?, ctx.cluster);
-    let tag = repo::Id::of_bytes(source.as_bytes()).to_hex();
-    let dir = spool.incoming()?.join(&tag[..16]);
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
 /// Removes what other repositories' prefetching left in the spool (once their workers
 /// are done), and segments spooled by versions that kept one directory for all.
 fn remove_others_prefetched(spool: &Spool, ours: &Path) -> Result<()> {
-    let root = spool.incoming()?;
+    let root = spool.all_incoming()?;
     for entry in fs::read_dir(&root)
         .with_context(|| format!("cannot list {}", root.display()))?
         .filter_map(|e| e.ok())
@@ -145,12 +132,11 @@ fn remove_others_prefetched(spool: &Spool, ours: &Path) -> Result<()> {
 
 /// Serves `wal` from the prefetch spool and drops prefetched files recovery has passed.
 fn take_prefetched(
-    ctx: &Context,
     spool: &Spool,
     wal: &WalFileName,
     destination: &Path,
 ) -> Result<Option<Fetched>> {
-    let dir = incoming(ctx, spool)?;
+    let dir = spool.incoming()?;
     remove_others_prefetched(spool, &dir)?;
     let wanted = wal.to_string();
     let mut found = None;
@@ -181,7 +167,7 @@ fn take_prefetched(
 }
 
 fn ensure_get_worker(ctx: &Context, spool: &Spool, wal: &WalFileName) -> Result<()> {
-    let dir = incoming(ctx, spool)?;
+    let dir = spool.incoming()?;
     if WorkerLock::try_acquire(&dir.join("worker.lock"))?.is_none() {
         // A worker runs; it reads `want` to learn how far recovery got.
         return write_atomically(&dir.join("want"), wal.to_string().as_bytes(), false);
@@ -193,7 +179,7 @@ fn ensure_get_worker(ctx: &Context, spool: &Spool, wal: &WalFileName) -> Result<
 /// Keeps the `archive-get-prefetch` segments after the last requested one in the spool.
 pub fn get_worker(ctx: &Context) -> Result<()> {
     let spool = Spool::new(ctx);
-    let Some(_lock) = WorkerLock::try_acquire(&incoming(ctx, &spool)?.join("worker.lock"))? else {
+    let Some(_lock) = WorkerLock::try_acquire(&spool.incoming()?.join("worker.lock"))? else {
         return Ok(());
     };
     let repo = ctx.open()?;
@@ -203,7 +189,7 @@ pub fn get_worker(ctx: &Context) -> Result<()> {
     let mut idle_since = std::time::Instant::now();
     let mut last_want = String::new();
     loop {
-        let dir = incoming(ctx, &spool)?;
+        let dir = spool.incoming()?;
         let want = fs::read_to_string(dir.join("want")).unwrap_or_default();
         let Ok(current) = WalFileName::parse(want.trim()) else {
             return Ok(());

@@ -102,7 +102,7 @@ fn push_async(ctx: &Context, path: &Path) -> Result<()> {
     let timeout = archive_timeout(ctx)?;
     let mut started_worker = false;
     let answer = wait_for(timeout, || {
-        let out = match spool.outgoing() {
+        let out = match spool.outgoing(pg_wal) {
             Ok(out) => out,
             Err(e) => return Some(Err(e)),
         };
@@ -142,13 +142,13 @@ fn push_async(ctx: &Context, path: &Path) -> Result<()> {
         None => bail!(
             "{name} was not archived within {}: the async worker is still trying (see {}); PostgreSQL will retry",
             humantime::format_duration(timeout),
-            spool.outgoing()?.join("worker.log").display()
+            spool.outgoing(pg_wal)?.join("worker.log").display()
         ),
     }
 }
 
 fn ensure_push_worker(ctx: &Context, spool: &Spool, pg_wal: &Path) -> Result<()> {
-    let out = spool.outgoing()?;
+    let out = spool.outgoing(pg_wal)?;
     // Probe: if we can take the lock, no worker runs. Release it before spawning.
     if WorkerLock::try_acquire(&out.join("worker.lock"))?.is_none() {
         return Ok(());
@@ -163,7 +163,7 @@ fn ensure_push_worker(ctx: &Context, spool: &Spool, pg_wal: &Path) -> Result<()>
 /// The async worker: pushes every `.ready` segment of `pg_wal`, `--jobs` at a time.
 pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
     let spool = Spool::new(ctx);
-    let Some(_lock) = WorkerLock::try_acquire(&spool.outgoing()?.join("worker.lock"))? else {
+    let Some(_lock) = WorkerLock::try_acquire(&spool.outgoing(pg_wal)?.join("worker.lock"))? else {
         return Ok(());
     };
     let queue_max = match &ctx.cluster_section.archive_push_queue_max {
@@ -178,7 +178,7 @@ pub fn push_worker(ctx: &Context, pg_wal: &Path) -> Result<()> {
     let mut idle_since = Instant::now();
     let mut backoff = Duration::from_millis(500);
     loop {
-        let out = spool.outgoing()?;
+        let out = spool.outgoing(pg_wal)?;
         let pending = ready_files(pg_wal, &out)?;
         if pending.is_empty() {
             remove_orphaned_status(pg_wal, &out);
