@@ -326,7 +326,7 @@ impl Repository {
         self.object_cache = root.map(|root| ObjectCache::new(root, &self.config.id));
     }
 
-    pub fn has_object_cache(&self) -> bool {
+    pub(crate) fn has_object_cache(&self) -> bool {
         self.object_cache.is_some()
     }
 

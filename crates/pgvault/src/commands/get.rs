@@ -137,7 +137,6 @@ fn take_prefetched(
     destination: &Path,
 ) -> Result<Option<Fetched>> {
     let dir = spool.incoming()?;
-    remove_others_prefetched(spool, &dir)?;
     let wanted = wal.to_string();
     let mut found = None;
     for entry in fs::read_dir(&dir)
@@ -182,6 +181,10 @@ pub fn get_worker(ctx: &Context) -> Result<()> {
     let Some(_lock) = WorkerLock::try_acquire(&spool.incoming()?.join("worker.lock"))? else {
         return Ok(());
     };
+    // Once per worker, not per requested segment: only disk space depends on it.
+    if let Err(e) = remove_others_prefetched(&spool, &spool.incoming()?) {
+        tracing::warn!("{e:#}");
+    }
     let repo = ctx.open()?;
     let identity = load_identity(&repo, &ctx.cluster)?;
     let count = prefetch_count(ctx) as usize;
