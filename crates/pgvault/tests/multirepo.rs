@@ -29,6 +29,15 @@ fn backups(setup: &Setup, repo: &str) -> usize {
         .map_or(0, Vec::len)
 }
 
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn two_repositories_near_and_far() {
     let setup = Setup::local();
@@ -109,17 +118,30 @@ archive-timeout = \"20s\"
         "{:?}",
         started.elapsed()
     );
-    let pending = setup
+    let markers = setup
         .path("spool")
         .join("main")
         .join("secondary")
         .join("repo2");
-    let waiting: Vec<String> = fs::read_dir(&pending)
-        .expect("pending markers")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+    let tagged: Vec<_> = fs::read_dir(&markers)
+        .expect("markers of repo2")
+        .filter_map(|e| Some(e.ok()?.path()))
         .collect();
+    assert_eq!(
+        tagged.len(),
+        1,
+        "one directory per source and secondary: {tagged:?}"
+    );
+    let pending = tagged[0].clone();
+    let waiting = names_in(&pending);
     assert!(waiting.contains(&last), "{waiting:?}");
     assert!(wal_files(&setup, "repo1") > far_before);
+    // A marker left where earlier versions kept them is taken over; one of another
+    // server's secondary of the same name (another directory) is not touched.
+    fs::rename(pending.join(&last), markers.join(&last)).expect("legacy marker");
+    let foreign = markers.join("0123456789abcdef");
+    fs::create_dir(&foreign).expect("foreign markers");
+    fs::write(foreign.join(&last), b"").expect("foreign marker");
 
     // Back again: the next push brings the far one up to date.
     fs::write(setup.path("pgvault.toml"), config(&moto.endpoint())).expect("config");
@@ -127,7 +149,7 @@ archive-timeout = \"20s\"
     cluster.psql("INSERT INTO marks VALUES ('after')");
     switch_and_wait_archived(&cluster);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0) > 0 {
+    while !names_in(&pending).is_empty() || markers.join(&last).exists() {
         assert!(
             Instant::now() < deadline,
             "markers stay: far repository not caught up; server log:\n{}",
@@ -136,6 +158,7 @@ archive-timeout = \"20s\"
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(wal_files(&setup, "repo1"), wal_files(&setup, "repo2"));
+    assert_eq!(names_in(&foreign), vec![last.clone()]);
     let expected = cluster.psql("SELECT string_agg(note, ',' ORDER BY note) FROM marks");
 
     // A third repository seeded by `repo copy`, twice: the second copies nothing.

@@ -242,9 +242,13 @@ impl Spool {
         self.dir(&format!("{name}/{}", &tag[..16]))
     }
 
-    /// Markers of WAL files the secondary repository `repo` still lacks.
-    pub fn secondary_pending(&self, repo: &str) -> Result<PathBuf> {
-        self.dir(&format!("secondary/{repo}"))
+    /// Markers of WAL files the secondary repository `repo` (at `url`) still lacks, from
+    /// this repository and cluster: `secondary/<repo>/<tag>`, because two servers of one
+    /// cluster name may each have a secondary of that name.
+    pub fn secondary_pending(&self, repo: &str, url: &str) -> Result<PathBuf> {
+        let tag =
+            repo::Id::of_bytes(format!("{}\nsecondary {url}", self.source).as_bytes()).to_hex();
+        self.dir(&format!("secondary/{repo}/{}", &tag[..16]))
     }
 
     /// Creates the directory if needed: it may have been deleted under a running worker.

@@ -223,20 +223,20 @@ pub fn push_to_secondaries(ctx: &Context, primary: &Arc<Repository>, wals: &[Wal
     if wals.is_empty() {
         return;
     }
-    for (name, _) in &ctx.secondaries {
-        let dir = match super::archive::Spool::new(ctx).secondary_pending(name) {
+    for (name, section) in &ctx.secondaries {
+        let url = section.url.as_deref().unwrap_or_default();
+        let dir = match super::archive::Spool::new(ctx).secondary_pending(name, url) {
             Ok(dir) => dir,
             Err(e) => {
                 tracing::warn!("repository {name}: {e:#}");
                 continue;
             }
         };
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Earlier versions kept the markers directly in `secondary/<repo>`; they are
+        // taken over once and then kept in `dir`.
+        let legacy = dir.parent().map(wal_markers).unwrap_or_default();
+        let mut names = wal_markers(&dir);
+        names.extend(legacy.iter().cloned());
         names.extend(wals.iter().map(|w| w.to_string()));
         names.sort();
         names.dedup();
@@ -266,7 +266,27 @@ pub fn push_to_secondaries(ctx: &Context, primary: &Arc<Repository>, wals: &[Wal
                 let _ = std::fs::remove_file(&marker);
             }
         }
+        if let Some(legacy_dir) = dir.parent() {
+            for file in &legacy {
+                let _ = std::fs::remove_file(legacy_dir.join(file));
+            }
+        }
     }
+}
+
+/// The WAL file names marked in `dir` (its subdirectories are not markers).
+fn wal_markers(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                e.file_type().ok()?.is_file().then_some(())?;
+                e.file_name().into_string().ok()
+            })
+            .filter(|name| WalFileName::parse(name).is_ok())
+            .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Copies `files` (WAL names) from the first repository to repository `name` in order,
