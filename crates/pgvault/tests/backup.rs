@@ -552,6 +552,114 @@ fn data_checksums_off_and_enabled_later() {
     source.stop();
 }
 
+/// A major version upgrade: pg_upgrade makes a new system of the same data. The upgraded
+/// server, its configuration copied from the old one (as Debian's pg_upgradecluster
+/// does), cannot archive into the old cluster name, and archive-push, setup and backup
+/// say what to do; under a new name it archives and backs up, and both clusters'
+/// backups restore with their own major's binaries.
+#[test]
+fn a_major_upgrade_goes_on_under_a_new_cluster_name() {
+    let setup = Setup::local();
+    let Some(mut old) = with_pgbench(&setup, archiving_cluster_of(16), "1") else {
+        return;
+    };
+    backup(&setup, &old, &[]);
+    let before = marker(&old, "before the upgrade");
+    switch_and_wait_archived(&old);
+    let archive_command = old.psql("SHOW archive_command");
+    let options = ClusterOptions {
+        major: 17,
+        settings: [
+            ("wal_level", "replica"),
+            ("archive_mode", "on"),
+            ("archive_command", archive_command.as_str()),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec(),
+        ..ClusterOptions::default()
+    };
+    let new = match Cluster::upgraded(&mut old, options) {
+        Ok(new) => new,
+        Err(reason) => {
+            testkit::pg::skip_or_panic(&reason);
+            return;
+        }
+    };
+    let what_to_do = "pgvault --cluster main-17 setup --apply";
+    new.psql("SELECT pg_switch_wal()");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !new.log_tail().contains(what_to_do) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "archive-push of the upgraded server did not say what to do:\n{}",
+            new.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for args in [
+        vec!["setup", "--pg-conn", &new.conninfo()],
+        backup_args(&new, &[]).iter().map(String::as_str).collect(),
+    ] {
+        let error = setup.fails(&args);
+        assert!(
+            error.contains(what_to_do) && error.contains("PostgreSQL 16 to 17"),
+            "{args:?}: {error}"
+        );
+    }
+    // A server of the same version that is another system gets no upgrade advice.
+    let Some(stranger) = archiving_cluster_of(16) else {
+        return;
+    };
+    let error = setup.fails(&["setup", "--pg-conn", &stranger.conninfo()]);
+    assert!(!error.contains("pg_upgrade"), "{error}");
+    drop(stranger);
+
+    setup.ok(&[
+        "--cluster",
+        "main-17",
+        "setup",
+        "--apply",
+        "--pg-conn",
+        &new.conninfo(),
+    ]);
+    setup.give_to_postgres();
+    new.psql("INSERT INTO marks VALUES ('after the upgrade')");
+    backup(&setup, &new, &["--cluster", "main-17"]);
+    let after = marker(&new, "upgraded");
+    switch_and_wait_archived(&new);
+
+    let info: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["info", "--output", "json"])).expect("info JSON");
+    let clusters = info["clusters"].as_array().expect("clusters");
+    let versions: Vec<_> = clusters
+        .iter()
+        .map(|c| {
+            (
+                c["name"].clone(),
+                c["pg_version"].as_u64().map(|v| v / 10000),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (serde_json::json!("main"), Some(16)),
+            (serde_json::json!("main-17"), Some(17))
+        ],
+        "{info}"
+    );
+    let mut restored = restore_and_start(&setup, old.bin(), &["--target-name", &before.name]);
+    assert_eq!(state(&restored), before.state);
+    judge(&mut restored);
+    let mut restored = restore_and_start(
+        &setup,
+        new.bin(),
+        &["--cluster", "main-17", "--target-name", &after.name],
+    );
+    assert_eq!(state(&restored), after.state);
+    judge(&mut restored);
+}
+
 fn lsn_value(lsn: &str) -> u64 {
     let (hi, lo) = lsn.trim().split_once('/').expect("an LSN");
     (u64::from_str_radix(hi, 16).expect("hex") << 32) | u64::from_str_radix(lo, 16).expect("hex")

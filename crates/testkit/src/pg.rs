@@ -132,56 +132,7 @@ pub struct Cluster {
 impl Cluster {
     /// initdb + start. `Err` when the binaries are missing (callers skip or panic).
     pub fn start(options: ClusterOptions) -> Result<Cluster, String> {
-        let bin = PgBin::find(options.major)?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("pgvault-pg{}-", options.major))
-            .tempdir_in("/tmp")
-            .map_err(|e| format!("tempdir: {e}"))?;
-        give_to_postgres(dir.path());
-        let pgdata = dir.path().join("data");
-        let mut initdb = command_as_postgres(&bin.tool("initdb"));
-        initdb.arg("-D").arg(&pgdata).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]);
-        if options.checksums {
-            initdb.arg("--data-checksums");
-        }
-        if let Some(mb) = options.wal_segment_size_mb {
-            initdb.arg(format!("--wal-segsize={mb}"));
-        }
-        let out = initdb
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run initdb: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "initdb {} failed: {}",
-                options.major,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let mut conf = String::from("\n# pgvault tests\n");
-        for (key, value) in [
-            ("listen_addresses", "127.0.0.1"),
-            ("unix_socket_directories", &dir.path().display().to_string()),
-            ("fsync", "off"),
-            ("shared_buffers", "32MB"),
-            ("max_wal_senders", "4"),
-            ("logging_collector", "off"),
-        ] {
-            conf.push_str(&conf_line(key, value));
-        }
-        for (key, value) in &options.settings {
-            conf.push_str(&conf_line(key, value));
-        }
-        append(&pgdata.join("postgresql.conf"), &conf);
+        let (bin, dir) = init(&options)?;
         let mut cluster = Cluster {
             bin,
             dir,
@@ -193,6 +144,45 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// `old` (stopped here) upgraded by `pg_upgrade` into a new server made as `options`
+    /// say, and started: the same data as a new system (a new system identifier), as
+    /// after a major version upgrade.
+    pub fn upgraded(old: &mut Cluster, options: ClusterOptions) -> Result<Cluster, String> {
+        old.stop();
+        let (bin, dir) = init(&options)?;
+        let (old_port, new_port) = (free_port().to_string(), free_port().to_string());
+        let out = command_as_postgres(&bin.tool("pg_upgrade"))
+            .current_dir(dir.path())
+            .arg("-b")
+            .arg(&old.bin.dir)
+            .arg("-B")
+            .arg(&bin.dir)
+            .arg("-d")
+            .arg(old.pgdata())
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-p", &old_port, "-P", &new_port, "-U", "postgres"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run pg_upgrade: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "pg_upgrade {} to {} failed: {}",
+                old.bin.major,
+                options.major,
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        let mut cluster = Cluster {
+            bin,
+            dir,
+            port: 0,
+            running: false,
+            server_options: String::new(),
+        };
+        cluster.start_server()?;
+        Ok(cluster)
+    }
     /// A new server from a base backup of `primary` (a plain-format directory), with
     /// `settings` added to its configuration and `recovery.signal` so that it recovers
     /// (through `restore_command`, if the settings give one) and then runs.
@@ -434,6 +424,61 @@ impl Cluster {
             self.running = false;
         }
     }
+}
+
+/// initdb of a server made as `options` say, configured for the tests, not started.
+fn init(options: &ClusterOptions) -> Result<(PgBin, tempfile::TempDir), String> {
+    let bin = PgBin::find(options.major)?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("pgvault-pg{}-", options.major))
+        .tempdir_in("/tmp")
+        .map_err(|e| format!("tempdir: {e}"))?;
+    give_to_postgres(dir.path());
+    let pgdata = dir.path().join("data");
+    let mut initdb = command_as_postgres(&bin.tool("initdb"));
+    initdb.arg("-D").arg(&pgdata).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+        "-E",
+        "UTF8",
+        "--locale=C",
+    ]);
+    if options.checksums {
+        initdb.arg("--data-checksums");
+    }
+    if let Some(mb) = options.wal_segment_size_mb {
+        initdb.arg(format!("--wal-segsize={mb}"));
+    }
+    let out = initdb
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb {} failed: {}",
+            options.major,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut conf = String::from("\n# pgvault tests\n");
+    for (key, value) in [
+        ("listen_addresses", "127.0.0.1"),
+        ("unix_socket_directories", &dir.path().display().to_string()),
+        ("fsync", "off"),
+        ("shared_buffers", "32MB"),
+        ("max_wal_senders", "4"),
+        ("logging_collector", "off"),
+    ] {
+        conf.push_str(&conf_line(key, value));
+    }
+    for (key, value) in &options.settings {
+        conf.push_str(&conf_line(key, value));
+    }
+    append(&pgdata.join("postgresql.conf"), &conf);
+    Ok((bin, dir))
 }
 
 impl Drop for Cluster {

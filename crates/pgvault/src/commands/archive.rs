@@ -45,6 +45,21 @@ impl ClusterIdentity {
         })
     }
 
+    /// Appended to a refusal of a server of `server_version_num` that is not this
+    /// cluster: when it is of a newer major version, it is most likely this cluster after
+    /// pg_upgrade, which makes a new system, and what to do is not obvious.
+    pub fn upgrade_hint(&self, server_version_num: u32) -> String {
+        let (registered, server) = (self.pg_version_num / 10000, server_version_num / 10000);
+        if server <= registered {
+            return String::new();
+        }
+        let name = &self.name;
+        let base = name.strip_suffix(&format!("-{registered}")).unwrap_or(name);
+        format!(
+            "; after a major upgrade (pg_upgrade from PostgreSQL {registered} to {server}) the server is a new system: register it under a new name with `pgvault --cluster {base}-{server} setup --apply` (which also sets its archive_command) and back it up; the backups of {name} stay restorable with --cluster {name}"
+        )
+    }
+
     fn expectation(&self) -> Result<SegmentExpectation> {
         Ok(SegmentExpectation {
             system_identifier: self.system_identifier()?,
@@ -67,11 +82,12 @@ pub fn register(repo: &Repository, identity: &ClusterIdentity) -> Result<bool> {
     if let Some(existing) = find_identity(repo, &identity.name)? {
         if existing.system_identifier != identity.system_identifier {
             bail!(
-                "cluster {:?} in repository {} belongs to system identifier {}, but this server is {}: choose another --cluster name (or repository) for it",
+                "cluster {:?} in repository {} belongs to system identifier {}, but this server is {}: choose another --cluster name (or repository) for it{}",
                 identity.name,
                 repo.location(),
                 existing.system_identifier,
-                identity.system_identifier
+                identity.system_identifier,
+                existing.upgrade_hint(identity.pg_version_num)
             );
         }
         return Ok(false);
@@ -131,8 +147,15 @@ pub fn push_file(
     if wal.has_segment_header() {
         let mut head = vec![0u8; pg::wal::SEGMENT_HEAD_LEN.min(len as usize)];
         file.read_exact_at(&mut head, 0).with_context(cannot_read)?;
-        pg::wal::validate_segment(&head, len, &identity.expectation()?, &wal)
-            .with_context(|| format!("refusing {}", path.display()))?;
+        pg::wal::validate_segment(&head, len, &identity.expectation()?, &wal).map_err(|e| {
+            let hint = match &e {
+                pg::wal::WalError::WrongMagic { found, .. } => pg::wal::major_for_magic(*found)
+                    .map(|major| identity.upgrade_hint(major * 10000))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            anyhow::anyhow!("refusing {}: {e}{hint}", path.display())
+        })?;
     }
     let name = wal_name(&identity.name, &wal);
     // Read in pieces by the compressing threads: PostgreSQL does not change a segment

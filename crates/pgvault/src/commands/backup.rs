@@ -464,11 +464,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let identity = load_identity(&repo, &ctx.cluster)?;
     if identity.system_identifier != info.system_identifier.to_string() {
         bail!(
-            "this server (system identifier {}) is not cluster {:?} of repository {} ({}): check --pg-conn and --cluster",
+            "this server (system identifier {}) is not cluster {:?} of repository {} ({}): check --pg-conn and --cluster{}",
             info.system_identifier,
             ctx.cluster,
             repo.location(),
-            identity.system_identifier
+            identity.system_identifier,
+            identity.upgrade_hint(info.server_version_num)
         );
     }
     let from_standby = info.in_recovery;

@@ -52,10 +52,11 @@ pub fn standby_create(ctx: &Context, args: &StandbyCreateArgs) -> Result<()> {
     };
     if info.system_identifier.to_string() != identity.system_identifier {
         bail!(
-            "--primary-conn is a server with system identifier {}, but cluster {:?} in the repository is {}: choose the --cluster this primary archives to",
+            "--primary-conn is a server with system identifier {}, but cluster {:?} in the repository is {}: choose the --cluster this primary archives to{}",
             info.system_identifier,
             ctx.cluster,
-            identity.system_identifier
+            identity.system_identifier,
+            identity.upgrade_hint(info.server_version_num)
         );
     }
     let conninfo = match &args.slot {

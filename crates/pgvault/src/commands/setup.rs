@@ -170,11 +170,12 @@ pub fn check(ctx: &Context, args: &CheckArgs) -> Result<()> {
     };
     if identity.system_identifier != info.system_identifier.to_string() {
         bail!(
-            "this server (system identifier {}) is not cluster {:?} of repository {} (system identifier {}): check --pg-conn and --cluster",
+            "this server (system identifier {}) is not cluster {:?} of repository {} (system identifier {}): check --pg-conn and --cluster{}",
             info.system_identifier,
             ctx.cluster,
             repo.location(),
-            identity.system_identifier
+            identity.system_identifier,
+            identity.upgrade_hint(info.server_version_num)
         );
     }
     if info.in_recovery {
