@@ -136,6 +136,9 @@ pub enum Command {
     /// Work across repositories: copy a cluster's backups, dumps and WAL
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// A cluster as a whole: remove one that is retired (e.g. the old one after pg_upgrade)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Streaming standbys seeded from the repository
     #[command(subcommand)]
     Standby(StandbyCommand),
@@ -472,6 +475,29 @@ pub struct RestoreArgs {
     /// report its write errors)
     #[arg(long, default_value = "fsync", value_parser = str::parse::<SyncMethod>)]
     pub sync_method: SyncMethod,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Remove every backup, dump, WAL file, pin, hold and job record of cluster NAME and
+    /// its registration, then gc
+    Remove(ClusterRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterRemoveArgs {
+    /// The cluster to remove (named here, not taken from --cluster)
+    pub name: String,
+    /// Show what would be removed; remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove even a cluster that archived or backed up within the last 24 hours, or has
+    /// pinned or held backups
+    #[arg(long)]
+    pub force: bool,
+    /// Do not run gc afterwards
+    #[arg(long)]
+    pub no_gc: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -136,6 +136,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Expire(args) => commands::expire::expire(&ctx, args)?,
         Command::Daemon(args) => commands::daemon::daemon(ctx, args)?,
         Command::Repo(cli::RepoCommand::Copy(args)) => commands::copy::repo_copy(&ctx, args)?,
+        Command::Cluster(cli::ClusterCommand::Remove(args)) => {
+            commands::expire::remove_cluster(&ctx, args)?
+        }
         Command::Standby(cli::StandbyCommand::Create(args)) => {
             commands::replication::standby_create(&ctx, args)?
         }

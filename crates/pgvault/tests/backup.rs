@@ -563,7 +563,9 @@ fn a_major_upgrade_goes_on_under_a_new_cluster_name() {
     let Some(mut old) = with_pgbench(&setup, archiving_cluster_of(16), "1") else {
         return;
     };
-    backup(&setup, &old, &[]);
+    let old_backup = backup(&setup, &old, &[]);
+    let old_backup = old_backup["id"].as_str().expect("backup id");
+    setup.ok(&["backup", "pin", old_backup]);
     let before = marker(&old, "before the upgrade");
     switch_and_wait_archived(&old);
     let archive_command = old.psql("SHOW archive_command");
@@ -651,6 +653,50 @@ fn a_major_upgrade_goes_on_under_a_new_cluster_name() {
     let mut restored = restore_and_start(&setup, old.bin(), &["--target-name", &before.name]);
     assert_eq!(state(&restored), before.state);
     judge(&mut restored);
+
+    // The old cluster retired: recent WAL, its pin and the restore's hold each make
+    // `cluster remove` ask for --force; a dry run removes nothing; then it goes, and the
+    // new cluster (which shares its deduplicated data) is untouched.
+    let error = setup.fails(&["cluster", "remove", "main"]);
+    for reason in ["archived WAL", "pinned", "held until", "--force"] {
+        assert!(error.contains(reason), "{reason}: {error}");
+    }
+    let plan: serde_json::Value = serde_json::from_str(&setup.ok(&[
+        "cluster",
+        "remove",
+        "main",
+        "--dry-run",
+        "--output",
+        "json",
+    ]))
+    .expect("plan JSON");
+    assert_eq!(plan["backups"], serde_json::json!([old_backup]), "{plan}");
+    assert!(plan["wal_files"].as_u64() > Some(3), "{plan}");
+    assert_eq!(plan["in_use"].as_array().map(Vec::len), Some(4), "{plan}");
+    let removed: serde_json::Value = serde_json::from_str(
+        &setup.ok(&["cluster", "remove", "main", "--force", "--output", "json"]),
+    )
+    .expect("removal JSON");
+    assert!(
+        removed["gc"]["packs_deleted"].as_u64() > Some(0),
+        "{removed}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&setup.ok(&["info", "--output", "json"])).expect("info JSON");
+    let names: Vec<_> = (info["clusters"].as_array().expect("clusters").iter())
+        .map(|c| c["name"].clone())
+        .collect();
+    assert_eq!(names, [serde_json::json!("main-17")], "{info}");
+    let leftovers: Vec<_> = files_under(&setup.path("repo").join("files"))
+        .into_iter()
+        .filter(|path| path.split('/').any(|part| part == "main"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let error = setup.fails(&["cluster", "remove", "main"]);
+    assert!(error.contains("no cluster \"main\""), "{error}");
+    let (ok, report) = verify_json(&setup, &[]);
+    assert!(ok, "{report}");
+
     let mut restored = restore_and_start(
         &setup,
         new.bin(),
@@ -658,6 +704,20 @@ fn a_major_upgrade_goes_on_under_a_new_cluster_name() {
     );
     assert_eq!(state(&restored), after.state);
     judge(&mut restored);
+}
+
+/// Every file below `dir`, as paths.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path.display().to_string());
+        }
+    }
+    found
 }
 
 fn lsn_value(lsn: &str) -> u64 {

@@ -100,6 +100,12 @@ pub fn register(repo: &Repository, identity: &ClusterIdentity) -> Result<bool> {
     }
 }
 
+/// Removes the registration of `cluster` (`pgvault cluster remove`, once nothing else of
+/// it is left).
+pub fn unregister(repo: &Repository, cluster: &str) -> Result<()> {
+    Ok(repo.delete_file(&registration_name(cluster))?)
+}
+
 pub fn find_identity(repo: &Repository, cluster: &str) -> Result<Option<ClusterIdentity>> {
     match repo.find_file(&registration_name(cluster))? {
         Some(file) => Ok(Some(serde_json::from_slice(&file.data).with_context(

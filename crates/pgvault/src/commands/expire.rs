@@ -7,6 +7,9 @@
 //! takes the exclusive lock, so it waits its turn (or is postponed) while a backup is
 //! writing packs. History files are never removed: they are tiny and every later
 //! timeline needs them.
+//!
+//! `pgvault cluster remove NAME`: everything of a retired cluster, registration last, so
+//! that an interrupted run is finished by running it again.
 
 use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
@@ -17,7 +20,7 @@ use repo::{Id, RepoError, Repository};
 use serde_json::json;
 
 use super::catalog::{holds, pin_name, BackupState, ClusterState, Hold, HoldRecord};
-use crate::cli::ExpireArgs;
+use crate::cli::{ClusterRemoveArgs, ExpireArgs};
 use crate::context::Context;
 use crate::output::{bytes, print_json};
 use crate::retention::{describe_duration, parse_duration, plan, Candidate, Policy};
@@ -300,6 +303,156 @@ fn describe_hold(
         ),
         None => format!("held until {until_text} for a restore"),
     }
+}
+
+/// A cluster that archived or backed up more recently than this may still be in use:
+/// removing it needs `--force`.
+const RETIRED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// `pgvault cluster remove NAME`.
+pub fn remove_cluster(ctx: &Context, args: &ClusterRemoveArgs) -> Result<()> {
+    let name = &args.name;
+    let repo = ctx.open()?;
+    let lock = ctx.lock(&repo, LockKind::Shared)?;
+    let registered = super::archive::find_identity(&repo, name)?.is_some();
+    let backups = super::backup::list_backups(&repo, name)?;
+    let dumps = super::dump::list_dumps(&repo, name)?;
+    let wal = repo.list_files(&format!("wal/{name}/"))?;
+    let mut others = Vec::new();
+    for prefix in ["pins", "holds", "jobs"] {
+        others.extend(repo.list_files(&format!("{prefix}/{name}/"))?);
+    }
+    if !registered && backups.is_empty() && dumps.is_empty() && wal.is_empty() {
+        bail!(
+            "no cluster {name:?} in repository {}: `pgvault info` lists its clusters",
+            repo.location()
+        );
+    }
+
+    let now = Utc::now();
+    let mut in_use = Vec::new();
+    let last_push = wal.iter().filter_map(|f| f.modified).max();
+    if let Some(time) = last_push.filter(|t| now - *t < RETIRED_AFTER) {
+        in_use.push(format!(
+            "it archived WAL at {}",
+            time.format("%Y-%m-%d %H:%M UTC")
+        ));
+    }
+    if let Some(time) = (backups.iter().map(|(_, _, m)| m.stop_time))
+        .chain(dumps.iter().map(|(_, _, m)| m.stop_time))
+        .max()
+        .filter(|t| now - *t < RETIRED_AFTER)
+    {
+        in_use.push(format!(
+            "its last backup or dump ended at {}",
+            time.format("%Y-%m-%d %H:%M UTC")
+        ));
+    }
+    let pins = super::catalog::pinned(&repo, name)?;
+    if !pins.is_empty() {
+        in_use.push(format!(
+            "{} pinned backup(s) or dump(s) (`pgvault --cluster {name} backup unpin ID`)",
+            pins.len()
+        ));
+    }
+    if let Some(hold) = holds(&repo, name)?
+        .iter()
+        .filter(|h| h.until > now)
+        .max_by_key(|h| h.until)
+    {
+        in_use.push(format!(
+            "backup {} is held until {} for a restore that may still be recovering from it",
+            &hold.backup[..12.min(hold.backup.len())],
+            hold.until.format("%Y-%m-%d %H:%M UTC")
+        ));
+    }
+    if !in_use.is_empty() && !args.force && !args.dry_run {
+        bail!(
+            "cluster {name:?} may still be in use: {}; nothing was removed. Stop its archiving first, or add --force",
+            in_use.join("; ")
+        );
+    }
+    let wal_bytes: u64 = wal.iter().map(|f| f.size).sum();
+    let report = json!({
+        "cluster": name,
+        "dry_run": args.dry_run,
+        "backups": backups.iter().map(|(id, _, _)| id).collect::<Vec<_>>(),
+        "dumps": dumps.iter().map(|(id, _, _)| id).collect::<Vec<_>>(),
+        "wal_files": wal.len(),
+        "wal_bytes": wal_bytes,
+        "other_files": others.len(),
+        "registered": registered,
+        "in_use": in_use,
+    });
+    if !ctx.json() {
+        println!(
+            "{} cluster {name} from {}: {} backup(s), {} dump(s), {} WAL files ({}), {} pin/hold/job file(s){}",
+            if args.dry_run { "would remove" } else { "removing" },
+            repo.location(),
+            backups.len(),
+            dumps.len(),
+            wal.len(),
+            bytes(wal_bytes),
+            others.len(),
+            if registered { ", its registration" } else { "" }
+        );
+        if args.dry_run {
+            for reason in &in_use {
+                println!("needs --force: {reason}");
+            }
+        }
+    }
+    if args.dry_run {
+        if ctx.json() {
+            print_json(&report)?;
+        }
+        return Ok(());
+    }
+    for id in (backups.iter().map(|(id, _, _)| id)).chain(dumps.iter().map(|(id, _, _)| id)) {
+        lock.ensure_held()?;
+        repo.storage()
+            .delete(&format!("{}/{}", ObjectKind::Snapshot.dir(), id))?;
+    }
+    lock.ensure_held()?;
+    repo_delete_all(
+        &repo,
+        wal.iter().chain(&others).map(|f| f.key.as_str()),
+        ctx.jobs,
+    )?;
+    if registered {
+        lock.ensure_held()?;
+        super::archive::unregister(&repo, name)?;
+    }
+    drop(lock);
+    let gc = if args.no_gc || (backups.is_empty() && dumps.is_empty()) {
+        json!(null)
+    } else {
+        match super::admin::run_gc(ctx, &repo) {
+            Ok(result) => json!({"packs_deleted": result.packs_deleted,
+                                  "bytes_freed": result.plan.bytes_freed_estimate}),
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<RepoError>(),
+                    Some(RepoError::Locked { .. })
+                ) =>
+            {
+                tracing::warn!(
+                    "gc postponed, the repository is in use: {e:#}; run `pgvault gc` later"
+                );
+                json!({"postponed": format!("{e:#}")})
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if ctx.json() {
+        let mut report = report;
+        report["gc"] = gc;
+        return print_json(&report);
+    }
+    if let Some(freed) = gc["bytes_freed"].as_u64() {
+        println!("gc: freed about {}", bytes(freed));
+    }
+    Ok(())
 }
 
 /// Deletes named files in parallel; returns how many.
