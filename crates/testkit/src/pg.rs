@@ -133,15 +133,7 @@ impl Cluster {
     /// initdb + start. `Err` when the binaries are missing (callers skip or panic).
     pub fn start(options: ClusterOptions) -> Result<Cluster, String> {
         let (bin, dir) = init(&options)?;
-        let mut cluster = Cluster {
-            bin,
-            dir,
-            port: 0,
-            running: false,
-            server_options: String::new(),
-        };
-        cluster.start_server()?;
-        Ok(cluster)
+        Cluster::started(bin, dir, "")
     }
 
     /// `old` (stopped here) upgraded by `pg_upgrade` into a new server made as `options`
@@ -173,15 +165,7 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stdout)
             ));
         }
-        let mut cluster = Cluster {
-            bin,
-            dir,
-            port: 0,
-            running: false,
-            server_options: String::new(),
-        };
-        cluster.start_server()?;
-        Ok(cluster)
+        Cluster::started(bin, dir, "")
     }
     /// A new server from a base backup of `primary` (a plain-format directory), with
     /// `settings` added to its configuration and `recovery.signal` so that it recovers
@@ -217,15 +201,7 @@ impl Cluster {
         append(&pgdata.join("postgresql.conf"), &conf);
         fs::write(pgdata.join("recovery.signal"), "").map_err(|e| e.to_string())?;
         give_to_postgres(dir.path());
-        let mut cluster = Cluster {
-            bin: primary.bin.clone(),
-            dir,
-            port: 0,
-            running: false,
-            server_options: String::new(),
-        };
-        cluster.start_server()?;
-        Ok(cluster)
+        Cluster::started(primary.bin.clone(), dir, "")
     }
 
     /// Adopts a data directory restored by someone else (e.g. pgvault) and starts it.
@@ -240,6 +216,14 @@ impl Cluster {
         server_options: &str,
     ) -> Result<Cluster, String> {
         give_to_postgres(dir.path());
+        Cluster::started(bin, dir, server_options)
+    }
+
+    fn started(
+        bin: PgBin,
+        dir: tempfile::TempDir,
+        server_options: &str,
+    ) -> Result<Cluster, String> {
         let mut cluster = Cluster {
             bin,
             dir,

@@ -254,22 +254,7 @@ pub fn expire(ctx: &Context, args: &ExpireArgs) -> Result<()> {
     let gc = if args.no_gc || (expired.is_empty() && expired_dumps.is_empty()) {
         json!(null)
     } else {
-        match super::admin::run_gc(ctx, &repo) {
-            Ok(result) => json!({"packs_deleted": result.packs_deleted,
-                                  "bytes_freed": result.plan.bytes_freed_estimate}),
-            Err(e)
-                if matches!(
-                    e.downcast_ref::<RepoError>(),
-                    Some(RepoError::Locked { .. })
-                ) =>
-            {
-                tracing::warn!(
-                    "gc postponed, the repository is in use: {e:#}; run `pgvault gc` later"
-                );
-                json!({"postponed": format!("{e:#}")})
-            }
-            Err(e) => return Err(e),
-        }
+        gc_after_removal(ctx, &repo)?
     };
     if ctx.json() {
         let mut report = report;
@@ -427,22 +412,7 @@ pub fn remove_cluster(ctx: &Context, args: &ClusterRemoveArgs) -> Result<()> {
     let gc = if args.no_gc || (backups.is_empty() && dumps.is_empty()) {
         json!(null)
     } else {
-        match super::admin::run_gc(ctx, &repo) {
-            Ok(result) => json!({"packs_deleted": result.packs_deleted,
-                                  "bytes_freed": result.plan.bytes_freed_estimate}),
-            Err(e)
-                if matches!(
-                    e.downcast_ref::<RepoError>(),
-                    Some(RepoError::Locked { .. })
-                ) =>
-            {
-                tracing::warn!(
-                    "gc postponed, the repository is in use: {e:#}; run `pgvault gc` later"
-                );
-                json!({"postponed": format!("{e:#}")})
-            }
-            Err(e) => return Err(e),
-        }
+        gc_after_removal(ctx, &repo)?
     };
     if ctx.json() {
         let mut report = report;
@@ -453,6 +423,25 @@ pub fn remove_cluster(ctx: &Context, args: &ClusterRemoveArgs) -> Result<()> {
         println!("gc: freed about {}", bytes(freed));
     }
     Ok(())
+}
+
+/// gc after removing snapshots, for the JSON report; postponed (with a warning) rather
+/// than failed while another process holds the repository.
+fn gc_after_removal(ctx: &Context, repo: &Repository) -> Result<serde_json::Value> {
+    match super::admin::run_gc(ctx, repo) {
+        Ok(result) => Ok(json!({"packs_deleted": result.packs_deleted,
+                                "bytes_freed": result.plan.bytes_freed_estimate})),
+        Err(e)
+            if matches!(
+                e.downcast_ref::<RepoError>(),
+                Some(RepoError::Locked { .. })
+            ) =>
+        {
+            tracing::warn!("gc postponed, the repository is in use: {e:#}; run `pgvault gc` later");
+            Ok(json!({"postponed": format!("{e:#}")}))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes named files in parallel; returns how many.
