@@ -292,6 +292,17 @@ fn prefetched_segments_of_another_repository_are_never_served() {
         2,
         "one directory per repository"
     );
+
+    // A prefetch directory deleted under its running worker stays deleted: the worker
+    // ends rather than making it again.
+    let spool = first.path("spool/main");
+    fs::remove_dir_all(&spool).expect("rm spool");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !spool.exists(),
+        "the prefetch worker made {} again",
+        spool.display()
+    );
 }
 
 fn sample_segment(cluster: &Cluster) -> (String, Vec<u8>) {

@@ -178,11 +178,14 @@ fn ensure_get_worker(ctx: &Context, spool: &Spool, wal: &WalFileName) -> Result<
 /// Keeps the `archive-get-prefetch` segments after the last requested one in the spool.
 pub fn get_worker(ctx: &Context) -> Result<()> {
     let spool = Spool::new(ctx);
-    let Some(_lock) = WorkerLock::try_acquire(&spool.incoming()?.join("worker.lock"))? else {
+    // Made once: a worker whose directory is deleted (the spool cleared, a test's
+    // temporary directory removed) ends instead of creating it again.
+    let dir = spool.incoming()?;
+    let Some(_lock) = WorkerLock::try_acquire(&dir.join("worker.lock"))? else {
         return Ok(());
     };
     // Once per worker, not per requested segment: only disk space depends on it.
-    if let Err(e) = remove_others_prefetched(&spool, &spool.incoming()?) {
+    if let Err(e) = remove_others_prefetched(&spool, &dir) {
         tracing::warn!("{e:#}");
     }
     let repo = ctx.open()?;
@@ -192,7 +195,6 @@ pub fn get_worker(ctx: &Context) -> Result<()> {
     let mut idle_since = std::time::Instant::now();
     let mut last_want = String::new();
     loop {
-        let dir = spool.incoming()?;
         let want = fs::read_to_string(dir.join("want")).unwrap_or_default();
         let Ok(current) = WalFileName::parse(want.trim()) else {
             return Ok(());
