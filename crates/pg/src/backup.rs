@@ -211,6 +211,38 @@ pub fn tablespaces(conn: &mut Connection) -> Result<Vec<TablespaceInfo>, ConnErr
 pub struct DatabaseInfo {
     pub oid: u32,
     pub name: String,
+    /// Its default tablespace (`dattablespace`), where `base/<oid>/` or the tablespace's
+    /// `<oid>/` directory is.
+    pub tablespace_oid: u32,
+    pub tablespace: String,
+}
+
+/// A database that `ALTER DATABASE … SET TABLESPACE` moved between two listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovedDatabase {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// The databases of `before` that are in another tablespace in `after`.
+///
+/// Recovery redoes such a move (`XLOG_DBASE_CREATE_FILE_COPY`) by copying the old
+/// directory as the backup holds it, and the server removes that directory once the move
+/// commits: a backup that read it meanwhile holds part of it, and the database restored
+/// from that copy is missing files. PostgreSQL documents the same hazard for
+/// `CREATE DATABASE … STRATEGY FILE_COPY` during a base backup.
+pub fn moved_databases(before: &[DatabaseInfo], after: &[DatabaseInfo]) -> Vec<MovedDatabase> {
+    (before.iter())
+        .filter_map(|old| {
+            let new = after.iter().find(|new| new.oid == old.oid)?;
+            (new.tablespace_oid != old.tablespace_oid).then(|| MovedDatabase {
+                name: new.name.clone(),
+                from: old.tablespace.clone(),
+                to: new.tablespace.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Objects below this oid are created by `initdb` (`FirstNormalObjectId`).
@@ -223,15 +255,63 @@ pub fn is_system_database(oid: u32) -> bool {
 }
 
 pub fn databases(conn: &mut Connection) -> Result<Vec<DatabaseInfo>, ConnError> {
-    let sql = "SELECT oid::text, datname FROM pg_database ORDER BY pg_database.oid";
+    let sql = "SELECT d.oid::text, d.datname, t.oid::text, t.spcname \
+               FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace \
+               ORDER BY d.oid";
     conn.query_rows(sql)?
         .into_iter()
         .map(|row| {
-            let oid = (row.first().cloned().flatten())
-                .and_then(|o| o.parse().ok())
-                .ok_or_else(|| answer(sql, "bad oid"))?;
-            let name = row.get(1).cloned().flatten().unwrap_or_default();
-            Ok(DatabaseInfo { oid, name })
+            let oid_at = |column: usize| {
+                (row.get(column).cloned().flatten())
+                    .and_then(|o| o.parse().ok())
+                    .ok_or_else(|| answer(sql, "bad oid"))
+            };
+            let text_at = |column: usize| row.get(column).cloned().flatten().unwrap_or_default();
+            Ok(DatabaseInfo {
+                oid: oid_at(0)?,
+                name: text_at(1),
+                tablespace_oid: oid_at(2)?,
+                tablespace: text_at(3),
+            })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database(oid: u32, name: &str, tablespace_oid: u32, tablespace: &str) -> DatabaseInfo {
+        DatabaseInfo {
+            oid,
+            name: name.into(),
+            tablespace_oid,
+            tablespace: tablespace.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_database_in_both_listings_and_in_another_tablespace_has_moved() {
+        let before = [
+            database(5, "postgres", 1663, "pg_default"),
+            database(16385, "app", 1663, "pg_default"),
+            database(16386, "dropped", 1663, "pg_default"),
+            database(16387, "renamed", 16384, "fast"),
+        ];
+        let after = [
+            database(5, "postgres", 1663, "pg_default"),
+            database(16385, "app", 16384, "fast"),
+            database(16387, "renamed_now", 16384, "fast"),
+            database(16390, "created", 16384, "fast"),
+        ];
+        assert_eq!(
+            moved_databases(&before, &after),
+            [MovedDatabase {
+                name: "app".into(),
+                from: "pg_default".into(),
+                to: "fast".into(),
+            }]
+        );
+        assert!(moved_databases(&after, &after).is_empty());
+    }
 }

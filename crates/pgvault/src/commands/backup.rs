@@ -534,11 +534,11 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         );
     }
     // Before the backup starts: a database created during it is restored whole.
-    let databases: Vec<Database> = pg::backup::databases(&mut conn)?
-        .into_iter()
+    let databases_before = pg::backup::databases(&mut conn)?;
+    let databases: Vec<Database> = (databases_before.iter())
         .map(|d| Database {
             oid: d.oid,
-            name: d.name,
+            name: d.name.clone(),
         })
         .collect();
     let owner = Owner::of(
@@ -668,6 +668,8 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    // Listed before the stop: a move committed later began its removal after the walk.
+    let databases_after = stored.is_ok().then(|| pg::backup::databases(&mut conn));
     let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
     let top = stored?;
     let stop = stop.map_err(|e| match e {
@@ -676,6 +678,17 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         ),
         e => e.into(),
     })?;
+    if let Some(moved) = (databases_after.transpose()?)
+        .map(|after| pg::backup::moved_databases(&databases_before, &after))
+        .and_then(|moved| moved.into_iter().next())
+    {
+        bail!(
+            "database {} was moved from tablespace {} to {} while the backup ran (ALTER DATABASE … SET TABLESPACE): recovery redoes the move by copying the old directory, which the backup may have read while PostgreSQL removed it; nothing was recorded; run the backup again",
+            moved.name,
+            moved.from,
+            moved.to
+        );
+    }
     // The server's clock, as the commit times that --target-time is compared with.
     let stop_time = DateTime::<Utc>::from(stop.latest_commit_bound);
     let mut wal_hint = "";
