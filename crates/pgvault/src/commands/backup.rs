@@ -671,6 +671,11 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     // Listed before the stop: a move committed later began its removal after the walk.
     let databases_after = stored.is_ok().then(|| pg::backup::databases(&mut conn));
     let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
+    // The first call after the session ended carries the server's reason.
+    let (databases_after, stop) = match databases_after {
+        Some(Err(ended @ ConnError::SessionEnded { .. })) => (None, Err(ended)),
+        listed => (listed, stop),
+    };
     let top = stored?;
     let stop = stop.map_err(|e| match e {
         ConnError::SessionEnded { .. } => anyhow::anyhow!(
