@@ -217,32 +217,74 @@ pub struct DatabaseInfo {
     pub tablespace: String,
 }
 
-/// A database that `ALTER DATABASE … SET TABLESPACE` moved between two listings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MovedDatabase {
-    pub name: String,
-    pub from: String,
-    pub to: String,
+/// The databases and tablespaces of a cluster: listed before a backup starts and again
+/// before it stops, to find what changed meanwhile that recovery cannot repair.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub databases: Vec<DatabaseInfo>,
+    pub tablespaces: Vec<TablespaceInfo>,
 }
 
-/// The databases of `before` that are in another tablespace in `after`.
-///
-/// Recovery redoes such a move (`XLOG_DBASE_CREATE_FILE_COPY`) by copying the old
-/// directory as the backup holds it, and the server removes that directory once the move
-/// commits: a backup that read it meanwhile holds part of it, and the database restored
-/// from that copy is missing files. PostgreSQL documents the same hazard for
-/// `CREATE DATABASE … STRATEGY FILE_COPY` during a base backup.
-pub fn moved_databases(before: &[DatabaseInfo], after: &[DatabaseInfo]) -> Vec<MovedDatabase> {
-    (before.iter())
-        .filter_map(|old| {
-            let new = after.iter().find(|new| new.oid == old.oid)?;
-            (new.tablespace_oid != old.tablespace_oid).then(|| MovedDatabase {
-                name: new.name.clone(),
-                from: old.tablespace.clone(),
-                to: new.tablespace.clone(),
-            })
+pub fn layout(conn: &mut Connection) -> Result<Layout, ConnError> {
+    Ok(Layout {
+        databases: databases(conn)?,
+        tablespaces: tablespaces(conn)?,
+    })
+}
+
+/// A change made while a backup read the files, after which a restore of that backup is
+/// broken although every file was copied as the server documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnrepairableChange {
+    /// `ALTER DATABASE … SET TABLESPACE`: recovery redoes the move
+    /// (`XLOG_DBASE_CREATE_FILE_COPY`) by copying the old directory as the backup holds
+    /// it, and the server removes that directory once the move commits: a backup that
+    /// read it meanwhile holds part of it, and the restored database is missing files.
+    /// PostgreSQL documents the same hazard for `CREATE DATABASE … STRATEGY FILE_COPY`.
+    DatabaseMoved {
+        name: String,
+        from: String,
+        to: String,
+    },
+    /// `CREATE TABLESPACE`: recovery creates it again at the location written in its
+    /// WAL record, wherever the backup is restored (on the same host, the live
+    /// tablespace of the server backed up, which the restored server then writes into),
+    /// and the backup holds none of its files.
+    TablespaceCreated { name: String, location: String },
+}
+
+impl std::fmt::Display for UnrepairableChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnrepairableChange::DatabaseMoved { name, from, to } => write!(
+                f,
+                "database {name} was moved from tablespace {from} to {to} while the backup ran (ALTER DATABASE … SET TABLESPACE): recovery redoes the move by copying the old directory, which the backup may have read while PostgreSQL removed it"
+            ),
+            UnrepairableChange::TablespaceCreated { name, location } => write!(
+                f,
+                "tablespace {name} was created while the backup ran: recovery would create it again at {location} wherever the backup is restored (on this host, in the live tablespace of this server), and the backup holds none of its files"
+            ),
+        }
+    }
+}
+
+/// What changed from `before` to `after` that a backup taken across it cannot restore.
+pub fn unrepairable_changes(before: &Layout, after: &Layout) -> Vec<UnrepairableChange> {
+    let moved = (before.databases.iter()).filter_map(|old| {
+        let new = (after.databases.iter()).find(|new| new.oid == old.oid)?;
+        (new.tablespace_oid != old.tablespace_oid).then(|| UnrepairableChange::DatabaseMoved {
+            name: new.name.clone(),
+            from: old.tablespace.clone(),
+            to: new.tablespace.clone(),
         })
-        .collect()
+    });
+    let created = (after.tablespaces.iter())
+        .filter(|new| !before.tablespaces.iter().any(|old| old.oid == new.oid))
+        .map(|new| UnrepairableChange::TablespaceCreated {
+            name: new.name.clone(),
+            location: new.location.clone(),
+        });
+    moved.chain(created).collect()
 }
 
 /// Objects below this oid are created by `initdb` (`FirstNormalObjectId`).
@@ -290,28 +332,50 @@ mod tests {
         }
     }
 
+    fn tablespace(oid: u32, name: &str) -> TablespaceInfo {
+        TablespaceInfo {
+            oid,
+            name: name.into(),
+            location: format!("/srv/{name}"),
+        }
+    }
+
     #[test]
-    fn only_a_database_in_both_listings_and_in_another_tablespace_has_moved() {
-        let before = [
-            database(5, "postgres", 1663, "pg_default"),
-            database(16385, "app", 1663, "pg_default"),
-            database(16386, "dropped", 1663, "pg_default"),
-            database(16387, "renamed", 16384, "fast"),
-        ];
-        let after = [
-            database(5, "postgres", 1663, "pg_default"),
-            database(16385, "app", 16384, "fast"),
-            database(16387, "renamed_now", 16384, "fast"),
-            database(16390, "created", 16384, "fast"),
-        ];
+    fn a_move_of_a_database_in_both_listings_and_a_created_tablespace_cannot_be_restored() {
+        let before = Layout {
+            databases: vec![
+                database(5, "postgres", 1663, "pg_default"),
+                database(16385, "app", 1663, "pg_default"),
+                database(16386, "dropped", 1663, "pg_default"),
+                database(16387, "renamed", 16384, "fast"),
+            ],
+            tablespaces: vec![tablespace(16384, "fast"), tablespace(16388, "dropped")],
+        };
+        let after = Layout {
+            databases: vec![
+                database(5, "postgres", 1663, "pg_default"),
+                database(16385, "app", 16384, "fast"),
+                database(16387, "renamed_now", 16384, "fast"),
+                database(16390, "created", 16384, "fast"),
+            ],
+            tablespaces: vec![tablespace(16384, "fast"), tablespace(16391, "new")],
+        };
+        let changes = unrepairable_changes(&before, &after);
         assert_eq!(
-            moved_databases(&before, &after),
-            [MovedDatabase {
-                name: "app".into(),
-                from: "pg_default".into(),
-                to: "fast".into(),
-            }]
+            changes,
+            [
+                UnrepairableChange::DatabaseMoved {
+                    name: "app".into(),
+                    from: "pg_default".into(),
+                    to: "fast".into(),
+                },
+                UnrepairableChange::TablespaceCreated {
+                    name: "new".into(),
+                    location: "/srv/new".into(),
+                },
+            ]
         );
-        assert!(moved_databases(&after, &after).is_empty());
+        assert!(changes[1].to_string().contains("at /srv/new"));
+        assert!(unrepairable_changes(&after, &after).is_empty());
     }
 }

@@ -510,12 +510,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     }
     check_cluster_of(&pgdata, &info)?;
     let major = info.major();
-    let tablespaces: Vec<Tablespace> = pg::backup::tablespaces(&mut conn)?
-        .into_iter()
+    let tablespaces_before = pg::backup::tablespaces(&mut conn)?;
+    let tablespaces: Vec<Tablespace> = (tablespaces_before.iter())
         .map(|t| Tablespace {
             oid: t.oid,
-            name: t.name,
-            location: t.location,
+            name: t.name.clone(),
+            location: t.location.clone(),
         })
         .collect();
     let walk_exclusions: Arc<[Exclusion]> = (exclusions.iter().cloned())
@@ -534,8 +534,11 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         );
     }
     // Before the backup starts: a database created during it is restored whole.
-    let databases_before = pg::backup::databases(&mut conn)?;
-    let databases: Vec<Database> = (databases_before.iter())
+    let layout_before = pg::backup::Layout {
+        databases: pg::backup::databases(&mut conn)?,
+        tablespaces: tablespaces_before,
+    };
+    let databases: Vec<Database> = (layout_before.databases.iter())
         .map(|d| Database {
             oid: d.oid,
             name: d.name.clone(),
@@ -668,11 +671,12 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // Listed before the stop: a move committed later began its removal after the walk.
-    let databases_after = stored.is_ok().then(|| pg::backup::databases(&mut conn));
+    // Listed before the stop: a change committed later is past the backup's WAL, or (a
+    // move) began removing the old directory after the walk.
+    let layout_after = stored.is_ok().then(|| pg::backup::layout(&mut conn));
     let stop = pg::backup::stop(&mut conn, major, start.timeline, info.wal_segment_size);
     // The first call after the session ended carries the server's reason.
-    let (databases_after, stop) = match databases_after {
+    let (layout_after, stop) = match layout_after {
         Some(Err(ended @ ConnError::SessionEnded { .. })) => (None, Err(ended)),
         listed => (listed, stop),
     };
@@ -683,16 +687,11 @@ pub fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         ),
         e => e.into(),
     })?;
-    if let Some(moved) = (databases_after.transpose()?)
-        .map(|after| pg::backup::moved_databases(&databases_before, &after))
-        .and_then(|moved| moved.into_iter().next())
+    if let Some(change) = (layout_after.transpose()?)
+        .map(|after| pg::backup::unrepairable_changes(&layout_before, &after))
+        .and_then(|changes| changes.into_iter().next())
     {
-        bail!(
-            "database {} was moved from tablespace {} to {} while the backup ran (ALTER DATABASE … SET TABLESPACE): recovery redoes the move by copying the old directory, which the backup may have read while PostgreSQL removed it; nothing was recorded; run the backup again",
-            moved.name,
-            moved.from,
-            moved.to
-        );
+        bail!("{change}; nothing was recorded; run the backup again");
     }
     // The server's clock, as the commit times that --target-time is compared with.
     let stop_time = DateTime::<Utc>::from(stop.latest_commit_bound);
