@@ -762,16 +762,3 @@ fn sftp_connections_end_with_their_process() {
         processes_naming(&key)
     );
 }
-
-/// Command lines of the running processes that contain `needle`.
-fn processes_naming(needle: &str) -> Vec<String> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| fs::read(entry.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(needle))
-        .collect()
-}

@@ -21,6 +21,38 @@ pub struct Setup {
     pub backend_config: String,
 }
 
+impl Drop for Setup {
+    /// Ends the pgvault workers that outlive a test (the async push worker pushes what
+    /// PostgreSQL left ready, the prefetch worker idles 10 s): writing into the directory
+    /// while it was removed, they left it half removed under /tmp after each run.
+    fn drop(&mut self) {
+        let dir = self.dir.path().display().to_string();
+        for (pid, _) in processes_naming(&dir) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        testkit::wait_until(Duration::from_secs(5), || processes_naming(&dir).is_empty());
+    }
+}
+
+/// The running processes whose command line contains `needle`: pid and command line.
+pub fn processes_naming(needle: &str) -> Vec<(u32, String)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
+        .filter(|(_, cmdline)| cmdline.contains(needle))
+        .collect()
+}
+
 impl Setup {
     pub fn local() -> Setup {
         Setup::local_with(&[])
