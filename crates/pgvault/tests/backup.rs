@@ -950,6 +950,29 @@ fn restore_refuses_running_servers_and_non_empty_directories() {
         assert!(err.contains(says), "{option}: {err}");
         assert!(!setup.path("own-setting").exists(), "{option}");
     }
+    // Another restore into the same directory holds its lock: refused, nothing written;
+    // once it ends, the restore goes ahead.
+    let busy = setup.path("busy");
+    fs::create_dir_all(&busy).expect("mkdir");
+    let busy_arg = busy.display().to_string();
+    let other = fs::File::open(&busy).expect("open");
+    other.try_lock().expect("lock");
+    let err = setup.fails(&["restore", "--pgdata", &busy_arg]);
+    assert!(
+        err.contains(&format!(
+            "another pgvault process is restoring into {busy_arg}: wait for it to end"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&busy).expect("list").count(),
+        0,
+        "written into"
+    );
+    drop(other);
+    setup.ok(&["restore", "--pgdata", &busy_arg]);
+    assert!(busy.join("global/pg_control").exists());
+
     let full = setup.path("full");
     fs::create_dir_all(&full).expect("mkdir");
     fs::write(full.join("keep.txt"), "precious").expect("write");

@@ -496,6 +496,29 @@ fn backup_before_restore_point(
     Ok(chosen.map(|index| backups.swap_remove(index)))
 }
 
+/// An exclusive lock on the data directory restored into, for as long as the file lives:
+/// two restores into one directory (a scheduled delta restore overlapping one run by
+/// hand) would mix their files.
+fn lock_target(pgdata: &Path) -> Result<fs::File> {
+    let dir =
+        fs::File::open(pgdata).with_context(|| format!("cannot open {}", pgdata.display()))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another pgvault process is restoring into {}: wait for it to end, or restore elsewhere",
+            pgdata.display()
+        ),
+        // A filesystem without locks (NFS without a lock daemon) is no reason to refuse.
+        Err(fs::TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}): a second restore into it would not be refused",
+                pgdata.display()
+            );
+            Ok(dir)
+        }
+    }
+}
+
 /// Refuses a data directory that a server may be using: one whose `postmaster.pid` names
 /// a live server, and also one whose `postmaster.pid` cannot be checked from here (a
 /// server in a container or on another host looks the same as a crash's leftover).
@@ -985,6 +1008,8 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         );
     }
     refuse_if_in_use(&pgdata)?;
+    // Held until the restore ends; a missing directory is locked once created, below.
+    let target_lock = pgdata.is_dir().then(|| lock_target(&pgdata)).transpose()?;
     let overwrite = !is_empty_or_missing(&pgdata)?;
     if overwrite && !args.force && args.delta.is_none() {
         if fs::read_dir(&pgdata).is_ok_and(|entries| {
@@ -1121,6 +1146,20 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             fsync_dir(parent).with_context(|| format!("cannot sync {}", parent.display()))?;
         }
     }
+    let _target_lock = match target_lock {
+        Some(lock) => lock,
+        None => {
+            let lock = lock_target(&pgdata)?;
+            // Another restore may have created it first, written into it and ended.
+            if !is_empty_or_missing(&pgdata)? {
+                bail!(
+                    "{} is no longer empty: another restore wrote into it meanwhile; this one restored nothing",
+                    pgdata.display()
+                );
+            }
+            lock
+        }
+    };
 
     let sync = args.sync_method;
     // Judged against the backup's start, as the next backup would judge them.
