@@ -326,6 +326,50 @@ pub fn postmaster(pgdata: &Path) -> std::io::Result<Postmaster> {
     })
 }
 
+/// A PostgreSQL server running on this host, found by its process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningServer {
+    pub pid: u32,
+    /// The postmaster's working directory, which is its data directory.
+    pub data_directory: PathBuf,
+    /// Where its `pg_tblspc` entries lead, resolved.
+    pub tablespaces: Vec<PathBuf>,
+}
+
+/// The servers running on this host that this user may look into (its own user's, or
+/// all as root): each `postgres` process whose parent is not one, that is a postmaster.
+pub fn running_servers() -> Vec<RunningServer> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    (entries.flatten())
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            if !is_postgres_process(pid) || parent_pid(pid).is_some_and(is_postgres_process) {
+                return None;
+            }
+            let data_directory = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            let tablespaces = (std::fs::read_dir(data_directory.join("pg_tblspc")).into_iter())
+                .flatten()
+                .flatten()
+                .filter_map(|link| std::fs::canonicalize(link.path()).ok())
+                .collect();
+            Some(RunningServer {
+                pid,
+                data_directory,
+                tablespaces,
+            })
+        })
+        .collect()
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    // "pid (comm) state ppid …", where comm may hold spaces and parentheses.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields = &stat[stat.rfind(')')? + 1..];
+    fields.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether `pid` is a live process of the server's executable (its name, not the process
 /// title the server rewrites); a pid reused by another program after a crash is not.
 fn is_postgres_process(pid: u32) -> bool {
@@ -341,6 +385,15 @@ fn is_oid(text: &str) -> bool {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_process_parent_is_read_from_proc() {
+        assert_eq!(
+            parent_pid(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
+        assert!(!is_postgres_process(std::process::id()));
+    }
 
     #[test]
     fn exclusions_name_what_the_operator_leaves_out() {

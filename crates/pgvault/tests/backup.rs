@@ -1104,6 +1104,26 @@ fn tablespaces_and_standby_restores() {
         .tempdir_in("/tmp")
         .expect("tempdir");
     let mapping = format!("far={}", mapped.path().join("ts").display());
+    // Unmapped, the tablespaces would be restored where the running source has them,
+    // which --force would empty and --delta rewrite (found by hand: `restore --force`
+    // emptied a running server's tablespace and it lost committed rows): refused.
+    let live_files = || {
+        use std::os::unix::fs::MetadataExt;
+        (files_under(&source.dir().join("tablespace")).into_iter())
+            .map(|file| (fs::metadata(&file).expect("stat").ino(), file))
+            .collect::<Vec<_>>()
+    };
+    let before = live_files();
+    assert!(!before.is_empty());
+    for mode in [&[][..], &["--force"], &["--delta"]] {
+        let err = restore_fails(&setup, "unmapped", mode);
+        assert!(
+            err.contains("a tablespace of the PostgreSQL server running in")
+                && err.contains("map it elsewhere with --tablespace-map"),
+            "{mode:?}: {err}"
+        );
+    }
+    assert_eq!(live_files(), before, "the source's tablespace was touched");
     let err = restore_fails(&setup, "relative", &["--tablespace-map-all", "all"]);
     assert!(
         err.contains("--tablespace-map-all all: give an absolute directory"),

@@ -519,6 +519,33 @@ fn lock_target(pgdata: &Path) -> Result<fs::File> {
     }
 }
 
+/// Refuses to write a tablespace into a directory that a server running on this host
+/// uses as a tablespace: a restore on the source's host without `--tablespace-map`
+/// points at the source's own, which `--force` would empty and `--delta` rewrite.
+fn refuse_live_tablespaces(tablespaces: &[(u32, PathBuf)]) -> Result<()> {
+    let targets: Vec<(u32, PathBuf)> = (tablespaces.iter())
+        .filter_map(|(oid, dir)| Some((*oid, fs::canonicalize(dir).ok()?)))
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    for server in pg::pgdata::running_servers() {
+        for (oid, dir) in &targets {
+            if (server.tablespaces.iter())
+                .any(|used| used.starts_with(dir) || dir.starts_with(used))
+            {
+                bail!(
+                    "tablespace {oid} would be restored into {}, a tablespace of the PostgreSQL server running in {} (pid {}): map it elsewhere with --tablespace-map {oid}=DIR or --tablespace-map-all DIR",
+                    dir.display(),
+                    server.data_directory.display(),
+                    server.pid
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a data directory that a server may be using: one whose `postmaster.pid` names
 /// a live server, and also one whose `postmaster.pid` cannot be checked from here (a
 /// server in a container or on another host looks the same as a crash's leftover).
@@ -1065,6 +1092,7 @@ pub fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
             checked?;
         }
     }
+    refuse_live_tablespaces(&tablespaces)?;
     let mut cleared = Vec::new();
     for (oid, dir) in tablespaces
         .iter()
